@@ -1,0 +1,78 @@
+"""
+### Flywheel nightly retrain
+
+For the run's logical date **D**: wait until D's labels can have arrived, collect D's prediction log joined with
+its feedback, validate it (bad rows to `quarantine/dt=D`), warm-start the champion on D, evaluate candidate vs
+champion on D's latest, held-out slice, register the candidate with its lineage, promote it if it passed, and
+roll it out to the model server.
+
+Trigger a past day with an explicit logical date (UI "Trigger DAG w/ config" or REST); backfills run days in
+order (one active run at a time, so each day warm-starts from the previous day's result). Re-running a day is
+idempotent. Every task is one call into `pipeline/`; `flywheel <stage> --day D` runs the same code by hand.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pendulum
+from airflow.providers.standard.sensors.date_time import DateTimeSensorAsync
+from airflow.sdk import Asset, dag, task
+
+from pipeline import airflow_tasks as t
+
+TRAINING_DAY = Asset(name="flywheel_training_day", uri="file:///flywheel/lake/training")
+
+
+@dag(
+    dag_id="flywheel_nightly",
+    schedule=t.schedule(),
+    start_date=pendulum.datetime(2024, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    tags=["flywheel", "training"],
+    doc_md=__doc__,
+    default_args={"retries": 2, "retry_delay": timedelta(seconds=10), "owner": "flywheel"},
+)
+def flywheel_nightly():
+    wait_for_labels = DateTimeSensorAsync(
+        task_id="wait_for_labels",
+        target_time="{{ (logical_date + macros.timedelta(days=1, seconds=LAG)).isoformat() }}".replace(
+            "LAG", str(t.label_lag_s())
+        ),
+    )
+
+    @task(outlets=[TRAINING_DAY])
+    def collect(ds: str | None = None) -> dict:
+        return t.collect(ds)
+
+    @task
+    def validate(collected: dict) -> dict:
+        return t.validate(collected["day"])
+
+    @task
+    def train(validated: dict) -> dict:
+        return t.train(validated["day"])
+
+    @task
+    def evaluate(trained: dict) -> dict:
+        return t.evaluate(trained["day"], trained)
+
+    @task
+    def register(evaluation: dict) -> dict:
+        return t.register(evaluation["day"], evaluation)
+
+    @task
+    def promote(registered: dict) -> dict:
+        return t.promote(registered)
+
+    @task
+    def rollout(promoted: dict) -> dict:
+        return t.rollout(promoted)
+
+    collected = collect()
+    wait_for_labels >> collected
+    rollout(promote(register(evaluate(train(validate(collected))))))
+
+
+flywheel_nightly()

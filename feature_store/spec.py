@@ -1,0 +1,161 @@
+"""The feature spec: one YAML file declaring entities, features, event time and label.
+
+Everything downstream (request validation, log schema, expectation suite, model inputs) is derived from it, so a
+mistake here must surface at load time with the file and the offending key named, not as a KeyError mid-night.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from datetime import timedelta
+from enum import StrEnum
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)\s*$")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+RESERVED = frozenset(
+    {"request_id", "row", "score", "model_version", "served_at", "label", "label_time", "dt", "reason", "_row_id"}
+)
+
+
+class SpecError(ValueError):
+    """A feature spec that cannot be used; the message names the file and the key."""
+
+
+class FeatureType(StrEnum):
+    NUMERIC = "numeric"
+    CATEGORICAL = "categorical"
+
+
+def parse_duration(value: object) -> timedelta:
+    if isinstance(value, timedelta):
+        return value
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return timedelta(seconds=float(value))
+    if isinstance(value, str) and (m := _DURATION.match(value)):
+        return timedelta(**{_UNITS[m.group(2)]: float(m.group(1))})
+    raise ValueError(f"expected a duration like '30m', '2h', '1d' or seconds, got {value!r}")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Entity(_Strict):
+    key: str = Field(description="Request column that identifies the entity.")
+    description: str = ""
+
+
+class Feature(_Strict):
+    type: FeatureType
+    entity: str | None = Field(default=None, description="Entity this feature describes, if any.")
+    min: float | None = None
+    max: float | None = None
+    nullable: bool = False
+    description: str = ""
+
+    @model_validator(mode="after")
+    def _range(self) -> Feature:
+        if self.type is FeatureType.CATEGORICAL and (self.min is not None or self.max is not None):
+            raise ValueError("min/max only apply to numeric features")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"min {self.min} is greater than max {self.max}")
+        return self
+
+
+class Label(_Strict):
+    name: str
+    attribution_window: timedelta = Field(description="How long after a prediction its feedback still counts.")
+    missing: Literal["negative", "drop"] = Field(
+        default="negative", description="Rows whose feedback never arrives: a negative example, or dropped."
+    )
+
+    @field_validator("attribution_window", mode="before")
+    @classmethod
+    def _duration(cls, v: object) -> timedelta:
+        return parse_duration(v)
+
+
+class FeatureSpec(_Strict):
+    name: str
+    event_time: str = Field(description="Optional request column with the event's time; partitions the log.")
+    entities: dict[str, Entity] = Field(default_factory=dict)
+    features: dict[str, Feature]
+    label: Label
+    description: str = ""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> FeatureSpec:
+        names = [self.name, self.event_time, self.label.name, *self.features]
+        for n in names:
+            if not _IDENT.match(n):
+                raise ValueError(f"{n!r} is not a valid column name (letters, digits, underscore)")
+        for n in [self.event_time, self.label.name, *self.features]:
+            if n in RESERVED:
+                raise ValueError(f"{n!r} is reserved for Flywheel's own log columns")
+        if not self.features:
+            raise ValueError("at least one feature is required")
+        if self.label.name in self.features or self.event_time in self.features:
+            raise ValueError("label and event_time must not also be features")
+        for fname, f in self.features.items():
+            if f.entity is not None and f.entity not in self.entities:
+                raise ValueError(f"feature {fname!r} names unknown entity {f.entity!r}")
+        for ename, e in self.entities.items():
+            if e.key not in self.features:
+                raise ValueError(f"entity {ename!r} key {e.key!r} is not a declared feature")
+        return self
+
+    @cached_property
+    def feature_names(self) -> list[str]:
+        return list(self.features)
+
+    @cached_property
+    def categorical(self) -> list[str]:
+        return [n for n, f in self.features.items() if f.type is FeatureType.CATEGORICAL]
+
+    @cached_property
+    def numeric(self) -> list[str]:
+        return [n for n, f in self.features.items() if f.type is FeatureType.NUMERIC]
+
+    @cached_property
+    def digest(self) -> str:
+        """Identity of the model-relevant part of the spec; a model trained on another digest needs a migration."""
+        body = {"features": {n: f.type.value for n, f in self.features.items()}, "label": self.label.name}
+        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
+
+    @property
+    def sticky_key(self) -> str | None:
+        """The first entity's key: what canary routing and per-entity analysis key on."""
+        return next(iter(self.entities.values())).key if self.entities else None
+
+
+def _format_loc(loc: tuple[object, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "<root>"
+
+
+def load_spec(path: str | Path) -> FeatureSpec:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError as e:
+        raise SpecError(f"{path}: feature spec not found") from e
+    except yaml.YAMLError as e:
+        raise SpecError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise SpecError(f"{path}: expected a mapping at the top level")
+    try:
+        return FeatureSpec.model_validate(raw)
+    except ValidationError as e:
+        problems = "; ".join(f"key '{_format_loc(err['loc'])}': {err['msg']}" for err in e.errors())
+        raise SpecError(f"{path}: {problems}") from None

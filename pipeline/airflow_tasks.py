@@ -1,0 +1,85 @@
+"""The bodies of the nightly DAG's tasks: each runs one stage and returns its small result as a dict (XCom).
+
+A `StageError` is a decision, not a glitch (no data, gate failed), so it fails the task without retries;
+anything else is left to Airflow's retry policy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from pipeline.runtime import StageError
+
+
+def _stage(fn: Callable[..., Any], *args: Any) -> dict:
+    from airflow.sdk.exceptions import AirflowFailException
+
+    try:
+        return fn(*args).model_dump()
+    except StageError as e:
+        raise AirflowFailException(str(e)) from e
+
+
+def schedule():
+    """The DAG's timetable from settings: a daily data interval (logical date = the day), or manual only."""
+    from airflow.sdk import CronDataIntervalTimetable
+
+    from pipeline.config import get_settings
+
+    cron = get_settings().schedule
+    return None if cron.lower() in ("none", "") else CronDataIntervalTimetable(cron, timezone="UTC")
+
+
+def label_lag_s() -> int:
+    """How long after a day ends its labels may still arrive: the spec's attribution window plus lateness."""
+    from pipeline.runtime import runtime
+
+    rt = runtime()
+    return int(rt.spec.label.attribution_window.total_seconds() + rt.settings.label_lateness_s)
+
+
+def collect(ds: str) -> dict:
+    from pipeline.collect import collect as stage
+
+    return _stage(stage, ds)
+
+
+def validate(ds: str) -> dict:
+    from pipeline.validate import validate as stage
+
+    return _stage(stage, ds)
+
+
+def train(ds: str) -> dict:
+    from pipeline.train import train as stage
+
+    return _stage(stage, ds)
+
+
+def evaluate(ds: str, trained: dict) -> dict:
+    from pipeline.evaluate import evaluate as stage
+
+    return _stage(stage, ds, trained["run_id"])
+
+
+def register(ds: str, evaluation: dict) -> dict:
+    from pipeline.register import register_candidate as stage
+
+    return _stage(stage, ds, evaluation)
+
+
+def promote(registered: dict) -> dict:
+    from pipeline.promote import promote as stage
+
+    return _stage(stage, registered["version"])
+
+
+def rollout(promoted: dict) -> dict:
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    from pipeline.promote import rollout as stage
+
+    if not promoted["promoted"]:
+        raise AirflowSkipException(f"v{promoted['version']} was not promoted: {promoted['reason']}")
+    return _stage(stage)

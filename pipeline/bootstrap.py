@@ -1,0 +1,119 @@
+"""Bootstrap: train and register the first champion from a user's historical Parquet file.
+
+This is how a team adopts Flywheel: columns as the spec declares them (features, event time, label); after
+this, live traffic only arrives through the HTTP API.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import BaseModel
+
+from feature_store.spec import FeatureSpec, FeatureType
+from pipeline import registry
+from pipeline.metrics import scores_valid, summary
+from pipeline.model import ModelBundle
+from pipeline.runtime import Runtime, StageError, runtime, split_by_time
+from pipeline.train import experiment
+from pipeline.trainer import fit, pick_device
+
+log = logging.getLogger("flywheel.bootstrap")
+
+
+class BootstrapResult(BaseModel):
+    version: str
+    rows: int
+    rejected: int
+    first_day: str
+    last_day: str
+    holdout: dict[str, float | None]
+    reused: bool
+
+
+def read_history(path: Path, spec: FeatureSpec) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Coerce the file to the spec's types; rows that cannot be used are returned apart, with the reason."""
+    if not path.exists():
+        raise StageError(f"history file {path} not found")
+    try:
+        table = pq.read_table(path)
+    except pa.ArrowInvalid as e:
+        raise StageError(f"{path} is not a readable Parquet file: {e}") from e
+    need = [*spec.feature_names, spec.event_time, spec.label.name]
+    missing = [c for c in need if c not in table.column_names]
+    if missing:
+        raise StageError(f"{path} lacks columns the feature spec declares: {', '.join(missing)} "
+                         f"(has: {', '.join(table.column_names)})")
+    df = table.select(need).to_pandas()
+    out = pd.DataFrame(index=df.index)
+    for name, f in spec.features.items():
+        if f.type is FeatureType.NUMERIC:
+            out[name] = pd.to_numeric(df[name], errors="coerce").astype("float64")
+        else:
+            out[name] = df[name].astype("string").astype(object).where(df[name].notna(), None)
+    out[spec.event_time] = pd.to_datetime(df[spec.event_time], utc=True, errors="coerce")
+    out[spec.label.name] = pd.to_numeric(df[spec.label.name], errors="coerce").astype("float64")
+    reasons = pd.Series("", index=df.index)
+    reasons[out[spec.event_time].isna()] += "event time missing or unparsable; "
+    reasons[~out[spec.label.name].isin([0.0, 1.0])] += "label not 0/1; "
+    for name, f in spec.features.items():
+        if not f.nullable:
+            reasons[out[name].isna()] += f"{name} missing or wrong type; "
+    bad = reasons != ""
+    rejected = df[bad].astype("string").assign(reason=reasons[bad])
+    return out[~bad].reset_index(drop=True), rejected
+
+
+def bootstrap(history: str | Path, rt: Runtime | None = None) -> BootstrapResult:
+    rt = rt or runtime()
+    s, spec = rt.settings, rt.spec
+    frame, rejected = read_history(Path(history), spec)
+    if len(frame) < s.min_rows:
+        raise StageError(f"history has {len(frame)} usable rows ({len(rejected)} rejected), fewer than "
+                         f"min_rows={s.min_rows}")
+    et = spec.event_time
+    first, last = frame[et].min().date(), frame[et].max().date()
+    if len(rejected):
+        rt.lake.write_partition("quarantine_bootstrap", last, pa.Table.from_pandas(rejected, preserve_index=False))
+    train_df, holdout = split_by_time(frame, et, s.holdout_fraction)
+    bundle = ModelBundle.create(spec, train_df, s.embedding_dim, s.hidden_units, s.vocab_min_count)
+    result = fit(bundle, train_df, spec.label.name, epochs=s.bootstrap_epochs, batch_size=s.batch_size,
+                 lr=s.learning_rate, seed=s.seed, device=pick_device())
+    p = bundle.predict(holdout)
+    metrics = summary(holdout[spec.label.name].to_numpy(dtype=np.float64), p)
+    if not scores_valid(p):
+        raise StageError("bootstrap model produced NaN or out-of-range scores; check the history's features")
+    client = rt.client()
+    weights = bundle.weights_digest()
+    existing = registry.find_version(client, rt.model_name, registry.TAG_WEIGHTS, weights)
+    if existing is None:
+        experiment(rt)
+        with mlflow.start_run(run_name=f"bootstrap-{first}-{last}") as run, tempfile.TemporaryDirectory() as tmp:
+            mlflow.set_tags({"flywheel.kind": "bootstrap", registry.TAG_DAY: last.isoformat(),
+                             registry.TAG_WEIGHTS: weights})
+            mlflow.log_params({"history": str(history), "rows": len(frame), "rejected": len(rejected),
+                               "epochs": s.bootstrap_epochs, "seed": s.seed, "spec_digest": spec.digest})
+            for i, loss in enumerate(result.losses):
+                mlflow.log_metric("train_loss", loss, step=i)
+            mlflow.log_metrics({f"holdout_{k}": v for k, v in metrics.items() if v is not None})
+            registry.log_bundle(bundle, spec, Path(tmp))
+        existing = registry.register(client, rt.model_name, run.info.run_id, {
+            registry.TAG_DAY: last.isoformat(), registry.TAG_WINDOW: f"{first}/{last}",
+            registry.TAG_WEIGHTS: weights, "flywheel.gate_passed": "true",
+            "flywheel.gate_reason": "bootstrap", "flywheel.metrics": json.dumps({"candidate": metrics}),
+        })
+        reused = False
+    else:
+        reused = True
+    if registry.get_alias(client, rt.model_name, registry.CHAMPION) is None:
+        registry.set_champion(client, rt.model_name, existing.version)
+    return BootstrapResult(version=existing.version, rows=len(frame), rejected=len(rejected),
+                           first_day=first.isoformat(), last_day=last.isoformat(), holdout=metrics, reused=reused)

@@ -1,0 +1,205 @@
+"""`flywheel`: every stage of the loop as a command, so each runs and debugs without Airflow."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from pydantic import BaseModel
+from rich.console import Console
+
+from pipeline.config import get_settings
+from pipeline.runtime import StageError
+
+app = typer.Typer(help="Flywheel: keep a production model fresh, one night at a time.", no_args_is_help=True)
+simulate_app = typer.Typer(help="The bundled traffic simulator (demo and test aid).", no_args_is_help=True)
+app.add_typer(simulate_app, name="simulate")
+console = Console(stderr=True)
+
+Day = Annotated[str, typer.Option("--day", help="Logical date YYYY-MM-DD.")]
+
+
+@app.callback()
+def main(
+    home: Annotated[Path | None, typer.Option(help="State root (FLYWHEEL_HOME).")] = None,
+    spec: Annotated[Path | None, typer.Option(help="Feature spec YAML (FLYWHEEL_SPEC_PATH).")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    if home:
+        os.environ["FLYWHEEL_HOME"] = str(home.resolve())
+    if spec:
+        os.environ["FLYWHEEL_SPEC_PATH"] = str(spec.resolve())
+    get_settings.cache_clear()
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format='{"time":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s","msg":"%(message)s"}')
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+def _emit(result: BaseModel | dict) -> None:
+    data = result.model_dump() if isinstance(result, BaseModel) else result
+    typer.echo(json.dumps(data, indent=2, default=str))
+
+
+def _run(fn, *args) -> None:
+    try:
+        _emit(fn(*args))
+    except StageError as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def serve() -> None:
+    """Run the model server (follows the registry's champion alias)."""
+    import uvicorn
+
+    from serving.app import create_app
+
+    s = get_settings()
+    uvicorn.run(create_app(s), host=s.serving_host, port=s.serving_port, log_level="warning",
+                timeout_graceful_shutdown=30)
+
+
+@app.command()
+def bootstrap(history: Annotated[Path, typer.Option(help="Historical Parquet file with spec columns + label.")]) -> None:
+    """Train and register the first champion from history."""
+    from pipeline.bootstrap import bootstrap as stage
+
+    _run(stage, history)
+
+
+@app.command()
+def collect(day: Day) -> None:
+    """Join day D's prediction log with its feedback into training/dt=D."""
+    from pipeline.collect import collect as stage
+
+    _run(stage, day)
+
+
+@app.command()
+def validate(day: Day) -> None:
+    """Run the validation gate on training/dt=D; bad rows go to quarantine/dt=D."""
+    from pipeline.validate import validate as stage
+
+    _run(stage, day)
+
+
+@app.command()
+def train(day: Day) -> None:
+    """Warm-start the champion on validated/dt=D and log the candidate."""
+    from pipeline.train import train as stage
+
+    _run(stage, day)
+
+
+@app.command()
+def evaluate(day: Day, run_id: Annotated[str, typer.Option(help="Training run to evaluate.")]) -> None:
+    """Score candidate and champion on D's held-out slice and apply the gate."""
+    from pipeline.evaluate import evaluate as stage
+
+    _run(stage, day, run_id)
+
+
+@app.command()
+def promote(version: Annotated[str, typer.Option(help="Model version that passed its gate.")]) -> None:
+    """Move the champion alias to VERSION (the old champion becomes 'previous')."""
+    from pipeline.promote import promote as stage
+
+    _run(stage, version)
+
+
+@app.command()
+def rollout() -> None:
+    """Make the model server load the champion now and wait until it serves it."""
+    from pipeline.promote import rollout as stage
+
+    _run(stage)
+
+
+@app.command()
+def nightly(day: Day) -> None:
+    """All of the nightly DAG's stages for day D, in-process, without Airflow."""
+    from pipeline.nightly import run_nightly
+
+    _run(run_nightly, day)
+
+
+@app.command()
+def up(airflow: bool = True, server: bool = True) -> None:
+    """Start MLflow, Airflow and the model server on embedded defaults."""
+    from pipeline import stack
+
+    s = get_settings()
+    stack.start_mlflow(s)
+    if server:
+        stack.start_server(s)
+    if airflow:
+        stack.start_airflow(s)
+    console.print(stack.describe(s))
+
+
+@app.command()
+def down() -> None:
+    """Stop everything `up` or `demo` started for this home."""
+    from pipeline import stack
+
+    stopped = stack.stop_all(get_settings())
+    console.print(f"stopped: {', '.join(stopped) or 'nothing was running'}")
+
+
+@app.command()
+def demo(
+    days: Annotated[int, typer.Option(help="Simulated live days.")] = 7,
+    keep: Annotated[bool, typer.Option(help="Leave the stack running afterwards.")] = True,
+    history_days: Annotated[int, typer.Option(help="Simulated history days to bootstrap from.")] = 7,
+    rows_per_day: Annotated[int, typer.Option(help="Simulated requests rows per day.")] = 4000,
+    seed: int = 0,
+) -> None:
+    """Bring up the stack, bootstrap a champion, and run DAYS simulated days through the real loop."""
+    from pipeline.demo import run_demo
+
+    ok = run_demo(days=days, keep=keep, history_days=history_days, rows_per_day=rows_per_day, seed=seed)
+    raise typer.Exit(0 if ok else 1)
+
+
+@simulate_app.command("history")
+def simulate_history(
+    out: Annotated[Path, typer.Option(help="Parquet file to write.")],
+    days: int = 7, rows_per_day: int = 4000, seed: int = 0,
+) -> None:
+    """Write DAYS of labeled simulated history (a bootstrap file)."""
+    from pipeline.simulate import Simulator
+
+    frame = Simulator(seed=seed, rows_per_day=rows_per_day).history(days)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    frame.to_parquet(out, index=False)
+    _emit({"rows": len(frame), "path": str(out), "first": str(frame.event_time.min()),
+           "last": str(frame.event_time.max())})
+
+
+@simulate_app.command("traffic")
+def simulate_traffic(
+    day_index: Annotated[int, typer.Option(help="Simulator day index (history occupies 0..H-1).")],
+    url: Annotated[str | None, typer.Option(help="Model server URL.")] = None,
+    rows_per_day: int = 4000, seed: int = 0, batch: int = 20,
+) -> None:
+    """Send one simulated day of predictions and feedback to a running server over HTTP."""
+    from pipeline.simulate import Simulator
+    from pipeline.traffic import flush, send_day
+
+    s = get_settings()
+    from pipeline.runtime import runtime
+
+    target = url or s.resolved_serving_url()
+    res = send_day(target, Simulator(seed=seed, rows_per_day=rows_per_day).day(day_index),
+                   runtime(s).spec.feature_names, batch=batch)
+    flush(target, s.resolved_admin_token())
+    _emit({"requests": res.requests, "rows": res.rows, "errors": res.errors, "feedback": res.feedback})
+
+
+if __name__ == "__main__":
+    app()

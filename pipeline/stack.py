@@ -1,0 +1,204 @@
+"""Starts and stops the local stack on embedded defaults: MLflow (SQLite + local artifacts), Airflow (SQLite,
+LocalExecutor, separate api-server/scheduler/dag-processor/triggerer) and the model server.
+
+Each process gets a pid file and a log file under `<home>/run`, and the same FLYWHEEL_* environment, so
+Airflow's task processes run the pipeline with exactly the settings the CLI used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from pipeline.config import Settings
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def settings_env(s: Settings) -> dict[str, str]:
+    env = {}
+    for name in Settings.model_fields:
+        value = getattr(s, name)
+        if value is None:
+            continue
+        if isinstance(value, Path):
+            value = str(value.resolve())
+        elif isinstance(value, tuple | list):
+            value = json.dumps(list(value))
+        env[f"FLYWHEEL_{name.upper()}"] = str(value)
+    env["FLYWHEEL_SERVING_URL"] = s.resolved_serving_url()
+    return env
+
+
+def _secret(s: Settings, name: str, nbytes: int = 32) -> str:
+    path = s.home_abs / "secrets" / name
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(secrets.token_urlsafe(nbytes))
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
+def airflow_password(s: Settings) -> str:
+    return s.airflow_password or _secret(s, "airflow_admin_password", 12)
+
+
+def airflow_env(s: Settings) -> dict[str, str]:
+    home = s.home_abs / "airflow"
+    home.mkdir(parents=True, exist_ok=True)
+    pw_file = home / "simple_auth_manager_passwords.json"
+    pw_file.write_text(json.dumps({s.airflow_user: airflow_password(s)}))
+    pw_file.chmod(0o600)
+    return {
+        "AIRFLOW_HOME": str(home),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+        "AIRFLOW__CORE__PARALLELISM": "4",
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}",
+        "AIRFLOW__CORE__AUTH_MANAGER":
+            "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{s.airflow_user}:admin",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(pw_file),
+        "AIRFLOW__API_AUTH__JWT_SECRET": _secret(s, "airflow_jwt_secret", 64),
+        "AIRFLOW__API__SECRET_KEY": _secret(s, "airflow_api_secret", 32),
+        "AIRFLOW__API__HOST": "127.0.0.1",
+        "AIRFLOW__API__PORT": str(s.airflow_port),
+        "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{s.airflow_port}",
+        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{s.airflow_port}/execution/",
+        "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
+        "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "10",
+        "AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK": "False",
+        "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
+        "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
+        "GX_ANALYTICS_ENABLED": "false",
+        "MLFLOW_TRACKING_URI": s.mlflow_tracking_uri,
+        "NO_PROXY": "*",
+        "no_proxy": "*",
+    }
+
+
+def full_env(s: Settings) -> dict[str, str]:
+    env = {**os.environ, **settings_env(s), **airflow_env(s)}
+    env["PATH"] = f"{BIN}:{env.get('PATH', '')}"
+    env["PYTHONPATH"] = f"{REPO}:{env.get('PYTHONPATH', '')}".rstrip(":")
+    return env
+
+
+def _start(s: Settings, name: str, argv: list[str], env: dict[str, str]) -> int:
+    run = s.run_dir
+    run.mkdir(parents=True, exist_ok=True)
+    pid_file = run / f"{name}.pid"
+    if pid_file.exists() and _alive(int(pid_file.read_text())):
+        return int(pid_file.read_text())
+    log = open(run / f"{name}.log", "ab")  # noqa: SIM115 - handed to the child
+    proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+                            start_new_session=True)
+    pid_file.write_text(str(proc.pid))
+    return proc.pid
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except OSError:
+        return True
+
+
+def wait_http(url: str, timeout: float, what: str, log: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        try:
+            r = httpx.get(url, timeout=3)
+            if r.status_code < 500:
+                return
+            last = f"HTTP {r.status_code}"
+        except httpx.HTTPError as e:
+            last = str(e)
+        time.sleep(0.5)
+    tail = ""
+    if log and log.exists():
+        tail = "\n" + "\n".join(log.read_text(errors="replace").splitlines()[-30:])
+    raise RuntimeError(f"{what} did not become healthy at {url} within {timeout:.0f}s ({last}){tail}")
+
+
+def start_mlflow(s: Settings) -> None:
+    env = full_env(s)
+    env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
+    home = s.home_abs
+    _start(s, "mlflow", [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{home / 'mlflow.db'}",
+                         "--artifacts-destination", str(home / "mlartifacts"), "--serve-artifacts",
+                         "--host", "127.0.0.1", "--port", str(s.mlflow_port), "--workers", "1"], env)
+    wait_http(f"http://127.0.0.1:{s.mlflow_port}/health", 90, "MLflow", s.run_dir / "mlflow.log")
+
+
+def start_airflow(s: Settings) -> None:
+    env = full_env(s)
+    airflow = str(BIN / "airflow")
+    subprocess.run([airflow, "db", "migrate"], env=env, check=True, cwd=REPO,
+                   stdout=open(s.run_dir / "airflow-migrate.log", "ab"), stderr=subprocess.STDOUT)
+    _start(s, "airflow-api", [airflow, "api-server", "--port", str(s.airflow_port)], env)
+    _start(s, "airflow-scheduler", [airflow, "scheduler"], env)
+    _start(s, "airflow-dag-processor", [airflow, "dag-processor"], env)
+    _start(s, "airflow-triggerer", [airflow, "triggerer"], env)
+    wait_http(f"http://127.0.0.1:{s.airflow_port}/api/v2/monitor/health", 120, "Airflow api-server",
+              s.run_dir / "airflow-api.log")
+
+
+def start_server(s: Settings) -> None:
+    env = full_env(s)
+    _start(s, "serving", [str(BIN / "flywheel"), "serve"], env)
+    wait_http(f"{s.resolved_serving_url()}/health", 90, "model server", s.run_dir / "serving.log")
+
+
+def stop_all(s: Settings, timeout: float = 20) -> list[str]:
+    """TERM each process group, then KILL what is left (LocalExecutor workers can outlive a TERM)."""
+    stopped = []
+    run = s.run_dir
+    if not run.exists():
+        return stopped
+    pids = {}
+    for pid_file in run.glob("*.pid"):
+        pid = int(pid_file.read_text())
+        if _alive(pid):
+            pids[pid_file.stem] = pid
+            try:
+                os.killpg(pid, signal.SIGTERM)
+            except OSError:
+                pass
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(_alive(p) for p in pids.values()):
+        time.sleep(0.2)
+    for name, pid in pids.items():
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except OSError:
+            pass
+        stopped.append(name)
+    for pid_file in run.glob("*.pid"):
+        pid_file.unlink()
+    return stopped
+
+
+def describe(s: Settings) -> str:
+    return (
+        f"Airflow UI   http://127.0.0.1:{s.airflow_port}  user {s.airflow_user} / password {airflow_password(s)}\n"
+        f"MLflow UI    http://127.0.0.1:{s.mlflow_port}  (registry: Models -> {s.resolved_model_name('<spec>')})\n"
+        f"Model server {s.resolved_serving_url()}  (/docs, /health, /metrics)\n"
+        f"Logs         {s.run_dir}/*.log   Stop with: make down"
+    )

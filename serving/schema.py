@@ -1,0 +1,110 @@
+"""Request parsing against the feature spec, hand-written because it is on the hot path and its errors must
+name the exact field (`rows[3].price: ...`) so a client can fix its payload."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pandas as pd
+
+from feature_store.spec import FeatureSpec, FeatureType
+
+
+class RequestError(ValueError):
+    def __init__(self, message: str, status: int = 422) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _parse_time(value: object, where: str) -> datetime:
+    if isinstance(value, str):
+        try:
+            ts = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError as e:
+            raise RequestError(f"{where}: not an ISO-8601 time: {value!r}") from e
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        ts = datetime.fromtimestamp(float(value), tz=UTC)
+    else:
+        raise RequestError(f"{where}: expected an ISO-8601 string or epoch seconds, got {type(value).__name__}")
+    return ts if ts.tzinfo else ts.replace(tzinfo=UTC)
+
+
+def parse_rows(body: object, spec: FeatureSpec, max_rows: int) -> tuple[dict[str, list], list[datetime | None]]:
+    """Column lists for the spec's features, and each row's event time (None when not sent)."""
+    if not isinstance(body, dict):
+        raise RequestError("body: expected a JSON object with a 'rows' list")
+    unknown_top = set(body) - {"rows", "request_id"}
+    if unknown_top:
+        raise RequestError(f"body: unknown field(s) {sorted(unknown_top)}; expected 'rows' and optional 'request_id'")
+    rows = body.get("rows")
+    if not isinstance(rows, list) or not rows:
+        raise RequestError("rows: expected a non-empty list of objects")
+    if len(rows) > max_rows:
+        raise RequestError(f"rows: {len(rows)} rows exceed the limit of {max_rows} per request", status=413)
+    allowed = set(spec.features) | {spec.event_time}
+    cols: dict[str, list] = {n: [] for n in spec.features}
+    times: list[datetime | None] = []
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise RequestError(f"rows[{i}]: expected an object")
+        extra = set(row) - allowed
+        if extra:
+            raise RequestError(f"rows[{i}]: unknown field(s) {sorted(extra)}")
+        for name, f in spec.features.items():
+            v = row.get(name)
+            where = f"rows[{i}].{name}"
+            if v is None:
+                if not f.nullable:
+                    raise RequestError(f"{where}: missing (required by the feature spec)")
+            elif f.type is FeatureType.NUMERIC:
+                if isinstance(v, bool) or not isinstance(v, int | float):
+                    raise RequestError(f"{where}: expected a number, got {type(v).__name__}")
+                v = float(v)
+            else:
+                if isinstance(v, bool) or not isinstance(v, str | int):
+                    raise RequestError(f"{where}: expected a string (or integer id), got {type(v).__name__}")
+                v = str(v)
+            cols[name].append(v)
+        t = row.get(spec.event_time)
+        times.append(None if t is None else _parse_time(t, f"rows[{i}].{spec.event_time}"))
+    return cols, times
+
+
+def parse_feedback(body: object, label_domain: tuple[float, ...] = (0.0, 1.0)) -> list[dict]:
+    items = body if isinstance(body, list) else [body]
+    if not items:
+        raise RequestError("body: empty feedback list")
+    out = []
+    for i, item in enumerate(items):
+        where = f"[{i}]" if isinstance(body, list) else "body"
+        if not isinstance(item, dict):
+            raise RequestError(f"{where}: expected an object with request_id, label and optional row, time")
+        extra = set(item) - {"request_id", "row", "label", "time"}
+        if extra:
+            raise RequestError(f"{where}: unknown field(s) {sorted(extra)}")
+        rid = item.get("request_id")
+        if not isinstance(rid, str) or not rid:
+            raise RequestError(f"{where}.request_id: expected a non-empty string")
+        row = item.get("row", 0)
+        if isinstance(row, bool) or not isinstance(row, int) or row < 0:
+            raise RequestError(f"{where}.row: expected a non-negative integer")
+        label = item.get("label")
+        if isinstance(label, bool):
+            label = float(label)
+        if not isinstance(label, int | float) or float(label) not in label_domain:
+            raise RequestError(f"{where}.label: expected one of {list(label_domain)}, got {label!r}")
+        t = item.get("time")
+        out.append({"request_id": rid, "row": row, "label": float(label),
+                    "label_time": None if t is None else _parse_time(t, f"{where}.time")})
+    return out
+
+
+def warmup_frame(spec: FeatureSpec, rows: int = 4) -> pd.DataFrame:
+    data = {}
+    for name, f in spec.features.items():
+        if f.type is FeatureType.NUMERIC:
+            base = f.min if f.min is not None else 0.0
+            data[name] = [float(base)] * rows
+        else:
+            data[name] = [f"warmup-{i}" for i in range(rows)]
+    return pd.DataFrame(data)
