@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import tempfile
 from pathlib import Path
 
@@ -84,8 +85,9 @@ def bootstrap(history: str | Path, rt: Runtime | None = None) -> BootstrapResult
     if len(rejected):
         rt.lake.write_partition("quarantine_bootstrap", last, pa.Table.from_pandas(rejected, preserve_index=False))
     train_df, holdout = split_by_time(frame, et, s.holdout_fraction)
-    bundle = ModelBundle.create(spec, train_df, s.embedding_dim, s.hidden_units, s.vocab_min_count)
-    result = fit(bundle, train_df, spec.label.name, epochs=s.bootstrap_epochs, batch_size=s.batch_size,
+    bundle = ModelBundle.create(spec, train_df, s.embedding_dim, s.hidden_units, s.vocab_min_count, s.seed)
+    epochs = max(s.bootstrap_epochs, math.ceil(s.bootstrap_min_steps / math.ceil(len(train_df) / s.batch_size)))
+    result = fit(bundle, train_df, spec.label.name, epochs=epochs, batch_size=s.batch_size,
                  lr=s.learning_rate, seed=s.seed, device=pick_device())
     p = bundle.predict(holdout)
     metrics = summary(holdout[spec.label.name].to_numpy(dtype=np.float64), p)
@@ -100,11 +102,11 @@ def bootstrap(history: str | Path, rt: Runtime | None = None) -> BootstrapResult
             mlflow.set_tags({"flywheel.kind": "bootstrap", registry.TAG_DAY: last.isoformat(),
                              registry.TAG_WEIGHTS: weights})
             mlflow.log_params({"history": str(history), "rows": len(frame), "rejected": len(rejected),
-                               "epochs": s.bootstrap_epochs, "seed": s.seed, "spec_digest": spec.digest})
+                               "epochs": epochs, "seed": s.seed, "spec_digest": spec.digest})
             for i, loss in enumerate(result.losses):
                 mlflow.log_metric("train_loss", loss, step=i)
             mlflow.log_metrics({f"holdout_{k}": v for k, v in metrics.items() if v is not None})
-            registry.log_bundle(bundle, spec, Path(tmp))
+            registry.log_bundle(bundle, spec, Path(tmp), train_df[spec.feature_names].head(2))
         existing = registry.register(client, rt.model_name, run.info.run_id, {
             registry.TAG_DAY: last.isoformat(), registry.TAG_WINDOW: f"{first}/{last}",
             registry.TAG_WEIGHTS: weights, "flywheel.gate_passed": "true",

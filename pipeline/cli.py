@@ -36,7 +36,8 @@ def main(
     get_settings.cache_clear()
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format='{"time":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s","msg":"%(message)s"}')
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    for noisy in ("httpx", "matplotlib", "great_expectations"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def _emit(result: BaseModel | dict) -> None:

@@ -51,6 +51,7 @@ class Settings(BaseSettings):
     holdout_fraction: float = Field(default=0.2, gt=0, lt=1, description="Time-latest share of a day held out.")
     epochs: int = Field(default=2, ge=1)
     bootstrap_epochs: int = Field(default=3, ge=1)
+    bootstrap_min_steps: int = Field(default=300, ge=0, description="Small histories get more epochs.")
     batch_size: int = Field(default=512, ge=1)
     learning_rate: float = Field(default=3e-3, gt=0)
     embedding_dim: int = Field(default=8, ge=1)

@@ -20,7 +20,7 @@ from pipeline.metrics import auc, logloss
 from pipeline.runtime import runtime
 
 DAG_ID = "flywheel_nightly"
-console = Console()
+console = Console(width=None if Console().is_terminal else 150)
 
 
 @dataclass

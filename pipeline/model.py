@@ -51,9 +51,11 @@ class CTRNet(nn.Module):
             out = out + b(cat[:, i]).squeeze(1)
         return out
 
-    def grow(self, cardinalities: list[int]) -> list[int]:
-        """Enlarge embedding tables in place: old rows copied, new rows initialised. Returns rows added."""
+    def grow(self, cardinalities: list[int], seed: int = 0) -> list[int]:
+        """Enlarge embedding tables in place: old rows copied, new rows initialised (seeded, so a rerun of a
+        night grows identically). Returns rows added."""
         added = []
+        gen = torch.Generator().manual_seed(seed)
         for i, new in enumerate(cardinalities):
             old = self.embeddings[i].num_embeddings
             if new < old:
@@ -65,7 +67,7 @@ class CTRNet(nn.Module):
                 prev = table[i]
                 fresh = nn.Embedding(new, prev.embedding_dim).to(prev.weight.device)
                 with torch.no_grad():
-                    fresh.weight.normal_(std=init_std) if init_std else fresh.weight.zero_()
+                    fresh.weight.copy_(torch.randn(fresh.weight.shape, generator=gen) * init_std)
                     fresh.weight[:old] = prev.weight
                 table[i] = fresh
         return added
@@ -84,7 +86,8 @@ class ModelBundle:
 
     @classmethod
     def create(cls, spec: FeatureSpec, frame: pd.DataFrame, embedding_dim: int, hidden: tuple[int, ...],
-               min_count: int) -> ModelBundle:
+               min_count: int, seed: int = 0) -> ModelBundle:
+        torch.manual_seed(seed)
         vocabs = {c: Vocabulary() for c in spec.categorical}
         for c, v in vocabs.items():
             v.update(frame[c], min_count)
@@ -103,9 +106,9 @@ class ModelBundle:
                 f"(features or types changed); bootstrap a new model or declare a migration"
             )
 
-    def grow_vocab(self, frame: pd.DataFrame, min_count: int) -> dict[str, int]:
+    def grow_vocab(self, frame: pd.DataFrame, min_count: int, seed: int = 0) -> dict[str, int]:
         added = {c: len(self.vocabs[c].update(frame[c], min_count)) for c in self.categorical}
-        self.net.grow([self.vocabs[c].size for c in self.categorical])
+        self.net.grow([self.vocabs[c].size for c in self.categorical], seed)
         return added
 
     def encode(self, frame: pd.DataFrame) -> tuple[torch.Tensor, torch.Tensor]:

@@ -79,7 +79,7 @@ def train(day: str | date, rt: Runtime | None = None) -> TrainResult:
 
     bundle = registry.load_version(client, rt.model_name, parent.version, rt.cache_dir)
     bundle.check_spec(spec)
-    added = bundle.grow_vocab(train_df, s.vocab_min_count)
+    added = bundle.grow_vocab(train_df, s.vocab_min_count, s.seed)
     device = pick_device()
     with mlflow.start_run(run_name=f"nightly-{day}") as run, tempfile.TemporaryDirectory() as tmp:
         mlflow.set_tags({TAG_KIND: "nightly", registry.TAG_DAY: day.isoformat(),
@@ -93,7 +93,7 @@ def train(day: str | date, rt: Runtime | None = None) -> TrainResult:
         for i, loss in enumerate(result.losses):
             mlflow.log_metric("train_loss", loss, step=i)
         mlflow.log_dict(manifest, "data/validated_manifest.json")
-        registry.log_bundle(bundle, spec, Path(tmp))
+        registry.log_bundle(bundle, spec, Path(tmp), train_df[spec.feature_names].head(2))
         mlflow.set_tag(registry.TAG_WEIGHTS, bundle.weights_digest())
     return TrainResult(day=day.isoformat(), run_id=run.info.run_id, parent_version=parent.version,
                        train_rows=len(train_df), holdout_rows=len(holdout_df), new_vocab=added,

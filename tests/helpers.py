@@ -1,0 +1,50 @@
+"""Shared test builders: settings on free ports in a temp home, and synthetic data for the loans spec."""
+
+from __future__ import annotations
+
+import socket
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline.config import Settings
+
+DATA = Path(__file__).parent / "data"
+LOANS_SPEC = DATA / "loans.yaml"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_settings(home: Path, mlflow_port: int, **overrides) -> Settings:
+    serving_port = overrides.pop("serving_port", free_port())
+    return Settings(
+        home=home, mlflow_port=mlflow_port, mlflow_tracking_uri=f"http://127.0.0.1:{mlflow_port}",
+        serving_port=serving_port, log_seal_interval_s=3600, alias_poll_interval_s=0.5,
+        min_rows=overrides.pop("min_rows", 50), **overrides,
+    )
+
+
+def loans_frame(day: date, n: int, seed: int, regions: int = 5) -> pd.DataFrame:
+    """Loan applications whose default risk depends on region, amount and income ratio."""
+    rng = np.random.default_rng([seed, day.toordinal()])
+    region = rng.integers(0, regions, n)
+    amount = rng.lognormal(8, 1, n)
+    ratio = rng.normal(0.3, 0.1, n)
+    logit = -1.5 + 0.4 * (region - 2) + 2.5 * (ratio - 0.3) * 4 + 0.3 * (np.log(amount) - 8)
+    start = datetime.combine(day, datetime.min.time(), tzinfo=UTC)
+    return pd.DataFrame({
+        "account_no": [f"acct{x}" for x in rng.integers(0, 300, n)],
+        "region": [f"r{x}" for x in region],
+        "product": rng.choice(["card", "mortgage", "auto"], n).tolist(),
+        "amount": amount,
+        "tenure_months": rng.integers(1, 240, n).astype(float),
+        "income_ratio": ratio,
+        "applied_at": [start + timedelta(seconds=float(s)) for s in np.sort(rng.uniform(0, 86000, n))],
+        "defaulted": (rng.uniform(size=n) < 1 / (1 + np.exp(-logit))).astype(int),
+    })

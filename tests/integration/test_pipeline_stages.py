@@ -1,0 +1,111 @@
+"""The nightly stages in-process against a real MLflow server, on the second spec (loans): nothing in the code
+knows these column names."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import date, timedelta
+
+import pandas as pd
+import pyarrow as pa
+import pytest
+
+from feature_store.log_schema import FEEDBACK, PREDICTIONS, feedback_schema, prediction_schema
+from pipeline import registry
+from pipeline.bootstrap import bootstrap
+from pipeline.collect import collect
+from pipeline.nightly import run_nightly
+from pipeline.runtime import GateFailed, NoDataError, runtime
+from pipeline.validate import QUARANTINE, VALIDATED, validate
+from serving.log_sink import SegmentLog
+from tests.helpers import LOANS_SPEC, loans_frame
+
+pytestmark = pytest.mark.integration
+DAY = date(2026, 3, 10)
+
+
+def log_day(rt, frame: pd.DataFrame, label_delay=timedelta(hours=5), lost_every=10, late_every=13) -> dict:
+    """Write a day as the server would: prediction rows with scores, then feedback through the log sink.
+    Every `lost_every`-th label never arrives; every `late_every`-th arrives after the 2-day window."""
+    spec = rt.spec
+    ps, fs = prediction_schema(spec), feedback_schema()
+    preds = SegmentLog("predictions", ps, rt.settings.spool_dir, rt.lake, PREDICTIONS, (spec.event_time,))
+    fb = SegmentLog("feedback", fs, rt.settings.spool_dir, rt.lake, FEEDBACK, ("label_time",))
+    n = len(frame)
+    ids = [uuid.uuid4().hex for _ in range(n)]
+    served = frame[spec.event_time].tolist()
+    cols = {"request_id": ids, "row": [0] * n, "served_at": served, spec.event_time: served,
+            "model_version": ["1"] * n, "score": [0.3] * n, **{c: frame[c].tolist() for c in spec.feature_names}}
+    preds.append(pa.RecordBatch.from_pydict(cols, schema=ps))
+    keep = [i for i in range(n) if i % lost_every]
+    when = [served[i] + (spec.label.attribution_window + timedelta(hours=1) if i % late_every == 0 else label_delay)
+            for i in keep]
+    fb.append(pa.RecordBatch.from_pydict({
+        "request_id": [ids[i] for i in keep], "row": [0] * len(keep),
+        "label": [float(frame.defaulted.iloc[i]) for i in keep], "label_time": when, "received_at": when,
+    }, schema=fs))
+    preds.seal()
+    fb.seal()
+    in_window = sum(1 for i in keep if i % late_every)
+    return {"ids": ids, "in_window": in_window}
+
+
+@pytest.fixture
+def rt(settings_factory, tmp_path):
+    s = settings_factory(spec_path=LOANS_SPEC, epochs=3, batch_size=64, max_auc_regression=0.5)
+    r = runtime(s)
+    history = pd.concat([loans_frame(DAY - timedelta(days=d), 400, seed=1) for d in (3, 2, 1)])
+    path = tmp_path / "history.parquet"
+    history.to_parquet(path)
+    boot = bootstrap(path, r)
+    assert boot.version == "1" and boot.rows == 1200 and boot.rejected == 0
+    return r
+
+
+def test_nightly_on_second_spec_collects_quarantines_trains_registers_idempotently(rt):
+    frame = loans_frame(DAY, 500, seed=2)
+    frame.loc[frame.index[:4], "amount"] = -5.0  # bad rows: negative amounts
+    frame.loc[frame.index[5:10], "region"] = "r-brand-new"
+    logged = log_day(rt, frame)
+
+    out = run_nightly(DAY, rt)
+    assert out["collect"]["rows"] == logged["in_window"]  # missing: drop -> lost and late labels dropped
+    assert out["collect"]["dropped_unlabeled"] == 500 - logged["in_window"]
+    q = rt.lake.read_partition(QUARANTINE, DAY).to_pandas()
+    assert len(q) >= 1 and (q.amount < 0).all() and q.reason.str.contains("amount").all()
+    assert out["validate"]["quarantined"] == len(q)
+    validated = rt.lake.read_partition(VALIDATED, DAY).to_pandas()
+    assert (validated.amount >= 0).all() and len(validated) + len(q) == out["collect"]["rows"]
+
+    client = rt.client()
+    v2 = registry.get_version(client, rt.model_name, out["register"]["version"])
+    assert v2.version == "2"
+    assert v2.tags[registry.TAG_PARENT] == "1" and v2.tags[registry.TAG_DAY] == DAY.isoformat()
+    assert v2.tags["flywheel.gate_passed"] == "true"
+    assert registry.get_alias(client, rt.model_name, registry.CHAMPION).version == "2"
+    assert registry.get_alias(client, rt.model_name, registry.PREVIOUS).version == "1"
+    assert out["train"]["new_vocab"]["region"] == 1  # the new region got its own embedding row
+
+    before = rt.lake.read_partition("training", DAY).to_pandas()
+    again = run_nightly(DAY, rt)
+    assert again["register"]["version"] == "2" and again["train"]["reused"]
+    pd.testing.assert_frame_equal(rt.lake.read_partition("training", DAY).to_pandas(), before)
+    versions = client.search_model_versions(f"name = '{rt.model_name}'")
+    assert sorted(int(v.version) for v in versions) == [1, 2]
+
+
+def test_day_without_logs_refuses_to_train(rt):
+    with pytest.raises(NoDataError, match="no prediction log for 2026-03-20"):
+        collect(date(2026, 3, 20), rt)
+
+
+def test_gate_blocks_a_mostly_bad_day_but_keeps_its_rows(rt):
+    frame = loans_frame(DAY, 300, seed=3)
+    frame.loc[frame.index[::2], "tenure_months"] = 9999.0
+    log_day(rt, frame)
+    collected = collect(DAY, rt)
+    with pytest.raises(GateFailed, match="quarantined, above max_bad_fraction"):
+        validate(DAY, rt)
+    q = rt.lake.read_partition(QUARANTINE, DAY)
+    assert q.num_rows >= 100 and rt.lake.read_manifest(VALIDATED, DAY) is None
+    assert q.num_rows < collected.rows

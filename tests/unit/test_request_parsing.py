@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+import pytest
+
+from feature_store.spec import load_spec
+from serving.schema import RequestError, parse_feedback, parse_rows, warmup_frame
+from tests.helpers import LOANS_SPEC
+
+SPEC = load_spec(LOANS_SPEC)
+ROW = {"account_no": "a1", "region": "r1", "product": "card", "amount": 10, "tenure_months": 3.0,
+       "income_ratio": 0.2}
+
+
+def test_parses_rows_into_columns_and_times():
+    cols, times = parse_rows({"rows": [ROW, {**ROW, "account_no": 7, "applied_at": "2026-03-01T10:00:00Z"}]},
+                             SPEC, 10)
+    assert cols["account_no"] == ["a1", "7"] and cols["amount"] == [10.0, 10.0]
+    assert times[0] is None and times[1].isoformat() == "2026-03-01T10:00:00+00:00"
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ([], "expected a JSON object"),
+        ({"rows": []}, "non-empty list"),
+        ({"rows": [ROW], "extra": 1}, "unknown field"),
+        ({"rows": [{k: v for k, v in ROW.items() if k != "amount"}]}, r"rows\[0\].amount: missing"),
+        ({"rows": [ROW, {**ROW, "amount": "ten"}]}, r"rows\[1\].amount: expected a number"),
+        ({"rows": [{**ROW, "amount": True}]}, r"rows\[0\].amount: expected a number"),
+        ({"rows": [{**ROW, "region": 1.5}]}, r"rows\[0\].region: expected a string"),
+        ({"rows": [{**ROW, "colour": "red"}]}, r"rows\[0\]: unknown field"),
+        ({"rows": [{**ROW, "applied_at": "yesterday"}]}, r"rows\[0\].applied_at: not an ISO-8601"),
+    ],
+)
+def test_bad_rows_name_the_field(body, message):
+    with pytest.raises(RequestError, match=message):
+        parse_rows(body, SPEC, 10)
+
+
+def test_too_many_rows_is_413():
+    with pytest.raises(RequestError) as e:
+        parse_rows({"rows": [ROW] * 3}, SPEC, 2)
+    assert e.value.status == 413
+
+
+def test_feedback_parsing():
+    items = parse_feedback([{"request_id": "r", "label": 1, "time": "2026-03-01T00:00:00Z"},
+                            {"request_id": "r", "row": 2, "label": 0}])
+    assert items[0]["label"] == 1.0 and items[1]["row"] == 2 and items[1]["label_time"] is None
+    for bad, msg in [({"label": 1}, "request_id"), ({"request_id": "r", "label": 3}, "label"),
+                     ({"request_id": "r", "label": 1, "row": -1}, "row")]:
+        with pytest.raises(RequestError, match=msg):
+            parse_feedback(bad)
+
+
+def test_warmup_frame_covers_every_feature():
+    frame = warmup_frame(SPEC)
+    assert list(frame.columns) == SPEC.feature_names and len(frame) == 4
