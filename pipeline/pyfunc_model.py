@@ -1,7 +1,8 @@
 """MLflow pyfunc wrapper, logged as "models from code": MLflow stores this file, not a pickle of an object.
 
 It makes a Flywheel model usable by anything that speaks MLflow (`mlflow models serve`, batch scoring with
-`mlflow.pyfunc.load_model`), while the weights stay in the bundle's safetensors file.
+`mlflow.pyfunc.load_model`), while the weights stay in the bundle's safetensors file. predict() has no type
+hints on purpose: the model's explicit signature (derived from the feature spec) is the input contract.
 """
 
 from __future__ import annotations

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import shutil
-import warnings
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -77,17 +76,14 @@ def bundle_digest(directory: Path) -> str:
 def log_bundle(bundle: ModelBundle, spec: FeatureSpec, workdir: Path, input_example=None) -> str:
     """Log the bundle as the active run's pyfunc model; returns the model URI."""
     path = bundle.save(workdir / "bundle")
-    with warnings.catch_warnings():
-        # MLflow nags about type hints on predict(); the explicit signature below is the contract instead.
-        warnings.filterwarnings("ignore", message=".*type hints.*", category=UserWarning)
-        info = mlflow.pyfunc.log_model(
-            name="model",
-            python_model=str(PYFUNC_CODE),
-            artifacts={"bundle": str(path)},
-            signature=signature(spec),
-            input_example=input_example,
-            pip_requirements=PIP_REQUIREMENTS,
-        )
+    info = mlflow.pyfunc.log_model(
+        name="model",
+        python_model=str(PYFUNC_CODE),
+        artifacts={"bundle": str(path)},
+        signature=signature(spec),
+        input_example=input_example,
+        pip_requirements=PIP_REQUIREMENTS,
+    )
     mlflow.set_tag(TAG_BUNDLE, bundle_digest(path))
     return info.model_uri
 

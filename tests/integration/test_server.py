@@ -1,0 +1,191 @@
+"""The model server as a real process over real HTTP, against a real MLflow registry."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from datetime import date
+
+import httpx
+import pyarrow.parquet as pq
+import pytest
+
+from feature_store.log_schema import FEEDBACK, PREDICTIONS
+from feature_store.spec import load_spec
+from pipeline import registry, stack
+from pipeline.bootstrap import bootstrap
+from pipeline.config import DEFAULT_SPEC
+from pipeline.runtime import runtime
+from pipeline.simulate import Simulator
+from tests.helpers import free_port, make_settings
+
+pytestmark = pytest.mark.integration
+CTR = load_spec(DEFAULT_SPEC)
+SIM = Simulator(seed=5, rows_per_day=600, horizon_days=10)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, mlflow_server):
+    home = tmp_path_factory.mktemp("serving-home")
+    s = make_settings(home, mlflow_server[1], model_name=f"serving-{home.name}", serving_port=free_port())
+    rt = runtime(s)
+    history = home / "history.parquet"
+    SIM.history(3).to_parquet(history)
+    bootstrap(history, rt)
+    stack.start_server(s)
+    url = s.resolved_serving_url()
+    deadline = time.monotonic() + 30
+    while httpx.get(f"{url}/health").json()["model_version"] != "1":
+        assert time.monotonic() < deadline, "server never loaded the champion"
+        time.sleep(0.2)
+    yield s, rt, url
+    stack.stop_all(s)
+
+
+def rows(n: int, day: int = 3) -> list[dict]:
+    frame = SIM.day(day).head(n)
+    out = frame[CTR.feature_names].to_dict(orient="records")
+    for r, t in zip(out, frame.event_time, strict=True):
+        r["event_time"] = t.isoformat()
+    return out
+
+
+def admin(s) -> dict:
+    return {"Authorization": f"Bearer {s.resolved_admin_token()}"}
+
+
+def logged_ids(s, stream=PREDICTIONS) -> list[str]:
+    files = sorted((s.home_abs / "lake" / stream).rglob("*.parquet"))
+    return [rid for f in files for rid in pq.read_table(f).column("request_id").to_pylist()]
+
+
+def test_predict_one_and_many_rows_and_log_them(server):
+    s, rt, url = server
+    one = httpx.post(f"{url}/predict", json={"rows": rows(1)}).json()
+    many = httpx.post(f"{url}/predict", json={"rows": rows(50), "request_id": "client-id-1"}).json()
+    assert len(one["scores"]) == 1 and 0 < one["scores"][0] < 1 and one["model_version"] == "1"
+    assert many["request_id"] == "client-id-1" and len(many["scores"]) == 50
+    fb = httpx.post(f"{url}/feedback", json=[{"request_id": "client-id-1", "row": 3, "label": 1}])
+    assert fb.status_code == 202
+    assert httpx.post(f"{url}/admin/flush", headers=admin(s)).status_code == 200
+    ids = logged_ids(s)
+    assert ids.count("client-id-1") == 50 and ids.count(one["request_id"]) == 1
+    day = (s.home_abs / "lake" / PREDICTIONS / f"dt={SIM.day_date(3)}")
+    assert day.exists(), "rows carrying an event time are partitioned by it"
+    assert "client-id-1" in logged_ids(s, FEEDBACK)
+    metrics = httpx.get(f"{url}/metrics").text
+    assert 'flywheel_rows_scored_total{model_version="1"}' in metrics
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "needle"),
+    [
+        (b"not json", 422, "not valid JSON"),
+        (b'{"rows": [{"user_id": "u1"}]}', 422, "rows[0].item_id: missing"),
+        (b'{"rows": []}', 422, "non-empty list"),
+        (b'{"rowz": []}', 422, "unknown field"),
+    ],
+)
+def test_malformed_predict_bodies_get_4xx_naming_the_field(server, body, status, needle):
+    _, _, url = server
+    r = httpx.post(f"{url}/predict", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == status and needle in r.json()["detail"]
+
+
+def test_wrong_type_and_oversize_requests(server):
+    s, _, url = server
+    bad = rows(1)
+    bad[0]["price"] = "cheap"
+    r = httpx.post(f"{url}/predict", json={"rows": bad})
+    assert r.status_code == 422 and "rows[0].price: expected a number" in r.json()["detail"]
+    r = httpx.post(f"{url}/predict", json={"rows": rows(1) * (s.max_rows_per_request + 1)})
+    assert r.status_code == 413
+
+
+def test_admin_routes_require_the_token(server):
+    s, _, url = server
+    assert httpx.post(f"{url}/admin/reload").status_code == 401
+    assert httpx.post(f"{url}/admin/reload", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert httpx.post(f"{url}/admin/reload", headers=admin(s)).json()["model_version"] == "1"
+
+
+def test_alias_move_swaps_model_under_load_without_failed_requests(server):
+    s, rt, url = server
+    client = rt.client()
+    statuses: list[int] = []
+    versions: set[str] = set()
+    stop = threading.Event()
+
+    def load() -> None:
+        with httpx.Client(base_url=url) as h:
+            while not stop.is_set():
+                r = h.post("/predict", json={"rows": rows(4)})
+                statuses.append(r.status_code)
+                if r.status_code == 200:
+                    versions.add(r.json()["model_version"])
+
+    threads = [threading.Thread(target=load) for _ in range(3)]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)
+    v1 = registry.get_alias(client, rt.model_name, registry.CHAMPION)
+    run_id = v1.run_id
+    v2 = registry.register(client, rt.model_name, run_id, {registry.TAG_DAY: date(2026, 1, 9).isoformat(),
+                                                           "flywheel.gate_passed": "true"})
+    assert v2.version == "1", "same run registers once"
+    mv = client.create_model_version(rt.model_name, f"runs:/{run_id}/model", run_id=run_id,
+                                     tags={registry.TAG_BUNDLE: v1.tags[registry.TAG_BUNDLE]})
+    registry.set_champion(client, rt.model_name, str(mv.version))
+    deadline = time.monotonic() + 20
+    while str(mv.version) not in versions and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(0.3)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert versions == {"1", str(mv.version)}
+    assert statuses and set(statuses) == {200}
+    assert httpx.get(f"{url}/health").json()["model_version"] == str(mv.version)
+    assert 'flywheel_model_reloads_total{outcome="swapped"}' in httpx.get(f"{url}/metrics").text
+
+
+def test_sigterm_drains_and_every_answered_request_is_logged(tmp_path, mlflow_server, server):
+    base, _, _ = server
+    s = make_settings(tmp_path / "home", mlflow_server[1], model_name=base.model_name, serving_port=free_port())
+    stack.start_server(s)
+    url = s.resolved_serving_url()
+    while httpx.get(f"{url}/health").json()["model_version"] is None:
+        time.sleep(0.2)
+    answered: list[str] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        with httpx.Client(base_url=url) as h:
+            while not stop.is_set():
+                try:
+                    r = h.post("/predict", json={"rows": rows(2)})
+                except httpx.HTTPError:
+                    return
+                if r.status_code == 200:
+                    answered.append(r.json()["request_id"])
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(1.5)
+    pid = int((s.run_dir / "serving.pid").read_text())
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while stack._alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert not stack._alive(pid)
+    assert len(answered) > 20
+    logged = logged_ids(s)
+    assert sorted(set(logged)) == sorted(answered)
+    assert len(logged) == 2 * len(answered), "each answered row logged exactly once"
+    assert not list(s.spool_dir.glob("*.arrows")), "spool sealed on shutdown"
