@@ -26,11 +26,11 @@ class AirflowClient:
             self._token = r.json()["access_token"]
         return {"Authorization": f"Bearer {self._token}"}
 
-    def request(self, method: str, path: str, **kw) -> httpx.Response:
-        r = self._http.request(method, path, headers=self._headers(), **kw)
+    def request(self, method: str, path: str, headers: dict[str, str] | None = None, **kw) -> httpx.Response:
+        r = self._http.request(method, path, headers={**self._headers(), **(headers or {})}, **kw)
         if r.status_code == 401:
             self._token = None
-            r = self._http.request(method, path, headers=self._headers(), **kw)
+            r = self._http.request(method, path, headers={**self._headers(), **(headers or {})}, **kw)
         return r
 
     def wait_for_dag(self, dag_id: str, timeout: float = 120) -> None:

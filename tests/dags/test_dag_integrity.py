@@ -1,0 +1,61 @@
+"""DAG files parse cheaply and declare what the loop relies on (Airflow best practice: a DagBag test)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+from pipeline.stack import REPO
+
+
+def _dagbag_probe(extra_env: dict[str, str], tmp_path) -> str:
+    code = (
+        "import json, time; t=time.monotonic()\n"
+        "from airflow.dag_processing.dagbag import DagBag\n"
+        f"b = DagBag(dag_folder={str(REPO / 'dags')!r})\n"
+        "d = b.dags.get('flywheel_nightly')\n"
+        "import sys\n"
+        "print(json.dumps({'errors': {k: str(v) for k, v in b.import_errors.items()},"
+        " 'heavy': sorted(m for m in ('torch', 'mlflow', 'great_expectations') if m in sys.modules),"
+        " 'tags': sorted(d.tags) if d else None, 'tasks': [t.task_id for t in d.tasks] if d else None,"
+        " 'retries': sorted({t.retries for t in d.tasks}) if d else None,"
+        " 'max_active_runs': d.max_active_runs if d else None, 'timetable': type(d.timetable).__name__ if d else None,"
+        " 'doc': bool(d.doc_md) if d else None}))\n"
+    )
+    env = {"AIRFLOW_HOME": str(tmp_path), "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "PATH": "/usr/bin:/bin",
+           **extra_env}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
+                         cwd=REPO)
+    return out.stdout.strip().splitlines()[-1]
+
+
+def test_nightly_dag_imports_cleanly_without_heavy_modules(tmp_path):
+    import json
+
+    start = time.monotonic()
+    info = json.loads(_dagbag_probe({}, tmp_path))
+    assert info["errors"] == {}
+    assert info["heavy"] == [], "DAG parsing must not import torch/mlflow/great-expectations"
+    assert info["tasks"] == ["wait_for_labels", "collect", "validate", "train", "evaluate", "register",
+                             "promote", "rollout"]
+    assert info["tags"] == ["flywheel", "training"] and info["retries"] == [2]
+    assert info["max_active_runs"] == 1 and info["doc"]
+    assert info["timetable"] == "CronDataIntervalTimetable"
+    assert time.monotonic() - start < 60
+
+
+def test_schedule_can_be_turned_off_by_config(tmp_path):
+    import json
+
+    info = json.loads(_dagbag_probe({"FLYWHEEL_SCHEDULE": "none"}, tmp_path))
+    assert info["errors"] == {} and info["timetable"] == "NullTimetable"
+
+
+def test_a_broken_feature_spec_is_an_import_error_naming_the_file(tmp_path):
+    import json
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\n")
+    info = json.loads(_dagbag_probe({"FLYWHEEL_SPEC_PATH": str(bad)}, tmp_path))
+    assert any(str(bad) in e for e in info["errors"].values())

@@ -1,0 +1,112 @@
+"""The whole loop through a real Airflow scheduler, MLflow server and model server, on a tiny day."""
+
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+
+import httpx
+import pytest
+
+from pipeline import registry, stack
+from pipeline.airflow_client import AirflowClient
+from pipeline.bootstrap import bootstrap
+from pipeline.runtime import runtime
+from pipeline.simulate import Simulator
+from pipeline.traffic import flush, send_day
+from tests.helpers import free_port, make_settings
+
+pytestmark = pytest.mark.slow
+DAG = "flywheel_nightly"
+SIM = Simulator(seed=11, rows_per_day=600, horizon_days=10)
+BAD_ROWS = 7
+
+
+@pytest.fixture(scope="module")
+def loop(tmp_path_factory):
+    home = tmp_path_factory.mktemp("e2e-home")
+    port = free_port()
+    airflow_port = free_port()
+    s = make_settings(home, port, serving_port=free_port(), airflow_port=airflow_port,
+                      airflow_url=f"http://127.0.0.1:{airflow_port}", schedule="none", max_auc_regression=1.0)
+    try:
+        stack.start_mlflow(s)
+        rt = runtime(s)
+        history = home / "history.parquet"
+        SIM.history(3).to_parquet(history)
+        bootstrap(history, rt)
+        stack.start_server(s)
+        stack.start_airflow(s)
+        af = AirflowClient(s.airflow_url, s.airflow_user, stack.airflow_password(s))
+        af.wait_for_dag(DAG, timeout=180)
+        af.unpause(DAG)
+        yield s, rt, af
+    finally:
+        stack.stop_all(s)
+
+
+def _send(s, rt, index: int) -> int:
+    url = s.resolved_serving_url()
+    day = SIM.day(index)
+    bad = day.head(BAD_ROWS).copy()
+    bad["price"] = -1.0  # passes the request schema (a number) but violates the spec's range: quarantined
+    sent = send_day(url, day, rt.spec.feature_names)
+    sent_bad = send_day(url, bad, rt.spec.feature_names)
+    assert sent.errors == 0 and sent_bad.errors == 0
+    flush(url, s.resolved_admin_token())
+    return sent.rows + sent_bad.rows
+
+
+def test_nightly_dag_run_collects_quarantines_trains_promotes_and_rolls_out(loop):
+    s, rt, af = loop
+    day = SIM.day_date(3)
+    rows = _send(s, rt, 3)
+
+    run_id = af.trigger(DAG, day)
+    assert af.wait_run(DAG, run_id, timeout=600) == "success", af.task_states(DAG, run_id)
+    states = af.task_states(DAG, run_id)
+    assert set(states.values()) == {"success"}, states
+
+    training = rt.lake.read_manifest("training", day)
+    assert training["rows"] == rows and training["inputs"]["prediction_segments"]
+    quarantine = rt.lake.read_partition("quarantine", day).to_pandas()
+    assert len(quarantine) == BAD_ROWS and (quarantine.price < 0).all()
+    assert quarantine.reason.str.contains("price").all()
+    assert rt.lake.read_manifest("validated", day)["rows"] == rows - BAD_ROWS
+
+    client = rt.client()
+    champion = registry.get_alias(client, rt.model_name, registry.CHAMPION)
+    assert champion.version == "2"
+    assert champion.tags[registry.TAG_PARENT] == "1" and champion.tags[registry.TAG_DAY] == day.isoformat()
+    assert registry.TAG_RUN in champion.tags and "flywheel.metrics" in champion.tags
+    assert registry.get_alias(client, rt.model_name, registry.PREVIOUS).version == "1"
+    assert registry.get_alias(client, rt.model_name, registry.CHALLENGER).version == "2"
+
+    health = httpx.get(f"{s.resolved_serving_url()}/health").json()
+    assert health["model_version"] == "2"
+    assert af.xcom(DAG, run_id, "rollout")["served_version"] == "2"
+    events = af.request("GET", "/api/v2/assets/events").json()["asset_events"]
+    assert any(e["source_dag_id"] == DAG and e["source_run_id"] == run_id and e["name"] == "flywheel_training_day"
+               for e in events)
+
+    # Re-running the day through Airflow (clear + rerun) changes nothing: same rows, same version.
+    r = af.request("POST", f"/api/v2/dags/{DAG}/clearTaskInstances",
+                   json={"dag_run_id": run_id, "dry_run": False, "only_failed": False, "reset_dag_runs": True})
+    assert r.status_code == 200, r.text
+    time.sleep(2)
+    assert af.wait_run(DAG, run_id, timeout=600) == "success", af.task_states(DAG, run_id)
+    versions = client.search_model_versions(f"name = '{rt.model_name}'")
+    assert sorted(int(v.version) for v in versions) == [1, 2]
+    assert rt.lake.read_manifest("training", day)["rows"] == rows
+
+
+def test_a_day_without_logs_fails_with_a_clear_message_and_trains_nothing(loop):
+    s, rt, af = loop
+    day = SIM.day_date(3) + timedelta(days=30)
+    run_id = af.trigger(DAG, day)
+    assert af.wait_run(DAG, run_id, timeout=300) == "failed"
+    states = af.task_states(DAG, run_id)
+    assert states["collect"] == "failed" and states["train"] in ("upstream_failed", None)
+    log = af.request("GET", f"/api/v2/dags/{DAG}/dagRuns/{run_id}/taskInstances/collect/logs/1",
+                     params={"full_content": True}, headers={"Accept": "application/x-ndjson"}).text
+    assert f"no prediction log for {day}" in log
