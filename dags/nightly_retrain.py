@@ -27,7 +27,7 @@ TRAINING_DAY = Asset(name="flywheel_training_day", uri="file:///flywheel/lake/tr
 @dag(
     dag_id="flywheel_nightly",
     schedule=t.schedule(),
-    start_date=pendulum.datetime(2024, 1, 1, tz="UTC"),
+    start_date=pendulum.datetime(1970, 1, 2, tz="UTC"),  # any historical day may be triggered or backfilled
     catchup=False,
     max_active_runs=1,
     tags=["flywheel", "training"],

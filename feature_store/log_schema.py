@@ -41,7 +41,7 @@ def feedback_schema() -> pa.Schema:
             pa.field("request_id", pa.string(), nullable=False),
             pa.field("row", pa.int32(), nullable=False),
             pa.field("label", pa.float64(), nullable=False),
-            pa.field("label_time", TS, nullable=False),
+            pa.field("label_time", TS),  # the client's own time of the outcome; null when it did not say
             pa.field("received_at", TS, nullable=False),
         ]
     )

@@ -16,6 +16,29 @@ import pandas as pd
 OOV = 0
 
 
+def canonical(values: pd.Series) -> pd.Series:
+    """Category values as the strings the vocabulary keys on: integral numbers lose their '.0' (an id column
+    that went through float in Parquet or JSON is still the same id), missing stays missing."""
+    if pd.api.types.is_bool_dtype(values):
+        return values.map(lambda v: None if pd.isna(v) else ("true" if v else "false")).astype("string")
+    if pd.api.types.is_float_dtype(values):
+        integral = values.notna() & (values == values.round())
+        out = values.astype("string")
+        out[integral] = values[integral].astype("int64").astype("string")
+        return out
+    if pd.api.types.infer_dtype(values, skipna=True) not in ("string", "empty"):
+        return values.map(lambda v: None if pd.isna(v) else canonical_value(v)).astype("string")
+    return values.astype("string")
+
+
+def canonical_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
 class Vocabulary:
     def __init__(self, ids: dict[str, int] | None = None, pending: dict[str, int] | None = None) -> None:
         self.ids: dict[str, int] = dict(ids or {})
@@ -28,12 +51,12 @@ class Vocabulary:
 
     def encode(self, values: pd.Series | Iterable[object]) -> np.ndarray:
         s = values if isinstance(values, pd.Series) else pd.Series(list(values), dtype="object")
-        return s.astype("string").map(self.ids).fillna(OOV).to_numpy(dtype=np.int64)
+        return canonical(s).map(self.ids).fillna(OOV).to_numpy(dtype=np.int64)
 
     def update(self, values: pd.Series | Iterable[object], min_count: int) -> list[str]:
         """Count sightings and admit values that reached `min_count`; returns the admitted values in id order."""
         s = values if isinstance(values, pd.Series) else pd.Series(list(values), dtype="object")
-        counts = s.dropna().astype("string").value_counts()
+        counts = canonical(s.dropna()).value_counts()
         added: list[str] = []
         for value in sorted(counts.index):
             if value in self.ids:

@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel
 
 from feature_store.spec import FeatureSpec, FeatureType
+from feature_store.vocab import canonical
 from pipeline import registry
 from pipeline.metrics import scores_valid, summary
 from pipeline.model import ModelBundle
@@ -38,6 +39,15 @@ class BootstrapResult(BaseModel):
     last_day: str
     holdout: dict[str, float | None]
     reused: bool
+
+
+def to_utc(values: pd.Series) -> pd.Series:
+    """Event times as UTC timestamps; naive times are taken as UTC, numbers as epoch s/ms/us/ns by magnitude."""
+    if pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values):
+        magnitude = values.abs().median() if len(values) else 0
+        unit = "s" if magnitude < 1e11 else "ms" if magnitude < 1e14 else "us" if magnitude < 1e17 else "ns"
+        return pd.to_datetime(values, unit=unit, utc=True, errors="coerce")
+    return pd.to_datetime(values, utc=True, errors="coerce", format="mixed")
 
 
 def read_history(path: Path, spec: FeatureSpec) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -59,8 +69,8 @@ def read_history(path: Path, spec: FeatureSpec) -> tuple[pd.DataFrame, pd.DataFr
         if f.type is FeatureType.NUMERIC:
             out[name] = pd.to_numeric(df[name], errors="coerce").astype("float64")
         else:
-            out[name] = df[name].astype("string").astype(object).where(df[name].notna(), None)
-    out[spec.event_time] = pd.to_datetime(df[spec.event_time], utc=True, errors="coerce")
+            out[name] = canonical(df[name]).astype(object).where(df[name].notna(), None)
+    out[spec.event_time] = to_utc(df[spec.event_time])
     out[spec.label.name] = pd.to_numeric(df[spec.label.name], errors="coerce").astype("float64")
     reasons = pd.Series("", index=df.index)
     reasons[out[spec.event_time].isna()] += "event time missing or unparsable; "

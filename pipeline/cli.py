@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 from pathlib import Path
 from typing import Annotated
@@ -13,6 +12,7 @@ from pydantic import BaseModel
 from rich.console import Console
 
 from pipeline.config import get_settings
+from pipeline.logs import setup_logging
 from pipeline.runtime import StageError
 
 app = typer.Typer(help="Flywheel: keep a production model fresh, one night at a time.", no_args_is_help=True)
@@ -34,10 +34,7 @@ def main(
     if spec:
         os.environ["FLYWHEEL_SPEC_PATH"] = str(spec.resolve())
     get_settings.cache_clear()
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format='{"time":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s","msg":"%(message)s"}')
-    for noisy in ("httpx", "matplotlib", "great_expectations"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    setup_logging(verbose)
 
 
 def _emit(result: BaseModel | dict) -> None:

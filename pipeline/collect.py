@@ -47,10 +47,34 @@ def _read_segments(rt: Runtime, stream: str, days: list[date], schema: pa.Schema
     return (pa.concat_tables(tables) if tables else schema.empty_table()), consumed
 
 
+def _feedback_days(day: date, served_at: pd.Series, window: timedelta) -> list[date]:
+    """Feedback partitions that can hold labels for day D's predictions: by the label's own time (D .. D+window)
+    and by when the server received it (served dates .. +window, which is where replayed history lands)."""
+    span = math.ceil(window / timedelta(days=1)) + 1
+    starts = {day, *pd.to_datetime(served_at).dt.date.unique()}
+    return sorted({d + timedelta(days=i) for d in starts for i in range(span)})
+
+
+def _flush_server(rt: Runtime) -> None:
+    """Ask the model server to seal its spools so rows logged moments ago are collected today, not lost to a
+    later day. Best effort: without a reachable server, sealed segments are all there is."""
+    import httpx
+
+    s = rt.settings
+    if not s.collect_flushes_server:
+        return
+    try:
+        httpx.post(f"{s.resolved_serving_url()}/admin/flush", timeout=30,
+                   headers={"Authorization": f"Bearer {s.resolved_admin_token()}"}).raise_for_status()
+    except httpx.HTTPError as e:
+        log.warning("could not flush the model server before collecting (%s); using sealed segments only", e)
+
+
 def collect(day: str | date, rt: Runtime | None = None) -> CollectResult:
     rt = rt or runtime()
     day = parse_day(day)
     spec = rt.spec
+    _flush_server(rt)
     preds, pred_segs = _read_segments(rt, PREDICTIONS, [day], prediction_schema(spec))
     if preds.num_rows == 0:
         raise NoDataError(
@@ -58,9 +82,6 @@ def collect(day: str | date, rt: Runtime | None = None) -> CollectResult:
             "for this day (is traffic reaching it, and were its spools sealed?). Refusing to train on nothing."
         )
     window = spec.label.attribution_window
-    fb_days = [day + timedelta(days=i) for i in range(math.ceil(window / timedelta(days=1)) + 1)]
-    feedback, fb_segs = _read_segments(rt, FEEDBACK, fb_days, feedback_schema())
-
     p = preds.to_pandas()
     before = len(p)
     p = p.sort_values(["served_at"], kind="stable").drop_duplicates(["request_id", "row"], keep="first")
@@ -68,12 +89,18 @@ def collect(day: str | date, rt: Runtime | None = None) -> CollectResult:
     et = spec.event_time
     p[et] = p[et].fillna(p["served_at"])
 
+    feedback, fb_segs = _read_segments(rt, FEEDBACK, _feedback_days(day, p["served_at"], window), feedback_schema())
     f = feedback.to_pandas()
     label = spec.label.name
     if len(f):
-        joined = p[["request_id", "row", et]].merge(f[["request_id", "row", "label", "label_time"]],
-                                                   on=["request_id", "row"], how="inner")
-        ok = (joined["label_time"] >= joined[et]) & (joined["label_time"] <= joined[et] + window)
+        joined = p[["request_id", "row", et, "served_at"]].merge(
+            f[["request_id", "row", "label", "label_time", "received_at"]], on=["request_id", "row"], how="inner")
+        # A label's delay is measured on one clock: the client's (its time vs the event time) when it sent one,
+        # else the server's (received vs served). Replaying history through the API thus keeps real delays.
+        delay = (joined["label_time"] - joined[et]).where(joined["label_time"].notna(),
+                                                          joined["received_at"] - joined["served_at"])
+        ok = (delay >= timedelta(0)) & (delay <= window)
+        joined["label_time"] = joined["label_time"].fillna(joined[et] + delay)
         labels = joined[ok].groupby(["request_id", "row"], as_index=False).agg(
             label=("label", "max"), label_time=("label_time", "min"))
     else:

@@ -37,7 +37,8 @@ class Settings(BaseSettings):
 
     schedule: str = Field(default="@daily", description="Nightly DAG cron; 'none' for manual/backfill only.")
     log_flush_interval_ms: int = Field(default=200, ge=10, description="Spool flush interval: the most a SIGKILL loses.")
-    log_seal_interval_s: float = Field(default=30.0, gt=0, description="How often the spool is sealed to Parquet.")
+    log_seal_interval_s: float = Field(default=10.0, gt=0, description="How often the spool is sealed to Parquet.")
+    collect_flushes_server: bool = Field(default=True, description="collect asks the server to seal its spools first.")
     alias_poll_interval_s: float = Field(default=2.0, gt=0)
     max_rows_per_request: int = Field(default=4096, ge=1)
 

@@ -67,7 +67,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     pred_schema, fb_schema = prediction_schema(spec), feedback_schema()
     predictions = SegmentLog("predictions", pred_schema, s.spool_dir, rt.lake, PREDICTIONS,
                              (spec.event_time, "served_at"))
-    feedback = SegmentLog("feedback", fb_schema, s.spool_dir, rt.lake, FEEDBACK, ("label_time",))
+    feedback = SegmentLog("feedback", fb_schema, s.spool_dir, rt.lake, FEEDBACK, ("label_time", "received_at"))
     logs = [predictions, feedback]
     slot = ModelSlot(rt, warmup_frame(spec),
                      on_event=lambda kind, v: (metrics.reloads.labels(kind).inc(),
@@ -153,7 +153,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "request_id": pa.array([i["request_id"] for i in items], pa.string()),
             "row": pa.array([i["row"] for i in items], pa.int32()),
             "label": pa.array([i["label"] for i in items], pa.float64()),
-            "label_time": pa.array([i["label_time"] or now for i in items], ts),
+            "label_time": pa.array([i["label_time"] for i in items], ts),
             "received_at": pa.array([now] * len(items), ts),
         }, schema=fb_schema)
         try:

@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 import pandas as pd
 
 from feature_store.spec import FeatureSpec, FeatureType
+from feature_store.vocab import canonical_value
 
 
 class RequestError(ValueError):
@@ -61,9 +62,10 @@ def parse_rows(body: object, spec: FeatureSpec, max_rows: int) -> tuple[dict[str
                     raise RequestError(f"{where}: expected a number, got {type(v).__name__}")
                 v = float(v)
             else:
-                if isinstance(v, bool) or not isinstance(v, str | int):
-                    raise RequestError(f"{where}: expected a string (or integer id), got {type(v).__name__}")
-                v = str(v)
+                if not isinstance(v, str | int | float):
+                    raise RequestError(f"{where}: expected a string (or a number used as an id), "
+                                       f"got {type(v).__name__}")
+                v = canonical_value(v)
             cols[name].append(v)
         t = row.get(spec.event_time)
         times.append(None if t is None else _parse_time(t, f"rows[{i}].{spec.event_time}"))

@@ -4,7 +4,7 @@ knows these column names."""
 from __future__ import annotations
 
 import uuid
-from datetime import date, timedelta
+from datetime import UTC, date, datetime, timedelta
 
 import pandas as pd
 import pyarrow as pa
@@ -24,25 +24,30 @@ pytestmark = pytest.mark.integration
 DAY = date(2026, 3, 10)
 
 
-def log_day(rt, frame: pd.DataFrame, label_delay=timedelta(hours=5), lost_every=10, late_every=13) -> dict:
+def log_day(rt, frame: pd.DataFrame, label_delay=timedelta(hours=5), lost_every=10, late_every=13,
+            replay: bool = False) -> dict:
     """Write a day as the server would: prediction rows with scores, then feedback through the log sink.
     Every `lost_every`-th label never arrives; every `late_every`-th arrives after the 2-day window."""
     spec = rt.spec
     ps, fs = prediction_schema(spec), feedback_schema()
     preds = SegmentLog("predictions", ps, rt.settings.spool_dir, rt.lake, PREDICTIONS, (spec.event_time,))
-    fb = SegmentLog("feedback", fs, rt.settings.spool_dir, rt.lake, FEEDBACK, ("label_time",))
+    fb = SegmentLog("feedback", fs, rt.settings.spool_dir, rt.lake, FEEDBACK, ("label_time", "received_at"))
     n = len(frame)
     ids = [uuid.uuid4().hex for _ in range(n)]
-    served = frame[spec.event_time].tolist()
-    cols = {"request_id": ids, "row": [0] * n, "served_at": served, spec.event_time: served,
+    events = frame[spec.event_time].tolist()
+    now = datetime.now(UTC)
+    served = [now + timedelta(milliseconds=i) for i in range(n)] if replay else events
+    cols = {"request_id": ids, "row": [0] * n, "served_at": served, spec.event_time: events,
             "model_version": ["1"] * n, "score": [0.3] * n, **{c: frame[c].tolist() for c in spec.feature_names}}
     preds.append(pa.RecordBatch.from_pydict(cols, schema=ps))
     keep = [i for i in range(n) if i % lost_every]
-    when = [served[i] + (spec.label.attribution_window + timedelta(hours=1) if i % late_every == 0 else label_delay)
+    when = [events[i] + (spec.label.attribution_window + timedelta(hours=1) if i % late_every == 0 else label_delay)
             for i in keep]
+    received = [served[i] + (w - events[i]) for i, w in zip(keep, when, strict=True)]
     fb.append(pa.RecordBatch.from_pydict({
         "request_id": [ids[i] for i in keep], "row": [0] * len(keep),
-        "label": [float(frame.defaulted.iloc[i]) for i in keep], "label_time": when, "received_at": when,
+        "label": [float(frame.defaulted.iloc[i]) for i in keep],
+        "label_time": [None] * len(keep) if replay else when, "received_at": received,
     }, schema=fs))
     preds.seal()
     fb.seal()
@@ -109,3 +114,15 @@ def test_gate_blocks_a_mostly_bad_day_but_keeps_its_rows(rt):
     q = rt.lake.read_partition(QUARANTINE, DAY)
     assert q.num_rows >= 100 and rt.lake.read_manifest(VALIDATED, DAY) is None
     assert q.num_rows < collected.rows
+
+
+def test_replayed_history_with_untimed_feedback_keeps_real_label_delays(rt):
+    """A historical day replayed through the API today: rows carry their old event time, feedback carries no
+    time of its own. Delays are then measured on the server's clock, so in-window labels still count."""
+    frame = loans_frame(DAY, 300, seed=4)
+    logged = log_day(rt, frame, replay=True)
+    result = collect(DAY, rt)
+    assert result.rows == logged["in_window"] and result.feedback_segments >= 1
+    training = rt.lake.read_partition("training", DAY).to_pandas()
+    assert (training.applied_at.dt.date == DAY).all()
+    assert training.defaulted.sum() == sum(frame.defaulted.iloc[i] for i in range(300) if i % 10 and i % 13)

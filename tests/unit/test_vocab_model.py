@@ -69,3 +69,9 @@ def test_refuses_to_train_on_nothing():
     spec, frame, bundle = _bundle()
     with pytest.raises(ValueError, match="zero rows"):
         fit(bundle, frame.iloc[:0], "defaulted", epochs=1, batch_size=8, lr=1e-2, seed=0)
+
+
+def test_category_values_are_canonical_across_types():
+    v = Vocabulary()
+    v.update(pd.Series([7.0, 7.0, 8.5]), min_count=1)
+    assert v.encode([7, "7", 7.0, 8.5, None]).tolist() == [1, 1, 1, 2, OOV]
