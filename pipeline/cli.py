@@ -58,8 +58,12 @@ def serve() -> None:
     from serving.app import create_app
 
     s = get_settings()
-    uvicorn.run(create_app(s), host=s.serving_host, port=s.serving_port, log_level="warning",
-                timeout_graceful_shutdown=30)
+    common = dict(host=s.serving_host, port=s.serving_port, log_level="warning", timeout_graceful_shutdown=30,
+                  limit_concurrency=s.max_concurrency, access_log=False)
+    if s.serving_workers > 1:
+        uvicorn.run("serving.app:create_app", factory=True, workers=s.serving_workers, **common)
+    else:
+        uvicorn.run(create_app(s), **common)
 
 
 @app.command()
@@ -116,6 +120,50 @@ def rollout() -> None:
     from pipeline.promote import rollout as stage
 
     _run(stage)
+
+
+@app.command()
+def rollback(
+    reason: Annotated[str, typer.Option(help="Why; recorded on both versions.")] = "manual rollback (CLI)",
+    expected_champion: Annotated[str | None, typer.Option(help="Refuse unless this version is still champion.")]
+    = None,
+) -> None:
+    """Restore the 'previous' champion as 'champion' in one step (the server follows the alias)."""
+    from pipeline.rollback import rollback as stage
+
+    _run(stage, reason, expected_champion)
+
+
+@app.command()
+def approve(
+    version: Annotated[str, typer.Option(help="Model version waiting for review.")],
+    by: Annotated[str | None, typer.Option(help="Reviewer name (default: your user).")] = None,
+    note: str = "",
+) -> None:
+    """Review mode: approve VERSION; the waiting nightly run then promotes it."""
+    from pipeline.review import APPROVED, decide
+
+    _run(decide, version, APPROVED, by, note)
+
+
+@app.command()
+def reject(
+    version: Annotated[str, typer.Option(help="Model version waiting for review.")],
+    by: Annotated[str | None, typer.Option(help="Reviewer name (default: your user).")] = None,
+    note: str = "",
+) -> None:
+    """Review mode: reject VERSION; the waiting nightly run then leaves the champion as it is."""
+    from pipeline.review import REJECTED, decide
+
+    _run(decide, version, REJECTED, by, note)
+
+
+@app.command("online-eval")
+def online_eval(day: Day) -> None:
+    """Compare the champion with 'previous' on the live rows it served up to D; roll back if worse."""
+    from pipeline.online_eval import online_eval as stage
+
+    _run(stage, day)
 
 
 @app.command()

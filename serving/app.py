@@ -1,66 +1,56 @@
 """The model server's routes. Scores with the slot's current model, logs every scored row before answering,
-and refuses (503) to serve predictions it cannot log."""
+and refuses (503) to serve predictions it cannot log. Flywheel's own `/predict`, MLflow's `/invocations` and
+the Open Inference Protocol's `/v2/models/{name}/infer` share one validation, scoring and logging path."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import logging
+import os
 import time
 import uuid
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 
 import orjson
-import pandas as pd
 import pyarrow as pa
+import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    generate_latest,
-)
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from feature_store.log_schema import FEEDBACK, PREDICTIONS, feedback_schema, prediction_schema
+from pipeline import registry
 from pipeline.config import Settings, get_settings
 from pipeline.runtime import runtime
 from serving.log_sink import Flusher, LogUnavailable, SegmentLog
-from serving.model_slot import ModelSlot
+from serving.metrics import Metrics
+from serving.model_slot import Loaded, ModelSlot
+from serving.protocols import mlflow_to_rows, v2_response, v2_to_rows
 from serving.schema import RequestError, parse_feedback, parse_rows, warmup_frame
+from serving.scoring import Job, Scorer
+from serving.workers import WorkerGroup
 
 log = logging.getLogger("flywheel.serving")
 
 
-class Metrics:
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        self.requests = Counter("flywheel_requests_total", "Requests by route and status", ["route", "status"],
-                                registry=self.registry)
-        self.latency = Histogram("flywheel_request_seconds", "Latency by route", ["route"], registry=self.registry)
-        self.rows = Counter("flywheel_rows_scored_total", "Rows scored by model version", ["model_version"],
-                            registry=self.registry)
-        self.batch = Histogram("flywheel_request_rows", "Rows per predict request", registry=self.registry,
-                               buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096))
-        self.version = Gauge("flywheel_model_version", "Served model version", registry=self.registry)
-        self.reloads = Counter("flywheel_model_reloads_total", "Model reload events", ["outcome"],
-                               registry=self.registry)
-        self.pending = Gauge("flywheel_log_pending_rows", "Rows buffered, not yet in the spool", ["stream"],
-                             registry=self.registry)
-        self.logged = Gauge("flywheel_log_rows_total", "Rows appended to the log since start", ["stream"],
-                            registry=self.registry)
-
-
-def _json(data: object, status: int = 200) -> Response:
+def _json(data: object, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     return Response(orjson.dumps(data, option=orjson.OPT_SERIALIZE_NUMPY), status_code=status,
-                    media_type="application/json")
+                    media_type="application/json", headers=headers)
+
+
+def _bucket(key: str) -> float:
+    """Stable position of an entity in [0, 1): the same user lands on the same side of a canary split."""
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") / 2**64
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     s = settings or get_settings()
+    # Small-batch inference is latency-bound: one intra-op thread per worker avoids oversubscribing the cores.
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // s.serving_workers))
     rt = runtime(s)
     spec = rt.spec
     metrics = Metrics()
@@ -69,83 +59,153 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                              (spec.event_time, "served_at"))
     feedback = SegmentLog("feedback", fb_schema, s.spool_dir, rt.lake, FEEDBACK, ("label_time", "received_at"))
     logs = [predictions, feedback]
-    slot = ModelSlot(rt, warmup_frame(spec),
-                     on_event=lambda kind, v: (metrics.reloads.labels(kind).inc(),
-                                               kind == "swapped" and metrics.version.set(float(v))))
-    flusher = Flusher(logs, s.log_flush_interval_ms / 1000, s.log_seal_interval_s)
+
+    def on_event(kind: str, version: str, alias: str) -> None:
+        metrics.reloads.labels(kind, alias).inc()
+        if kind == "swapped":
+            metrics.version.labels(alias).set(float(version))
+
+    champion = ModelSlot(rt, warmup_frame(spec), on_event=on_event)
+    challenger = ModelSlot(rt, warmup_frame(spec), on_event=on_event, alias=registry.CHALLENGER) \
+        if s.canary_share > 0 else None
+    slots = [x for x in (champion, challenger) if x is not None]
+    workers = WorkerGroup(s.spool_dir / "workers")
+    flusher = Flusher(logs, s.log_flush_interval_ms / 1000, s.log_seal_interval_s,
+                      on_tick=lambda: workers.answer_flush_request(lambda: [lg.seal() for lg in logs]))
+    scorer = Scorer(spec, predictions if s.log_predictions else None, s.max_batch_rows,
+                    on_batch=lambda rows, jobs: metrics.microbatch.observe(rows))
     admin_token = s.resolved_admin_token()
+    api_tokens = [t.encode() for t in s.api_tokens]
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        workers.join()
         for lg in logs:
             recovered = lg.recover()
             if recovered:
-                log.warning("recovered %d %s rows from spools of a previous process", recovered, lg.stream)
-        await asyncio.to_thread(slot.refresh)
-        slot.start(s.alias_poll_interval_s)
+                log.warning("recovered rows from spools of a previous process",
+                            extra={"stream": lg.stream, "rows": recovered})
+        for slot in slots:
+            await asyncio.to_thread(slot.refresh)
+            slot.start(s.alias_poll_interval_s)
         flusher.start()
         yield
-        slot.stop()
+        for slot in slots:
+            slot.stop()
         flusher.stop()
+        workers.leave()
 
-    app = FastAPI(title="Flywheel model server", version="0.1.0", lifespan=lifespan)
-    app.state.slot, app.state.logs = slot, logs
+    app = FastAPI(title="Flywheel model server", version="0.1.0", lifespan=lifespan,
+                  description=f"Scores rows of the feature spec '{spec.name}' with {rt.model_name}@champion.")
+    app.state.slot, app.state.logs = champion, logs
 
-    def authorized(request: Request) -> bool:
-        got = request.headers.get("authorization", "")
-        return hmac.compare_digest(got.encode(), f"Bearer {admin_token}".encode())
+    def bearer(request: Request) -> bytes:
+        return request.headers.get("authorization", "").removeprefix("Bearer ").encode()
+
+    def admin_ok(request: Request) -> bool:
+        return hmac.compare_digest(bearer(request), admin_token.encode())
+
+    def api_ok(request: Request) -> bool:
+        if not api_tokens:
+            return True
+        got = bearer(request)
+        return any(hmac.compare_digest(got, t) for t in api_tokens)
 
     async def body_json(request: Request) -> object:
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > s.max_body_bytes:
+            raise RequestError(f"body: {declared} bytes exceed the limit of {s.max_body_bytes}", status=413)
         raw = await request.body()
+        if len(raw) > s.max_body_bytes:
+            raise RequestError(f"body: {len(raw)} bytes exceed the limit of {s.max_body_bytes}", status=413)
         try:
             return orjson.loads(raw)
         except orjson.JSONDecodeError as e:
             raise RequestError(f"body: not valid JSON ({e})") from e
+
+    def route(cols: dict[str, list]) -> Loaded | None:
+        if challenger is not None and challenger.current is not None and spec.sticky_key:
+            if _bucket(str(cols[spec.sticky_key][0])) < s.canary_share:
+                return challenger.current
+        return champion.current
+
+    async def score(route_name: str, request: Request, rows_of: Callable[[object], tuple[object, str | None]],
+                    respond: Callable[[Job, list[float]], object]) -> Response:
+        start = time.perf_counter()
+        if not api_ok(request):
+            metrics.requests.labels(route_name, "401").inc()
+            return _json({"detail": "a valid API token is required (Authorization: Bearer ...)"}, 401)
+        body, request_id = rows_of(await body_json(request))
+        cols, times = parse_rows(body, spec, s.max_rows_per_request)
+        loaded = route(cols)
+        if loaded is None:
+            metrics.requests.labels(route_name, "503").inc()
+            return _json({"detail": f"no model loaded: {champion.last_error}"}, 503, {"Retry-After": "5"})
+        n = len(times)
+        job = Job(loaded, cols, times, n, request_id or uuid.uuid4().hex)
+        try:
+            scores = await scorer.submit(job)
+        except LogUnavailable as e:
+            metrics.requests.labels(route_name, "503").inc()
+            return _json({"detail": f"prediction log unavailable, not serving unlogged predictions: {e}"}, 503)
+        metrics.rows.labels(loaded.version).inc(n)
+        metrics.batch.observe(n)
+        metrics.requests.labels(route_name, "200").inc()
+        metrics.latency.labels(route_name).observe(time.perf_counter() - start)
+        return _json(respond(job, scores.tolist()))
+
+    def own_rows(body: object) -> tuple[object, str | None]:
+        request_id = body.get("request_id") if isinstance(body, dict) else None
+        if request_id is not None and (not isinstance(request_id, str) or not request_id):
+            raise RequestError("request_id: expected a non-empty string")
+        return body, request_id
 
     @app.exception_handler(RequestError)
     async def request_error(request: Request, exc: RequestError) -> JSONResponse:
         metrics.requests.labels(request.url.path, str(exc.status)).inc()
         return JSONResponse({"detail": str(exc)}, status_code=exc.status)
 
-    @app.post("/predict")
+    @app.post("/predict", summary="Score rows of the feature spec; every scored row is logged")
     async def predict(request: Request) -> Response:
-        start = time.perf_counter()
-        body = await body_json(request)
-        cols, times = parse_rows(body, spec, s.max_rows_per_request)
-        loaded = slot.current
-        if loaded is None:
-            metrics.requests.labels("/predict", "503").inc()
-            return _json({"detail": f"no model loaded: {slot.last_error}"}, 503)
-        frame = pd.DataFrame(cols)
-        scores = await asyncio.to_thread(loaded.bundle.predict, frame)
-        request_id = body.get("request_id") or uuid.uuid4().hex
-        if not isinstance(request_id, str):
-            raise RequestError("request_id: expected a string")
-        now = datetime.now(UTC)
-        n = len(frame)
-        arrays = {
-            "request_id": pa.array([request_id] * n, pa.string()),
-            "row": pa.array(range(n), pa.int32()),
-            "served_at": pa.array([now] * n, pred_schema.field("served_at").type),
-            spec.event_time: pa.array(times, pred_schema.field(spec.event_time).type),
-            "model_version": pa.array([loaded.version] * n, pa.string()),
-            "score": pa.array(scores, pa.float64()),
-        }
-        for name in spec.features:
-            arrays[name] = pa.array(cols[name], pred_schema.field(name).type)
-        try:
-            predictions.append(pa.RecordBatch.from_pydict(arrays, schema=pred_schema))
-        except LogUnavailable as e:
-            metrics.requests.labels("/predict", "503").inc()
-            return _json({"detail": f"prediction log unavailable, not serving unlogged predictions: {e}"}, 503)
-        metrics.rows.labels(loaded.version).inc(n)
-        metrics.batch.observe(n)
-        metrics.requests.labels("/predict", "200").inc()
-        metrics.latency.labels("/predict").observe(time.perf_counter() - start)
-        return _json({"request_id": request_id, "model_version": loaded.version, "scores": scores})
+        return await score("/predict", request, own_rows, lambda job, scores: {
+            "request_id": job.request_id, "model_version": job.loaded.version, "scores": scores})
 
-    @app.post("/feedback")
+    @app.post("/invocations", summary="MLflow scoring protocol (dataframe_split, dataframe_records, inputs)")
+    async def invocations(request: Request) -> Response:
+        return await score("/invocations", request, lambda b: ({"rows": mlflow_to_rows(b)}, None),
+                           lambda job, scores: {"predictions": scores})
+
+    @app.post("/v2/models/{name}/infer", summary="Open Inference Protocol v2")
+    async def v2_infer(name: str, request: Request) -> Response:
+        if name != rt.model_name:
+            return _json({"error": f"unknown model {name!r}; this server serves {rt.model_name!r}"}, 404)
+        holder: dict[str, str | None] = {}
+
+        def rows_of(body: object) -> tuple[object, str | None]:
+            holder["id"] = body.get("id") if isinstance(body, dict) else None
+            return {"rows": v2_to_rows(body)}, None
+
+        return await score("/v2/infer", request, rows_of, lambda job, scores: v2_response(
+            rt.model_name, job.loaded.version, holder.get("id") or job.request_id, scores))
+
+    @app.get("/v2/models/{name}", summary="Open Inference Protocol v2 model metadata")
+    async def v2_metadata(name: str) -> Response:
+        if name != rt.model_name:
+            return _json({"error": f"unknown model {name!r}"}, 404)
+        loaded = champion.current
+        inputs = [{"name": n, "datatype": "FP64" if f.type.value == "numeric" else "BYTES", "shape": [-1]}
+                  for n, f in spec.features.items()]
+        return _json({"name": rt.model_name, "versions": [loaded.version] if loaded else [], "platform": "flywheel",
+                      "inputs": inputs, "outputs": [{"name": "score", "datatype": "FP64", "shape": [-1]}]})
+
+    @app.get("/v2/health/ready")
+    async def v2_ready() -> Response:
+        return await ready()
+
+    @app.post("/feedback", status_code=202, summary="Labels for earlier predictions (one object or a list)")
     async def post_feedback(request: Request) -> Response:
+        if not api_ok(request):
+            return _json({"detail": "a valid API token is required (Authorization: Bearer ...)"}, 401)
         items = parse_feedback(await body_json(request))
         now = datetime.now(UTC)
         ts = fb_schema.field("label_time").type
@@ -166,12 +226,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/health")
     async def health() -> Response:
-        loaded = slot.current
+        loaded = champion.current
         return _json({
             "status": "ok" if loaded and not any(lg.error for lg in logs) else "degraded",
             "model_name": rt.model_name,
             "model_version": loaded.version if loaded else None,
-            "last_error": slot.last_error,
+            "challenger_version": challenger.current.version if challenger and challenger.current else None,
+            "canary_share": s.canary_share,
+            "last_error": champion.last_error,
             "log": {lg.stream: {"appended": lg.rows_appended, "sealed": lg.rows_sealed, "error": lg.error}
                     for lg in logs},
         })
@@ -179,33 +241,39 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.get("/health/ready")
     async def ready() -> Response:
         problems = [lg.error for lg in logs if lg.error]
-        if slot.current is None:
-            problems.append(f"no model loaded: {slot.last_error}")
+        if champion.current is None:
+            problems.append(f"no model loaded: {champion.last_error}")
         return _json({"ready": not problems, "problems": problems}, 200 if not problems else 503)
+
+    @app.get("/health/live")
+    async def live() -> Response:
+        return _json({"live": True})
 
     @app.get("/metrics")
     async def prom() -> Response:
-        for lg in logs:
-            metrics.pending.labels(lg.stream).set(lg.pending_rows)
-            metrics.logged.labels(lg.stream).set(lg.rows_appended)
+        metrics.observe_logs(logs, scorer.queued_rows)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.post("/admin/reload")
+    @app.post("/admin/reload", summary="Check the registry aliases now (admin token)")
     async def reload(request: Request) -> Response:
-        if not authorized(request):
+        if not admin_ok(request):
             return _json({"detail": "admin token required (Authorization: Bearer ...)"}, 401)
-        version = await asyncio.to_thread(slot.refresh)
-        return _json({"model_version": version, "last_error": slot.last_error})
+        versions = {slot.alias: await asyncio.to_thread(slot.refresh) for slot in slots}
+        return _json({"model_version": versions[registry.CHAMPION], "versions": versions,
+                      "last_error": champion.last_error})
 
-    @app.post("/admin/flush")
+    @app.post("/admin/flush", summary="Seal every worker's spools into Parquet segments now (admin token)")
     async def flush(request: Request) -> Response:
-        """Seal the spools now: used before collecting a day that just ended, instead of waiting a seal interval."""
-        if not authorized(request):
+        """Used before collecting a day that just ended, instead of waiting a seal interval."""
+        if not admin_ok(request):
             return _json({"detail": "admin token required (Authorization: Bearer ...)"}, 401)
         try:
             sealed = {lg.stream: await asyncio.to_thread(lg.seal) for lg in logs}
+            acked, missing = await asyncio.to_thread(workers.request_flush, 10 * s.log_flush_interval_ms / 1000 + 5)
         except (LogUnavailable, OSError) as e:
             return _json({"detail": f"sealing failed: {e}"}, 503)
-        return _json({"sealed": sealed})
+        if missing:
+            return _json({"detail": f"workers {missing} did not seal in time", "sealed": sealed}, 503)
+        return _json({"sealed": sealed, "workers": acked})
 
     return app

@@ -44,8 +44,11 @@ class SegmentLog:
         self.stream, self.schema, self.lake, self.lake_dir = stream, schema, lake, lake_dir
         self.partition_columns = partition_columns
         self.spool_dir = spool_dir
-        self._lock = threading.Lock()
+        self._buf_lock = threading.Lock()  # guards the in-memory buffers; held for microseconds
+        self._io_lock = threading.Lock()  # serialises spool writes and sealing; never taken by append
         self._pending: list[pa.RecordBatch] = []
+        self._columns: dict[str, list] = {name: [] for name in schema.names}
+        self._column_rows = 0
         self._file = None
         self._writer: pa.ipc.RecordBatchStreamWriter | None = None
         self._spool_path: Path | None = None
@@ -65,44 +68,72 @@ class SegmentLog:
     def append(self, batch: pa.RecordBatch) -> None:
         if self.error:
             raise LogUnavailable(self.error)
-        with self._lock:
+        with self._buf_lock:
             self._pending.append(batch)
             self.rows_appended += batch.num_rows
 
+    def append_columns(self, columns: dict[str, list], rows: int) -> None:
+        """Buffer plain Python columns; they become one Arrow batch per flush, which is far cheaper per row than
+        building a batch per request on the serving path."""
+        if self.error:
+            raise LogUnavailable(self.error)
+        with self._buf_lock:
+            for name, buf in self._columns.items():
+                buf.extend(columns[name])
+            self._column_rows += rows
+            self.rows_appended += rows
+
     @property
     def pending_rows(self) -> int:
-        return sum(b.num_rows for b in self._pending)
+        return sum(b.num_rows for b in self._pending) + self._column_rows
+
+    def _take(self) -> list[pa.RecordBatch]:
+        with self._buf_lock:
+            batches, self._pending = self._pending, []
+            if self._column_rows:
+                columns = self._columns
+                self._columns = {name: [] for name in self.schema.names}
+                self._column_rows = 0
+            else:
+                columns = None
+        if columns is not None:
+            batches.append(pa.RecordBatch.from_pydict(
+                {f.name: pa.array(columns[f.name], f.type) for f in self.schema}, schema=self.schema))
+        return batches
 
     def flush(self) -> None:
-        with self._lock:
-            self._flush_locked()
+        with self._io_lock:
+            self._flush_io()
 
-    def _flush_locked(self) -> None:
-        if not self._pending:
+    def _flush_io(self) -> None:
+        batches = self._take()
+        if not batches:
             return
         try:
             if self._writer is None:
                 self._open()
-            for b in self._pending:
+            for b in batches:
                 self._writer.write_batch(b)
             self._file.flush()
             os.fsync(self._file.fileno())
-            self._pending.clear()
             self.error = None
         except OSError as e:
+            with self._buf_lock:  # keep the rows: they are written once the spool works again
+                self._pending[:0] = batches
+            if self._writer is not None and self._spool_path is not None and not self._spool_path.exists():
+                self._writer = self._file = self._spool_path = None
             self.error = f"{self.stream} spool not writable: {e}"
             log.error("spool flush failed", extra={"stream": self.stream, "error": str(e)})
             raise LogUnavailable(self.error) from e
 
     def seal(self) -> int:
         """Flush, close the current spool and turn it into Parquet segments; returns rows sealed."""
-        with self._lock:
-            self._flush_locked()
+        with self._io_lock:
+            self._flush_io()
             if self._writer is None:
                 return 0
             self._writer.close()
-            path = self._spool_path
-            f = self._file
+            path, f = self._spool_path, self._file
             self._writer = self._file = self._spool_path = None
             try:
                 return self._seal_file(path)
@@ -159,8 +190,10 @@ class Flusher:
     """Background thread: flush every interval, seal every seal interval."""
 
     def __init__(self, logs: list[SegmentLog], flush_s: float, seal_s: float,
-                 on_error: Callable[[Exception], None] | None = None) -> None:
+                 on_error: Callable[[Exception], None] | None = None,
+                 on_tick: Callable[[], None] | None = None) -> None:
         self.logs, self.flush_s, self.seal_s, self.on_error = logs, flush_s, seal_s, on_error
+        self.on_tick = on_tick
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="log-flusher", daemon=True)
         self._last_seal = time.monotonic()
@@ -175,10 +208,17 @@ class Flusher:
                 try:
                     lg.seal() if seal else lg.flush()
                 except Exception as e:  # keep flushing the other logs; the error is surfaced in health
+                    log.error("log flush failed", extra={"stream": lg.stream, "error": str(e)})
                     if self.on_error:
                         self.on_error(e)
             if seal:
                 self._last_seal = time.monotonic()
+            if self.on_tick:
+                try:
+                    self.on_tick()
+                except Exception as e:
+                    if self.on_error:
+                        self.on_error(e)
 
     def stop(self) -> None:
         self._stop.set()

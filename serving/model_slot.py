@@ -26,12 +26,13 @@ class Loaded:
 
 
 class ModelSlot:
-    def __init__(self, rt: Runtime, warmup: pd.DataFrame, on_event=None) -> None:
+    def __init__(self, rt: Runtime, warmup: pd.DataFrame, on_event=None, alias: str = registry.CHAMPION) -> None:
         self.rt = rt
+        self.alias = alias
         self.warmup = warmup
         self.current: Loaded | None = None
         self.last_error: str | None = None
-        self.on_event = on_event or (lambda kind, version: None)
+        self.on_event = on_event or (lambda kind, version, alias: None)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -41,12 +42,14 @@ class ModelSlot:
         with self._lock:
             try:
                 client = self.rt.client()
-                champ = registry.get_alias(client, self.rt.model_name, registry.CHAMPION)
+                champ = registry.get_alias(client, self.rt.model_name, self.alias)
             except Exception as e:  # registry down: keep serving what we have
                 self.last_error = f"registry unreachable: {e}"
                 return self.current.version if self.current else None
             if champ is None:
-                self.last_error = f"no champion alias on {self.rt.model_name} yet"
+                self.last_error = f"no {self.alias} alias on {self.rt.model_name}"
+                if self.alias != registry.CHAMPION:
+                    self.current = None  # an alias removed (challenger retired) stops its traffic
                 return self.current.version if self.current else None
             if self.current and self.current.version == champ.version:
                 return champ.version
@@ -62,13 +65,14 @@ class ModelSlot:
                 self.last_error = f"loading v{champ.version} failed, still serving " \
                                   f"{self.current.version if self.current else 'nothing'}: {e}"
                 log.error(self.last_error)
-                self.on_event("load_failed", champ.version)
+                self.on_event("load_failed", champ.version, self.alias)
                 return self.current.version if self.current else None
             previous = self.current.version if self.current else None
             self.current = Loaded(champ.version, bundle)
             self.last_error = None
-            log.info("model swapped", extra={"from": previous, "to": champ.version})
-            self.on_event("swapped", champ.version)
+            log.info("model swapped", extra={"alias": self.alias, "from_version": previous,
+                                             "to_version": champ.version})
+            self.on_event("swapped", champ.version, self.alias)
             return champ.version
 
     def start(self, interval_s: float) -> None:
@@ -76,7 +80,7 @@ class ModelSlot:
             while not self._stop.wait(interval_s):
                 self.refresh()
 
-        self._thread = threading.Thread(target=loop, name="alias-poller", daemon=True)
+        self._thread = threading.Thread(target=loop, name=f"alias-poller-{self.alias}", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:

@@ -135,7 +135,9 @@ def test_alias_move_swaps_model_under_load_without_failed_requests(server):
     v2 = registry.register(client, rt.model_name, run_id, {registry.TAG_DAY: date(2026, 1, 9).isoformat(),
                                                            "flywheel.gate_passed": "true"})
     assert v2.version == "1", "same run registers once"
-    mv = client.create_model_version(rt.model_name, f"runs:/{run_id}/model", run_id=run_id,
+    run_tags = client.get_run(run_id).data.tags
+    mv = client.create_model_version(rt.model_name, run_tags[registry.TAG_MODEL_URI], run_id=run_id,
+                                     model_id=run_tags[registry.TAG_MODEL_ID],
                                      tags={registry.TAG_BUNDLE: v1.tags[registry.TAG_BUNDLE]})
     registry.set_champion(client, rt.model_name, str(mv.version))
     deadline = time.monotonic() + 20
@@ -148,7 +150,7 @@ def test_alias_move_swaps_model_under_load_without_failed_requests(server):
     assert versions == {"1", str(mv.version)}
     assert statuses and set(statuses) == {200}
     assert httpx.get(f"{url}/health").json()["model_version"] == str(mv.version)
-    assert 'flywheel_model_reloads_total{outcome="swapped"}' in httpx.get(f"{url}/metrics").text
+    assert 'flywheel_model_reloads_total{alias="champion",outcome="swapped"}' in httpx.get(f"{url}/metrics").text
 
 
 def test_sigterm_drains_and_every_answered_request_is_logged(tmp_path, mlflow_server, server):
@@ -189,3 +191,82 @@ def test_sigterm_drains_and_every_answered_request_is_logged(tmp_path, mlflow_se
     assert sorted(set(logged)) == sorted(answered)
     assert len(logged) == 2 * len(answered), "each answered row logged exactly once"
     assert not list(s.spool_dir.glob("*.arrows")), "spool sealed on shutdown"
+
+
+def test_sigkill_loses_at_most_one_flush_interval_and_restart_recovers_without_duplicates(
+        tmp_path, mlflow_server, server):
+    base, _, _ = server
+    s = make_settings(tmp_path / "home", mlflow_server[1], model_name=base.model_name, serving_port=free_port(),
+                      log_flush_interval_ms=100)
+    stack.start_server(s)
+    url = s.resolved_serving_url()
+    while httpx.get(f"{url}/health").json()["model_version"] is None:
+        time.sleep(0.2)
+    answered: dict[str, float] = {}
+    stop = threading.Event()
+
+    def load() -> None:
+        with httpx.Client(base_url=url) as h:
+            while not stop.is_set():
+                try:
+                    r = h.post("/predict", json={"rows": rows(1)})
+                except httpx.HTTPError:
+                    return
+                if r.status_code == 200:
+                    answered[r.json()["request_id"]] = time.monotonic()
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(1.5)
+    pid = int((s.run_dir / "serving.pid").read_text())
+    os.killpg(pid, signal.SIGKILL)
+    killed_at = time.monotonic()
+    stop.set()
+    for t in threads:
+        t.join()
+    (s.run_dir / "serving.pid").unlink()
+    assert list(s.spool_dir.glob("predictions-*.arrows")), "the spool holds what was not sealed yet"
+    stack.start_server(s)  # recovery seals the dead process's spool
+    stack.stop_all(s)
+    logged = logged_ids(s)
+    assert len(logged) == len(set(logged)), "no duplicates after recovery"
+    assert set(logged) <= set(answered), "nothing logged that was not answered"
+    missing = set(answered) - set(logged)
+    window = (s.log_flush_interval_ms / 1000) * 2 + 0.1
+    assert all(killed_at - answered[rid] <= window for rid in missing), "only the last flush interval may be lost"
+    assert len(logged) > 20
+
+
+def test_unwritable_log_turns_predictions_into_503_and_recovers(tmp_path, mlflow_server, server):
+    base, _, _ = server
+    s = make_settings(tmp_path / "home", mlflow_server[1], model_name=base.model_name, serving_port=free_port())
+    stack.start_server(s)
+    url = s.resolved_serving_url()
+    try:
+        while httpx.get(f"{url}/health").json()["model_version"] is None:
+            time.sleep(0.2)
+        assert httpx.post(f"{url}/predict", json={"rows": rows(1)}).status_code == 200
+        assert httpx.post(f"{url}/admin/flush", headers=admin(s)).status_code == 200
+        spool = s.spool_dir
+        moved = spool.with_name("spool-away")
+        spool.rename(moved)
+        spool.write_text("the disk is gone")
+        httpx.post(f"{url}/predict", json={"rows": rows(1)})
+        deadline = time.monotonic() + 5
+        while httpx.post(f"{url}/predict", json={"rows": rows(1)}).status_code != 503:
+            assert time.monotonic() < deadline, "server kept answering without a working log"
+            time.sleep(0.1)
+        r = httpx.post(f"{url}/predict", json={"rows": rows(1)})
+        assert r.status_code == 503 and "log unavailable" in r.json()["detail"]
+        ready = httpx.get(f"{url}/health/ready")
+        assert ready.status_code == 503 and "not writable" in " ".join(ready.json()["problems"])
+        spool.unlink()
+        moved.rename(spool)
+        deadline = time.monotonic() + 5
+        while httpx.get(f"{url}/health/ready").status_code != 200:
+            assert time.monotonic() < deadline, "log never recovered"
+            time.sleep(0.1)
+        assert httpx.post(f"{url}/predict", json={"rows": rows(1)}).status_code == 200
+    finally:
+        stack.stop_all(s)
