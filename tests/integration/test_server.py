@@ -270,3 +270,60 @@ def test_unwritable_log_turns_predictions_into_503_and_recovers(tmp_path, mlflow
         assert httpx.post(f"{url}/predict", json={"rows": rows(1)}).status_code == 200
     finally:
         stack.stop_all(s)
+
+
+def test_protocols_tokens_and_sticky_canary(tmp_path, mlflow_server, server):
+    base, rt, _ = server
+    client = rt.client()
+    champ = registry.get_alias(client, rt.model_name, registry.CHAMPION)
+    tags = client.get_run(champ.run_id).data.tags
+    mv = client.create_model_version(rt.model_name, tags[registry.TAG_MODEL_URI], run_id=champ.run_id,
+                                     model_id=tags[registry.TAG_MODEL_ID],
+                                     tags={registry.TAG_BUNDLE: champ.tags[registry.TAG_BUNDLE]})
+    client.set_registered_model_alias(rt.model_name, registry.CHALLENGER, str(mv.version))
+    s = make_settings(tmp_path / "home", mlflow_server[1], model_name=base.model_name, serving_port=free_port(),
+                      canary_share=0.5, api_tokens=["client-token"])
+    stack.start_server(s)
+    url = s.resolved_serving_url()
+    auth = {"Authorization": "Bearer client-token"}
+    try:
+        while httpx.get(f"{url}/health").json()["challenger_version"] is None:
+            time.sleep(0.2)
+        assert httpx.post(f"{url}/predict", json={"rows": rows(1)}).status_code == 401
+        assert httpx.post(f"{url}/predict", json={"rows": rows(1)}, headers={"Authorization": "Bearer x"}
+                          ).status_code == 401
+
+        recs = rows(3)
+        expected = httpx.post(f"{url}/predict", json={"rows": recs}, headers=auth).json()
+        cols = list(recs[0])
+        split = {"dataframe_split": {"columns": cols, "data": [[r[c] for c in cols] for r in recs]}}
+        for body in (split, {"dataframe_records": recs}, {"inputs": {c: [r[c] for r in recs] for c in cols}}):
+            r = httpx.post(f"{url}/invocations", json=body, headers=auth)
+            assert r.status_code == 200, r.text
+            assert r.json()["predictions"] == pytest.approx(expected["scores"])
+        v2 = {"id": "req-7", "inputs": [{"name": c, "shape": [3], "datatype": "BYTES" if isinstance(recs[0][c], str)
+                                        else "FP64", "data": [r[c] for r in recs]} for c in cols]}
+        r = httpx.post(f"{url}/v2/models/{rt.model_name}/infer", json=v2, headers=auth).json()
+        assert r["id"] == "req-7" and r["outputs"][0]["data"] == pytest.approx(expected["scores"])
+        assert httpx.post(f"{url}/v2/models/other/infer", json=v2, headers=auth).status_code == 404
+        meta = httpx.get(f"{url}/v2/models/{rt.model_name}").json()
+        assert [i["name"] for i in meta["inputs"]] == CTR.feature_names
+        bad = httpx.post(f"{url}/invocations", json={"dataframe_split": {"columns": cols, "data": [[1]]}},
+                         headers=auth)
+        assert bad.status_code == 422 and "dataframe_split.data[0]" in bad.json()["detail"]
+
+        by_user: dict[str, set[str]] = {}
+        for i in range(60):
+            row = {**rows(1)[0], "user_id": f"canary-user-{i % 20}"}
+            v = httpx.post(f"{url}/predict", json={"rows": [row]}, headers=auth).json()["model_version"]
+            by_user.setdefault(row["user_id"], set()).add(v)
+        assert all(len(v) == 1 for v in by_user.values()), "each user sticks to one version"
+        assert {v for vs in by_user.values() for v in vs} == {"1", str(mv.version)}, "both sides get traffic"
+        httpx.post(f"{url}/admin/flush", headers=admin(s))
+        logged = pq.read_table(sorted((s.home_abs / "lake" / PREDICTIONS).rglob("*.parquet"))).to_pandas()
+        canary = logged[logged.user_id.str.startswith("canary-user-")]
+        assert canary.groupby("user_id").model_version.nunique().max() == 1
+        assert set(canary.model_version) == {"1", str(mv.version)}
+    finally:
+        stack.stop_all(s)
+        client.delete_registered_model_alias(rt.model_name, registry.CHALLENGER)
