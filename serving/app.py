@@ -30,7 +30,7 @@ from serving.log_sink import Flusher, LogUnavailable, SegmentLog
 from serving.metrics import Metrics
 from serving.model_slot import Loaded, ModelSlot
 from serving.protocols import mlflow_to_rows, v2_response, v2_to_rows
-from serving.schema import RequestError, parse_feedback, parse_rows, warmup_frame
+from serving.schema import RequestError, openapi_bodies, parse_feedback, parse_rows, warmup_frame
 from serving.scoring import Job, Scorer
 from serving.workers import WorkerGroup
 
@@ -165,7 +165,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         metrics.requests.labels(request.url.path, str(exc.status)).inc()
         return JSONResponse({"detail": str(exc)}, status_code=exc.status)
 
-    @app.post("/predict", summary="Score rows of the feature spec; every scored row is logged")
+    bodies = openapi_bodies(spec, s.max_rows_per_request)
+
+    @app.post("/predict", summary="Score rows of the feature spec; every scored row is logged",
+              openapi_extra=bodies["predict"])
     async def predict(request: Request) -> Response:
         return await score("/predict", request, own_rows, lambda job, scores: {
             "request_id": job.request_id, "model_version": job.loaded.version, "scores": scores})
@@ -202,7 +205,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def v2_ready() -> Response:
         return await ready()
 
-    @app.post("/feedback", status_code=202, summary="Labels for earlier predictions (one object or a list)")
+    @app.post("/feedback", status_code=202, summary="Labels for earlier predictions (one object or a list)",
+              openapi_extra=bodies["feedback"])
     async def post_feedback(request: Request) -> Response:
         if not api_ok(request):
             return _json({"detail": "a valid API token is required (Authorization: Bearer ...)"}, 401)

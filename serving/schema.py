@@ -18,16 +18,16 @@ class RequestError(ValueError):
 
 
 def _parse_time(value: object, where: str) -> datetime:
-    if isinstance(value, str):
-        try:
-            ts = datetime.fromisoformat(value.replace("Z", "+00:00"))
-        except ValueError as e:
-            raise RequestError(f"{where}: not an ISO-8601 time: {value!r}") from e
-    elif isinstance(value, int | float) and not isinstance(value, bool):
-        ts = datetime.fromtimestamp(float(value), tz=UTC)
-    else:
-        raise RequestError(f"{where}: expected an ISO-8601 string or epoch seconds, got {type(value).__name__}")
-    return ts if ts.tzinfo else ts.replace(tzinfo=UTC)
+    try:
+        if isinstance(value, str):
+            ts = datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            ts = datetime.fromtimestamp(float(value), tz=UTC)
+        else:
+            raise RequestError(f"{where}: expected an ISO-8601 string or epoch seconds, got {type(value).__name__}")
+        return ts.astimezone(UTC) if ts.tzinfo else ts.replace(tzinfo=UTC)
+    except (ValueError, OverflowError, OSError) as e:
+        raise RequestError(f"{where}: not a usable time: {value!r} ({e})") from e
 
 
 def parse_rows(body: object, spec: FeatureSpec, max_rows: int) -> tuple[dict[str, list], list[datetime | None]]:
@@ -88,8 +88,8 @@ def parse_feedback(body: object, label_domain: tuple[float, ...] = (0.0, 1.0)) -
         if not isinstance(rid, str) or not rid:
             raise RequestError(f"{where}.request_id: expected a non-empty string")
         row = item.get("row", 0)
-        if isinstance(row, bool) or not isinstance(row, int) or row < 0:
-            raise RequestError(f"{where}.row: expected a non-negative integer")
+        if isinstance(row, bool) or not isinstance(row, int) or not 0 <= row < 2**31:
+            raise RequestError(f"{where}.row: expected a non-negative integer below 2^31")
         label = item.get("label")
         if isinstance(label, bool):
             label = float(label)
@@ -99,6 +99,34 @@ def parse_feedback(body: object, label_domain: tuple[float, ...] = (0.0, 1.0)) -
         out.append({"request_id": rid, "row": row, "label": float(label),
                     "label_time": None if t is None else _parse_time(t, f"{where}.time")})
     return out
+
+
+def openapi_bodies(spec: FeatureSpec, max_rows: int) -> dict[str, dict]:
+    """JSON schemas of the request bodies, derived from the spec, so the published OpenAPI document tells
+    clients (and fuzzers) exactly what /predict and /feedback accept. Ranges are deliberately not enforced
+    here: out-of-range values are served, logged and quarantined by validation, not refused."""
+    row = {
+        "type": "object",
+        "additionalProperties": False,
+        "required": [n for n, f in spec.features.items() if not f.nullable],
+        "properties": {
+            **{n: ({"type": "number"} if f.type is FeatureType.NUMERIC else {"type": ["string", "integer"]})
+               for n, f in spec.features.items()},
+            spec.event_time: {"type": "string", "format": "date-time"},
+        },
+    }
+    predict = {"type": "object", "additionalProperties": False, "required": ["rows"], "properties": {
+        "rows": {"type": "array", "minItems": 1, "maxItems": max_rows, "items": row},
+        "request_id": {"type": "string", "minLength": 1}}}
+    item = {"type": "object", "additionalProperties": False, "required": ["request_id", "label"], "properties": {
+        "request_id": {"type": "string", "minLength": 1}, "row": {"type": "integer", "minimum": 0},
+        "label": {"type": "number", "enum": [0, 1]}, "time": {"type": "string", "format": "date-time"}}}
+    feedback = {"oneOf": [item, {"type": "array", "minItems": 1, "items": item}]}
+
+    def body(schema: dict) -> dict:
+        return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+    return {"predict": body(predict), "feedback": body(feedback)}
 
 
 def warmup_frame(spec: FeatureSpec, rows: int = 4) -> pd.DataFrame:

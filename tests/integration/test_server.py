@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
+import subprocess
+import sys
 import threading
 import time
 from datetime import date
+from pathlib import Path
 
 import httpx
 import pyarrow.parquet as pq
@@ -327,3 +331,17 @@ def test_protocols_tokens_and_sticky_canary(tmp_path, mlflow_server, server):
     finally:
         stack.stop_all(s)
         client.delete_registered_model_alias(rt.model_name, registry.CHALLENGER)
+
+
+def test_fuzzing_the_published_openapi_schema_yields_no_server_error(server):
+    _, _, url = server
+    schema = httpx.get(f"{url}/openapi.json").json()
+    assert schema["paths"]["/predict"]["post"]["requestBody"]["content"]["application/json"]["schema"][
+        "properties"]["rows"]["items"]["required"] == CTR.feature_names
+    cli = Path(sys.executable).parent / "schemathesis"
+    out = subprocess.run([str(cli), "run", f"{url}/openapi.json", "--checks", "not_a_server_error",
+                          "--max-examples", "40", "--exclude-path-regex", "^/admin", "--seed", "1"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-6000:]
+    passed = re.search(r"(\d+) passed", out.stdout)
+    assert passed and int(passed.group(1)) >= 100, out.stdout[-3000:]
