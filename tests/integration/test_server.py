@@ -345,3 +345,58 @@ def test_fuzzing_the_published_openapi_schema_yields_no_server_error(server):
     assert out.returncode == 0, out.stdout[-6000:]
     passed = re.search(r"(\d+) generated, (\d+) passed", out.stdout)
     assert passed and int(passed.group(2)) == int(passed.group(1)) >= 100, out.stdout[-3000:]
+
+
+def test_a_version_with_nan_weights_is_refused_and_the_old_one_kept(server, tmp_path):
+    import mlflow
+    import torch
+
+    s, rt, url = server
+    client = rt.client()
+    champ = registry.get_alias(client, rt.model_name, registry.CHAMPION)
+    bundle = registry.load_version(client, rt.model_name, champ.version, rt.cache_dir)
+    with torch.no_grad():
+        for p in bundle.net.parameters():
+            p.fill_(float("nan"))
+    with mlflow.start_run(run_name="broken") as run:
+        registry.log_bundle(bundle, rt.spec, tmp_path)
+    broken = registry.register(client, rt.model_name, run.info.run_id, {"flywheel.gate_passed": "true"})
+    client.set_registered_model_alias(rt.model_name, registry.CHAMPION, broken.version)
+    try:
+        deadline = time.monotonic() + 20
+        while "load_failed" not in httpx.get(f"{url}/metrics").text:
+            assert time.monotonic() < deadline, "the broken version was never tried"
+            time.sleep(0.2)
+        health = httpx.get(f"{url}/health").json()
+        assert health["model_version"] == champ.version
+        assert "warm-up predictions invalid" in health["last_error"]
+        assert httpx.post(f"{url}/predict", json={"rows": rows(2)}).json()["model_version"] == champ.version
+    finally:
+        client.set_registered_model_alias(rt.model_name, registry.CHAMPION, champ.version)
+
+
+def test_several_workers_share_the_port_and_seal_together(tmp_path, mlflow_server, server):
+    base, _, _ = server
+    s = make_settings(tmp_path / "home", mlflow_server[1], model_name=base.model_name, serving_port=free_port(),
+                      serving_workers=2)
+    stack.start_server(s)
+    url = s.resolved_serving_url()
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{url}/health/ready").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        answered = []
+        with httpx.Client(base_url=url) as h:
+            for _ in range(60):
+                answered.append(h.post("/predict", json={"rows": rows(1)}).json()["request_id"])
+        r = httpx.post(f"{url}/admin/flush", headers=admin(s)).json()
+        assert len(r["workers"]) == 2, r
+        assert sorted(logged_ids(s)) == sorted(answered)
+    finally:
+        stack.stop_all(s)
