@@ -9,6 +9,7 @@ from __future__ import annotations
 import secrets
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -26,6 +27,12 @@ class Settings(BaseSettings):
 
     mlflow_tracking_uri: str = "http://127.0.0.1:5000"
     mlflow_port: int = 5000
+    # --- backends (issue 7): unset means the embedded default under `home` ---
+    airflow_db_uri: str | None = Field(default=None, description="e.g. postgresql+psycopg://user@host/airflow")
+    airflow_executor: str = Field(default="LocalExecutor", description="Airflow executor class name.")
+    airflow_parallelism: int = Field(default=4, ge=1)
+    mlflow_backend_uri: str | None = Field(default=None, description="e.g. postgresql+psycopg://.../mlflow")
+    mlflow_artifacts_uri: str | None = Field(default=None, description="Artifact root, e.g. s3://bucket/mlflow.")
     airflow_url: str = "http://127.0.0.1:8080"
     airflow_port: int = 8080
     airflow_user: str = "admin"
@@ -41,6 +48,14 @@ class Settings(BaseSettings):
     collect_flushes_server: bool = Field(default=True, description="collect asks the server to seal its spools first.")
     alias_poll_interval_s: float = Field(default=2.0, gt=0)
     max_rows_per_request: int = Field(default=4096, ge=1)
+    # --- serving (issue 3) ---
+    serving_workers: int = Field(default=1, ge=1, description="Server processes sharing the port and spool dir.")
+    max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024, description="Larger request bodies get 413.")
+    max_concurrency: int = Field(default=512, ge=1, description="In-flight requests per worker; beyond: 503.")
+    max_batch_rows: int = Field(default=1024, ge=1, description="Rows per coalesced forward pass.")
+    canary_share: float = Field(default=0.0, ge=0, le=1, description="Share of entities routed to `challenger`.")
+    api_tokens: list[str] = Field(default_factory=list, description="Bearer tokens for predict/feedback; empty=open.")
+    log_predictions: bool = Field(default=True, description="Off only for benchmarks: unlogged rows are lost data.")
 
     label_lateness_s: int = Field(default=900, ge=0, description="Extra wait for late feedback after the window.")
     min_rows: int = Field(default=200, ge=1, description="Validation gate: fewer labeled rows fail the day.")
@@ -50,7 +65,7 @@ class Settings(BaseSettings):
     unseen_category_share: float = Field(default=0.5, ge=0, le=1, description="Allowed share of unseen values.")
 
     holdout_fraction: float = Field(default=0.2, gt=0, lt=1, description="Time-latest share of a day held out.")
-    epochs: int = Field(default=2, ge=1)
+    epochs: int = Field(default=4, ge=1)
     bootstrap_epochs: int = Field(default=3, ge=1)
     bootstrap_min_steps: int = Field(default=300, ge=0, description="Small histories get more epochs.")
     batch_size: int = Field(default=512, ge=1)
@@ -59,9 +74,38 @@ class Settings(BaseSettings):
     hidden_units: tuple[int, ...] = (64, 32)
     vocab_min_count: int = Field(default=2, ge=1, description="Sightings before a new category gets its own id.")
     seed: int = 7
+    # --- incremental training (issue 5) ---
+    replay_rows: int = Field(default=20000, ge=0, description="Reservoir of past labeled rows kept in the lake; 0 = off.")
+    replay_ratio: float = Field(default=0.25, ge=0, description="Replayed rows per new training row each night.")
+    replay_half_life_days: float = Field(default=3.0, ge=0, description="Reservoir recency bias; 0 = uniform.")
+    replay_min_class_share: float = Field(default=0.1, ge=0, le=0.5, description="Floor per label in the reservoir.")
+    anchor_l2: float = Field(default=0.0, ge=0, description="L2 pull toward the parent's weights; 0 = off.")
+    validation_fraction: float = Field(default=0.1, ge=0, lt=1, description="Time-latest train share for stopping.")
+    early_stopping_patience: int = Field(default=1, ge=0, description="Epochs without validation gain; 0 = off.")
+    checkpoint_every_steps: int = Field(default=200, ge=0, description="Training checkpoint interval; 0 = off.")
 
     max_auc_regression: float = Field(default=0.005, ge=0, description="Promotion gate vs champion.")
     min_auc: float = Field(default=0.5, ge=0, le=1, description="Promotion gate: absolute floor.")
+    # --- evaluation & promotion (issue 6) ---
+    max_ece: float = Field(default=0.1, ge=0, le=1, description="Gate: absolute ceiling on calibration error.")
+    ece_bins: int = Field(default=10, ge=2, description="Equal-width score bins for ECE and the reliability plot.")
+    max_logloss_regression: float = Field(default=0.05, ge=0, description="Gate: relative log-loss rise allowed.")
+    max_slice_auc_regression: float = Field(default=0.02, ge=0, description="Gate: AUC regression per slice.")
+    min_slice_rows: int = Field(default=100, ge=1, description="Smaller slices are reported, not gated.")
+    bootstrap_samples: int = Field(default=400, ge=50, description="Paired bootstrap resamples for the CIs.")
+    bootstrap_confidence: float = Field(default=0.95, gt=0.5, lt=1)
+    gate_on_inconclusive: Literal["pass", "fail"] = Field(
+        default="pass", description="A CI that straddles the margin (noise level): pass, or fail to demand proof.")
+    promotion_mode: Literal["auto", "review"] = Field(default="auto", description="review: wait for a reviewer.")
+    approval_timeout_s: float = Field(default=86400.0, gt=0, description="Review mode: give up after this long.")
+    approval_poll_interval_s: float = Field(default=30.0, gt=0, description="Review mode: registry poll period.")
+    alias_lock_stale_s: float = Field(default=300.0, gt=0, description="A promotion lock older than this is broken.")
+    online_window_days: int = Field(default=2, ge=1, description="Online evaluation: collected days looked at.")
+    online_min_rows: int = Field(default=500, ge=1, description="Online evaluation: labeled rows before deciding.")
+    online_min_positives: int = Field(default=20, ge=1, description="Online evaluation: positives before deciding.")
+    online_max_auc_regression: float = Field(default=0.01, ge=0, description="Online: champion vs previous.")
+    online_max_logloss_regression: float = Field(default=0.05, ge=0, description="Online: relative log-loss rise.")
+    online_eval_schedule: str = Field(default="@hourly", description="Online evaluation DAG cron; 'none' = manual.")
     rollout_timeout_s: float = Field(default=60.0, gt=0)
 
     @property

@@ -62,9 +62,9 @@ def airflow_env(s: Settings) -> dict[str, str]:
         "AIRFLOW_HOME": str(home),
         "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-        "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
-        "AIRFLOW__CORE__PARALLELISM": "4",
-        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}",
+        "AIRFLOW__CORE__EXECUTOR": s.airflow_executor,
+        "AIRFLOW__CORE__PARALLELISM": str(s.airflow_parallelism),
+        **airflow_db_env(s),
         "AIRFLOW__CORE__AUTH_MANAGER":
             "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager",
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{s.airflow_user}:admin",
@@ -85,6 +85,32 @@ def airflow_env(s: Settings) -> dict[str, str]:
         "NO_PROXY": "*",
         "no_proxy": "*",
     }
+
+
+def airflow_db_env(s: Settings) -> dict[str, str]:
+    """SQLite under home by default; any SQLAlchemy URL otherwise. Airflow 3 also opens an async engine, which
+    psycopg 3 serves from the same URL."""
+    if not s.airflow_db_uri:
+        return {"AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{s.home_abs / 'airflow' / 'airflow.db'}"}
+    return {"AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": s.airflow_db_uri,
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN_ASYNC": s.airflow_db_uri}
+
+
+def mlflow_backend(s: Settings) -> str:
+    return s.mlflow_backend_uri or f"sqlite:///{s.home_abs / 'mlflow.db'}"
+
+
+def db_upgrade(s: Settings) -> dict[str, str]:
+    """Bring the Airflow and MLflow schemas to this release's version; a second run is a no-op."""
+    env = full_env(s)
+    done = {}
+    for name, argv in (("airflow", [str(BIN / "airflow"), "db", "migrate"]),
+                       ("mlflow", [str(BIN / "mlflow"), "db", "upgrade", mlflow_backend(s)])):
+        out = subprocess.run(argv, env=env, cwd=REPO, capture_output=True, text=True)
+        if out.returncode:
+            raise RuntimeError(f"{name} schema upgrade failed:\n{out.stdout[-3000:]}{out.stderr[-3000:]}")
+        done[name] = "ok"
+    return done
 
 
 def full_env(s: Settings) -> dict[str, str]:
@@ -141,8 +167,9 @@ def start_mlflow(s: Settings) -> None:
     env = full_env(s)
     env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
     home = s.home_abs
-    _start(s, "mlflow", [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{home / 'mlflow.db'}",
-                         "--artifacts-destination", str(home / "mlartifacts"), "--serve-artifacts",
+    _start(s, "mlflow", [str(BIN / "mlflow"), "server", "--backend-store-uri", mlflow_backend(s),
+                         "--artifacts-destination", s.mlflow_artifacts_uri or str(home / "mlartifacts"),
+                         "--serve-artifacts",
                          "--host", "127.0.0.1", "--port", str(s.mlflow_port), "--workers", "1"], env)
     wait_http(f"http://127.0.0.1:{s.mlflow_port}/health", 90, "MLflow", s.run_dir / "mlflow.log")
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
+import uuid
 from datetime import timedelta
 
 import httpx
@@ -20,15 +22,45 @@ pytestmark = pytest.mark.slow
 DAG = "flywheel_nightly"
 SIM = Simulator(seed=11, rows_per_day=600, horizon_days=10)
 BAD_ROWS = 7
+PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
 
 
-@pytest.fixture(scope="module")
-def loop(tmp_path_factory):
-    home = tmp_path_factory.mktemp("e2e-home")
+@contextlib.contextmanager
+def postgres_databases(*names: str):
+    """Databases of this test's own on the machine's PostgreSQL, dropped afterwards; never touches others."""
+    import psycopg
+
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        for name in names:
+            conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield [f"postgresql+psycopg://postgres@127.0.0.1:5432/{n}" for n in names]
+    finally:
+        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+            for name in names:
+                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="module", params=["embedded", "postgres"])
+def loop(request, tmp_path_factory):
+    """The whole stack, on embedded defaults (SQLite) and on the production profile (PostgreSQL metadata for
+    Airflow and MLflow)."""
+    home = tmp_path_factory.mktemp(f"e2e-{request.param}")
     port = free_port()
     airflow_port = free_port()
-    s = make_settings(home, port, serving_port=free_port(), airflow_port=airflow_port,
-                      airflow_url=f"http://127.0.0.1:{airflow_port}", schedule="none", max_auc_regression=1.0)
+    with contextlib.ExitStack() as stack_:
+        backends = {}
+        if request.param == "postgres":
+            suffix = uuid.uuid4().hex[:8]
+            af_db, ml_db = stack_.enter_context(postgres_databases(f"flywheel_af_{suffix}", f"flywheel_ml_{suffix}"))
+            backends = {"airflow_db_uri": af_db, "mlflow_backend_uri": ml_db}
+        s = make_settings(home, port, serving_port=free_port(), airflow_port=airflow_port,
+                          airflow_url=f"http://127.0.0.1:{airflow_port}", schedule="none", max_auc_regression=1.0,
+                          **backends)
+        yield from _stack(s, home)
+
+
+def _stack(s, home):
     try:
         stack.start_mlflow(s)
         rt = runtime(s)
@@ -110,3 +142,9 @@ def test_a_day_without_logs_fails_with_a_clear_message_and_trains_nothing(loop):
     log = af.request("GET", f"/api/v2/dags/{DAG}/dagRuns/{run_id}/taskInstances/collect/logs/1",
                      params={"full_content": True}, headers={"Accept": "application/x-ndjson"}).text
     assert f"no prediction log for {day}" in log
+
+
+def test_schema_upgrade_is_a_no_op_the_second_time(loop):
+    s, _, _ = loop
+    assert stack.db_upgrade(s) == {"airflow": "ok", "mlflow": "ok"}
+    assert stack.db_upgrade(s) == {"airflow": "ok", "mlflow": "ok"}
