@@ -3,8 +3,10 @@
 
 For the run's logical date **D**: wait until D's labels can have arrived, collect D's prediction log joined with
 its feedback, validate it (bad rows to `quarantine/dt=D`), warm-start the champion on D, evaluate candidate vs
-champion on D's latest, held-out slice, register the candidate with its lineage, promote it if it passed, and
-roll it out to the model server.
+champion on D's latest, held-out slice (report with plots on the training run), register the candidate with its
+lineage, wait for a reviewer if `promotion_mode=review` (deferred: no worker slot held; set the tag
+`flywheel.approval` = `approved` | `rejected` on the version in MLflow), promote it if it passed, and roll it out
+to the model server.
 
 Trigger a past day with an explicit logical date (UI "Trigger DAG w/ config" or REST); backfills run days in
 order (one active run at a time, so each day warm-starts from the previous day's result). Re-running a day is
@@ -20,6 +22,7 @@ from airflow.providers.standard.sensors.date_time import DateTimeSensorAsync
 from airflow.sdk import Asset, dag, task
 
 from pipeline import airflow_tasks as t
+from pipeline.review_trigger import AwaitApprovalOperator
 
 TRAINING_DAY = Asset(name="flywheel_training_day", uri="file:///flywheel/lake/training")
 
@@ -63,8 +66,8 @@ def flywheel_nightly():
         return t.register(evaluation["day"], evaluation)
 
     @task
-    def promote(registered: dict) -> dict:
-        return t.promote(registered)
+    def promote(registered: dict, review: dict) -> dict:
+        return t.promote(registered, review)
 
     @task
     def rollout(promoted: dict) -> dict:
@@ -72,7 +75,9 @@ def flywheel_nightly():
 
     collected = collect()
     wait_for_labels >> collected
-    rollout(promote(register(evaluate(train(validate(collected))))))
+    registered = register(evaluate(train(validate(collected))))
+    review = AwaitApprovalOperator(task_id="await_approval", registered=registered)
+    rollout(promote(registered, review.output))
 
 
 flywheel_nightly()

@@ -84,12 +84,25 @@ class Label(_Strict):
         return parse_duration(v)
 
 
+class Slice(_Strict):
+    """A subpopulation the promotion gate checks on its own, so a candidate cannot trade a regression on, say,
+    new users for a gain on everyone else. `category`: one slice per value of a categorical feature (its most
+    frequent `top` values). `new_vs_returning`: rows whose value the parent model's vocabulary already knew
+    (returning) against those it did not (new)."""
+
+    feature: str
+    kind: Literal["category", "new_vs_returning"] = "category"
+    top: int = Field(default=10, ge=1, description="category slices: how many of the most frequent values.")
+    description: str = ""
+
+
 class FeatureSpec(_Strict):
     name: str
     event_time: str = Field(description="Optional request column with the event's time; partitions the log.")
     entities: dict[str, Entity] = Field(default_factory=dict)
     features: dict[str, Feature]
     label: Label
+    slices: dict[str, Slice] = Field(default_factory=dict, description="Evaluation slices, gated one by one.")
     description: str = ""
 
     @model_validator(mode="after")
@@ -111,6 +124,11 @@ class FeatureSpec(_Strict):
         for ename, e in self.entities.items():
             if e.key not in self.features:
                 raise ValueError(f"entity {ename!r} key {e.key!r} is not a declared feature")
+        for sname, sl in self.slices.items():
+            if sl.feature not in self.features:
+                raise ValueError(f"slice {sname!r} names unknown feature {sl.feature!r}")
+            if self.features[sl.feature].type is not FeatureType.CATEGORICAL:
+                raise ValueError(f"slice {sname!r}: feature {sl.feature!r} must be categorical to slice on")
         return self
 
     @cached_property

@@ -69,7 +69,8 @@ def register(ds: str, evaluation: dict) -> dict:
     return _stage(stage, ds, evaluation)
 
 
-def promote(registered: dict) -> dict:
+def promote(registered: dict, review: dict | None = None) -> dict:
+    """`review` only orders this after the reviewer's decision; promote re-reads the decision from the registry."""
     from pipeline.promote import promote as stage
 
     return _stage(stage, registered["version"])
@@ -83,3 +84,30 @@ def rollout(promoted: dict) -> dict:
     if not promoted["promoted"]:
         raise AirflowSkipException(f"v{promoted['version']} was not promoted: {promoted['reason']}")
     return _stage(stage)
+
+
+def online_eval_schedule():
+    """The online evaluation DAG's timetable from settings (`online_eval_schedule`), or manual only."""
+    from airflow.sdk import CronDataIntervalTimetable
+
+    from pipeline.config import get_settings
+
+    cron = get_settings().online_eval_schedule
+    return None if cron.lower() in ("none", "") else CronDataIntervalTimetable(cron, timezone="UTC")
+
+
+def online_eval(ds: str) -> dict:
+    import logging
+
+    from pipeline.online_eval import online_eval as stage
+
+    result = _stage(stage, ds)
+    if result["decision"] == "rolled_back":  # visible in the task log, beside the XCom and the registry tags
+        logging.getLogger("flywheel.online_eval").warning("AUTOMATIC ROLLBACK: %s", result["reason"])
+    return result
+
+
+def rollback(reason: str, expected_champion: str | None = None) -> dict:
+    from pipeline.rollback import rollback as stage
+
+    return _stage(stage, reason, expected_champion or None, "airflow flywheel_rollback")

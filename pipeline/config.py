@@ -33,6 +33,15 @@ class Settings(BaseSettings):
     airflow_parallelism: int = Field(default=4, ge=1)
     mlflow_backend_uri: str | None = Field(default=None, description="e.g. postgresql+psycopg://.../mlflow")
     mlflow_artifacts_uri: str | None = Field(default=None, description="Artifact root, e.g. s3://bucket/mlflow.")
+    training_backend: str = Field(default="local", pattern="^(local|kubernetes)$",
+                                  description="Run the train step in the Airflow worker or as a cluster pod.")
+    training_image: str = "ghcr.io/flywheel-mlops/flywheel:0.1.0-cuda"
+    training_namespace: str = "flywheel"
+    training_priority_class: str = "flywheel-training"
+    training_cpus: int = Field(default=4, ge=1)
+    training_memory: str = "16Gi"
+    training_gpus: int = Field(default=1, ge=0)
+    gpu_pool: str = Field(default="gpu", description="Airflow pool bounding concurrent GPU training jobs.")
     airflow_url: str = "http://127.0.0.1:8080"
     airflow_port: int = 8080
     airflow_user: str = "admin"

@@ -4,6 +4,7 @@ actually serves it (the server also follows the alias on its own; this step wait
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import httpx
@@ -28,15 +29,40 @@ class RolloutResult(BaseModel):
     seconds: float
 
 
-def promote(version: str, rt: Runtime | None = None) -> PromoteResult:
+def promote(version: str, rt: Runtime | None = None, owner: str | None = None) -> PromoteResult:
+    """Move `champion` to a version that passed its gate (and, in review mode, was approved). The move is a
+    compare-and-set against the champion the candidate was trained from, so of two runs racing to promote
+    candidates of the same parent, exactly one moves the alias and the other is refused."""
+    from pipeline.review import APPROVED, TAG_APPROVAL, decision_of
+    from pipeline.rollback import TAG_ROLLED_BACK
+
     rt = rt or runtime()
+    s = rt.settings
     client = rt.client()
     mv = registry.get_version(client, rt.model_name, version)
+    current = registry.get_alias(client, rt.model_name, registry.CHAMPION)
+    if current is not None and current.version == version:
+        return PromoteResult(version=version, promoted=True, previous=current.tags.get(registry.TAG_PARENT),
+                             reason="already champion")
     if mv.tags.get("flywheel.gate_passed") != "true":
         reason = mv.tags.get("flywheel.gate_reason", "no gate decision recorded")
         log.warning("not promoting v%s: %s", version, reason)
         return PromoteResult(version=version, promoted=False, previous=None, reason=reason)
-    previous = registry.set_champion(client, rt.model_name, version)
+    if mv.tags.get(TAG_ROLLED_BACK) == "true":
+        return PromoteResult(version=version, promoted=False, previous=None,
+                             reason=f"v{version} was rolled back ({mv.tags.get('flywheel.rollback_reason', '')})")
+    if s.promotion_mode == "review":
+        decision = decision_of(mv.tags)
+        if decision != APPROVED:
+            reason = f"review mode: {TAG_APPROVAL} is {decision or 'not set'}"
+            log.warning("not promoting v%s: %s", version, reason)
+            return PromoteResult(version=version, promoted=False, previous=None, reason=reason)
+    expected = mv.tags.get(registry.TAG_PARENT)
+    try:
+        previous = registry.move_champion(client, rt.model_name, version, expected,
+                                          owner or f"promote v{version} (pid {os.getpid()})", s.alias_lock_stale_s)
+    except registry.AliasConflict as e:
+        raise StageError(str(e)) from e
     return PromoteResult(version=version, promoted=True, previous=previous, reason="passed the gate")
 
 

@@ -9,8 +9,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import date
+from datetime import UTC, date, datetime
 from pathlib import Path
 
 import mlflow
@@ -33,6 +36,8 @@ TAG_PARENT = "flywheel.parent_version"
 TAG_RUN = "flywheel.run_id"
 TAG_WEIGHTS = "flywheel.weights_digest"
 TAG_BUNDLE = "flywheel.bundle_digest"
+TAG_MODEL_URI = "flywheel.model_uri"
+TAG_MODEL_ID = "flywheel.model_id"
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 PIP_REQUIREMENTS = ["torch", "pandas", "pyarrow", "safetensors", "mlflow"]
 
@@ -84,7 +89,7 @@ def log_bundle(bundle: ModelBundle, spec: FeatureSpec, workdir: Path, input_exam
         input_example=input_example,
         pip_requirements=PIP_REQUIREMENTS,
     )
-    mlflow.set_tag(TAG_BUNDLE, bundle_digest(path))
+    mlflow.set_tags({TAG_BUNDLE: bundle_digest(path), TAG_MODEL_URI: info.model_uri, TAG_MODEL_ID: info.model_id})
     return info.model_uri
 
 
@@ -116,9 +121,12 @@ def register(client: MlflowClient, name: str, run_id: str, tags: dict[str, str])
     except MlflowException as e:
         if e.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
-    model_uri = f"runs:/{run_id}/model"
+    # MLflow 3 keeps logged models apart from run artifacts: the version's source is the logged model
+    # (models:/m-...), which is what `mlflow models serve -m models:/NAME/V` and the UI resolve.
     run = client.get_run(run_id)
+    model_uri = run.data.tags.get(TAG_MODEL_URI, f"runs:/{run_id}/model")
     mv = client.create_model_version(name, model_uri, run_id=run_id, tags={**tags, TAG_RUN: run_id},
+                                     model_id=run.data.tags.get(TAG_MODEL_ID),
                                      description=run.data.tags.get("mlflow.note.content", ""))
     if TAG_BUNDLE in run.data.tags:
         client.set_model_version_tag(name, mv.version, TAG_BUNDLE, run.data.tags[TAG_BUNDLE])
@@ -192,3 +200,90 @@ def set_champion(client: MlflowClient, name: str, version: str) -> str | None:
     client.set_model_version_tag(name, version, "flywheel.promoted", "true")
     return current.version if current else None
 
+
+
+# --- guarded alias moves (issue 6) ---------------------------------------------------------------------------
+TAG_PROMOTED_AT = "flywheel.promoted_at"
+TAG_PROMOTED_BY = "flywheel.promoted_by"
+
+
+class AliasConflict(RuntimeError):
+    """The champion alias is not where this run expected it: another run moved it first."""
+
+
+def lock_name(name: str) -> str:
+    return f"{name}.promotion-lock"
+
+
+@contextmanager
+def alias_lock(client: MlflowClient, name: str, owner: str, stale_s: float = 300.0,
+               wait_s: float = 30.0) -> Iterator[None]:
+    """Mutual exclusion for alias moves. MLflow has no conditional alias update, but creating a registered model
+    is atomic (its name is unique in the store), so an empty `<name>.promotion-lock` model is the mutex. A lock
+    older than `stale_s` (its holder died) is broken; that break is itself not atomic, so two breakers racing in
+    the same instant after a crash is the residual window, acceptable for a lock that only a crash leaves."""
+    lock = lock_name(name)
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            client.create_registered_model(lock, tags={"owner": owner, "since": f"{time.time():.3f}"},
+                                           description=f"Flywheel promotion lock for {name}; held by {owner}.")
+            break
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        try:
+            held = client.get_registered_model(lock)
+        except MlflowException:
+            continue  # released between our create and this read
+        since = float((held.tags or {}).get("since", "0"))
+        if time.time() - since > stale_s:
+            log.warning("breaking stale promotion lock on %s held by %s", name, held.tags.get("owner"))
+            delete_quietly(client, lock)
+            continue
+        if time.monotonic() > deadline:
+            raise AliasConflict(f"promotion lock on {name} held by {held.tags.get('owner')!r} for "
+                                f"{time.time() - since:.0f}s; another run is moving aliases")
+        time.sleep(0.2)
+    try:
+        yield
+    finally:
+        delete_quietly(client, lock)
+
+
+def delete_quietly(client: MlflowClient, registered_model: str) -> None:
+    try:
+        client.delete_registered_model(registered_model)
+    except MlflowException as e:
+        if e.error_code not in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND"):
+            raise
+
+
+def delete_alias(client: MlflowClient, name: str, alias: str) -> None:
+    try:
+        client.delete_registered_model_alias(name, alias)
+    except MlflowException as e:
+        if e.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+            raise
+
+
+def move_champion(client: MlflowClient, name: str, version: str, expected: str | None, owner: str,
+                  stale_s: float = 300.0) -> str | None:
+    """Compare-and-set of `champion`: under the alias lock, move it to `version` only if it still points at
+    `expected` (the champion this run started from), keeping the replaced one as `previous`. Moving to where it
+    already is returns the recorded parent (a rerun). Raises AliasConflict when another run moved it first."""
+    with alias_lock(client, name, owner, stale_s):
+        current = get_alias(client, name, CHAMPION)
+        if current and current.version == version:
+            return current.tags.get(TAG_PARENT)
+        now = current.version if current else None
+        if now != expected:
+            raise AliasConflict(f"champion of {name} is v{now}, but this run expected v{expected}: another run "
+                                f"promoted or rolled back since; not moving it to v{version}")
+        if current:
+            client.set_registered_model_alias(name, PREVIOUS, current.version)
+        client.set_registered_model_alias(name, CHAMPION, version)
+        client.set_model_version_tag(name, version, "flywheel.promoted", "true")
+        client.set_model_version_tag(name, version, TAG_PROMOTED_AT, datetime.now(UTC).isoformat())
+        client.set_model_version_tag(name, version, TAG_PROMOTED_BY, owner)
+        return now

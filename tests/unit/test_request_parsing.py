@@ -31,7 +31,7 @@ def test_parses_rows_into_columns_and_times():
         ({"rows": [{**ROW, "amount": True}]}, r"rows\[0\].amount: expected a number"),
         ({"rows": [{**ROW, "region": [1]}]}, r"rows\[0\].region: expected a string"),
         ({"rows": [{**ROW, "colour": "red"}]}, r"rows\[0\]: unknown field"),
-        ({"rows": [{**ROW, "applied_at": "yesterday"}]}, r"rows\[0\].applied_at: not an ISO-8601"),
+        ({"rows": [{**ROW, "applied_at": "yesterday"}]}, r"rows\[0\].applied_at: not a usable time"),
     ],
 )
 def test_bad_rows_name_the_field(body, message):

@@ -1,0 +1,38 @@
+"""
+### Flywheel online evaluation
+
+Every hour (setting `online_eval_schedule`): compare the champion with the `previous` champion on the labeled
+rows the champion served (collected days up to the run's date), scoring the previous model offline on the exact
+logged features. Decides `wait` (too few labels), `keep`, or `rolled_back`: the champion is rolled back
+automatically when it is worse beyond the declared margin, recorded as tags on both versions and in this log.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pendulum
+from airflow.sdk import dag, task
+
+from pipeline import airflow_tasks as t
+
+
+@dag(
+    dag_id="flywheel_online_eval",
+    schedule=t.online_eval_schedule(),
+    start_date=pendulum.datetime(2024, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    tags=["flywheel", "evaluation"],
+    doc_md=__doc__,
+    default_args={"retries": 2, "retry_delay": timedelta(seconds=30), "owner": "flywheel"},
+)
+def flywheel_online_eval():
+    @task
+    def online_eval(ds: str | None = None) -> dict:
+        return t.online_eval(ds)
+
+    online_eval()
+
+
+flywheel_online_eval()

@@ -1,0 +1,80 @@
+"""Review mode in a real Airflow run (`dag.test()`, which runs triggers in line): the approval task defers,
+frees its worker slot, and resumes when a reviewer tags the version in the real MLflow registry."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from pipeline.bootstrap import bootstrap
+from pipeline.runtime import runtime
+from pipeline.simulate import Simulator
+from pipeline.stack import REPO
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]  # an Airflow DB migration + dag.test(): ~1 min
+
+DAG_FILE = '''
+import pendulum
+from airflow.sdk import dag
+
+from pipeline.review_trigger import AwaitApprovalOperator
+
+
+@dag(dag_id="review_probe", schedule=None, start_date=pendulum.datetime(2024, 1, 1, tz="UTC"))
+def review_probe():
+    AwaitApprovalOperator(task_id="await_approval", registered={"version": "1"})
+
+
+review_probe_dag = review_probe()
+'''
+
+RUN = '''
+import json, sys, threading, time
+sys.path.insert(0, sys.argv[1])
+from review_probe import review_probe_dag
+from pipeline import registry
+from pipeline.review import TAG_REVIEW_REQUESTED_AT, decide
+from pipeline.runtime import runtime
+
+def approve():  # a reviewer who reacts a few seconds after the review was requested
+    rt = runtime()
+    while TAG_REVIEW_REQUESTED_AT not in registry.get_version(rt.client(), rt.model_name, "1").tags:
+        time.sleep(0.2)
+    time.sleep(3)
+    decide("1", "approved", "dana", "ship it")
+
+threading.Thread(target=approve, daemon=True).start()
+start = time.monotonic()
+run = review_probe_dag.test()
+ti = run.get_task_instance("await_approval")
+print(json.dumps({"state": str(run.state), "seconds": time.monotonic() - start,
+                  "tries": ti.try_number, "next_method": ti.next_method}))
+'''
+
+
+def test_approval_task_defers_and_resumes_on_the_reviewers_tag(settings_factory, tmp_path):
+    s = settings_factory(promotion_mode="review", approval_poll_interval_s=0.5, min_rows=50)
+    rt = runtime(s)
+    Simulator(seed=1, rows_per_day=200).history(2).to_parquet(tmp_path / "h.parquet")
+    assert bootstrap(tmp_path / "h.parquet", rt).version == "1"
+    dags = tmp_path / "dags"
+    dags.mkdir()
+    (dags / "review_probe.py").write_text(DAG_FILE)
+    env = {"PATH": "/usr/bin:/bin", "AIRFLOW_HOME": str(tmp_path / "airflow"), "AIRFLOW__CORE__DAGS_FOLDER": str(dags),
+           "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "FLYWHEEL_HOME": str(s.home),
+           "FLYWHEEL_MLFLOW_TRACKING_URI": s.mlflow_tracking_uri, "FLYWHEEL_MODEL_NAME": rt.model_name,
+           "FLYWHEEL_PROMOTION_MODE": "review", "FLYWHEEL_APPROVAL_POLL_INTERVAL_S": "0.5",
+           "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+    subprocess.run([str(REPO / ".venv" / "bin" / "airflow"), "db", "migrate"], env=env, check=True,
+                   capture_output=True, cwd=REPO)
+    out = subprocess.run([sys.executable, "-c", RUN, str(dags)], env=env, capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "running trigger in line" in out.stdout  # waited in a trigger, not in a worker
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["state"] == "success" and result["seconds"] >= 3 and result["tries"] == 1
+    tags = rt.client().get_model_version(rt.model_name, "1").tags
+    assert tags["flywheel.approval"] == "approved" and tags["flywheel.approver"] == "dana"
+    assert tags["flywheel.approval_observed_at"] >= tags["flywheel.approval_at"] >= tags["flywheel.review_requested_at"]

@@ -1,0 +1,172 @@
+"""Online evaluation against a real MLflow server: a promoted champion that is worse than the one it replaced
+on the rows it actually served is rolled back automatically; too few labels means waiting; a good one stays."""
+
+from __future__ import annotations
+
+import tempfile
+import uuid
+from datetime import date, timedelta
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pytest
+
+from pipeline import registry
+from pipeline.bootstrap import bootstrap
+from pipeline.model import ModelBundle
+from pipeline.online_eval import TAG_ONLINE, online_eval
+from pipeline.rollback import TAG_ROLLED_BACK
+from pipeline.runtime import runtime
+from pipeline.train import experiment
+from tests.helpers import LOANS_SPEC, loans_frame
+
+pytestmark = pytest.mark.integration
+DAY = date(2026, 3, 10)
+
+
+@pytest.fixture
+def rt(settings_factory, tmp_path):
+    r = runtime(settings_factory(spec_path=LOANS_SPEC, batch_size=64, bootstrap_min_steps=0, bootstrap_epochs=6,
+                                 online_min_rows=400, online_min_positives=20, bootstrap_samples=200))
+    history = pd.concat([loans_frame(DAY - timedelta(days=d), 400, seed=1) for d in (3, 2, 1)])
+    path = tmp_path / "history.parquet"
+    history.to_parquet(path)
+    assert bootstrap(path, r).version == "1"
+    return r
+
+
+def promote_bundle(rt, bundle: ModelBundle) -> str:
+    """Register `bundle` as if it had passed its offline gate, and make it champion (v1 becomes previous)."""
+    experiment(rt)
+    with mlflow.start_run() as run, tempfile.TemporaryDirectory() as tmp:
+        registry.log_bundle(bundle, rt.spec, Path(tmp))
+    client = rt.client()
+    mv = registry.register(client, rt.model_name, run.info.run_id, {registry.TAG_PARENT: "1",
+                                                                     "flywheel.gate_passed": "true"})
+    registry.move_champion(client, rt.model_name, mv.version, "1", "test")
+    return mv.version
+
+
+def serve_day(rt, bundle: ModelBundle, version: str, n: int, old_rows: int = 200) -> None:
+    """training/dt=DAY as collect writes it: rows served by `version` (with its scores) after `old_rows`
+    served by v1 earlier in the day, each with its label."""
+    frame = loans_frame(DAY, n + old_rows, seed=9)
+    v1 = registry.load_version(rt.client(), rt.model_name, "1", rt.cache_dir)
+    scores = np.concatenate([v1.predict(frame.iloc[:old_rows]), bundle.predict(frame.iloc[old_rows:])])
+    frame = frame.assign(request_id=[uuid.uuid4().hex for _ in range(len(frame))], row=0,
+                         served_at=frame.applied_at, model_version=["1"] * old_rows + [version] * n, score=scores,
+                         defaulted=frame.defaulted.astype(float))
+    rt.lake.write_partition("training", DAY, pa.Table.from_pandas(frame, preserve_index=False))
+
+
+def degraded(rt) -> ModelBundle:
+    """A champion broken the ways a bad export breaks one: shifted numerics, misaligned ids, inverted output."""
+    b = registry.load_version(rt.client(), rt.model_name, "1", rt.cache_dir)
+    b.norm = {k: (m + 3 * s, s) for k, (m, s) in b.norm.items()}  # a feature-pipeline bug: numerics shifted
+    for v in b.vocabs.values():  # and categories mapped to the wrong embedding rows
+        ids = list(v.ids.values())
+        v.ids = dict(zip(v.ids, ids[1:] + ids[:1], strict=True))
+    import torch
+
+    with torch.no_grad():  # and the output sign flipped (a label-inverted export): confident and wrong
+        for t in (b.net.mlp[-1].weight, b.net.mlp[-1].bias, *(e.weight for e in b.net.biases)):
+            t.neg_()
+    return b
+
+
+def test_a_degraded_champion_is_rolled_back_once_labels_arrive(rt):
+    bad = degraded(rt)
+    v2 = promote_bundle(rt, bad)
+    serve_day(rt, bad, v2, 1500)
+    result = online_eval(DAY, rt)
+    assert result.decision == "rolled_back", result.reason
+    assert result.rows == 1500 and result.auc_diff.estimate < 0
+    margin = rt.settings.online_max_logloss_regression * result.previous_metrics["logloss"]
+    assert result.logloss_diff.low > margin  # confidently worse beyond the declared margin, not by noise
+    client = rt.client()
+    assert registry.get_alias(client, rt.model_name, registry.CHAMPION).version == "1"
+    tags = registry.get_version(client, rt.model_name, v2).tags
+    assert tags[TAG_ROLLED_BACK] == "true" and tags["flywheel.rollback_by"] == "online_eval"
+    assert tags[TAG_ONLINE].startswith("rolled_back: online evaluation")
+    # nothing left to compare with: the next hourly run does not flip back
+    assert online_eval(DAY, rt).decision == "no_baseline"
+
+
+def test_too_few_labels_waits_and_a_sound_champion_stays(rt):
+    v1 = registry.load_version(rt.client(), rt.model_name, "1", rt.cache_dir)
+    v2 = promote_bundle(rt, v1)  # same weights: no worse
+    serve_day(rt, v1, v2, 150)
+    waiting = online_eval(DAY, rt)
+    assert waiting.decision == "wait" and waiting.rows == 150 and "need 400 rows" in waiting.reason
+    serve_day(rt, v1, v2, 1500)
+    kept = online_eval(DAY, rt)
+    assert kept.decision == "keep", kept.reason
+    assert kept.auc_diff.estimate == pytest.approx(0.0, abs=1e-9)
+    client = rt.client()
+    assert registry.get_alias(client, rt.model_name, registry.CHAMPION).version == v2
+    assert registry.get_version(client, rt.model_name, v2).tags[TAG_ONLINE].startswith("keep:")
+
+
+@pytest.mark.slow
+def test_degraded_rollout_under_live_traffic_is_rolled_back_without_a_person_or_a_failed_request(tmp_path):
+    """Real model server and HTTP traffic: a degraded v2 becomes champion and serves a day; once that day's
+    labels are collected, online evaluation rolls it back and the server swaps back to v1 while traffic flows."""
+    import threading
+
+    import httpx
+
+    from pipeline import stack
+    from pipeline.collect import collect
+    from pipeline.promote import rollout
+    from pipeline.simulate import Simulator
+    from pipeline.traffic import flush, send_day
+    from tests.helpers import free_port, make_settings
+
+    sim = Simulator(seed=5, rows_per_day=800, horizon_days=10)
+    port = free_port()
+    s = make_settings(tmp_path / "home", port, online_min_rows=400, online_min_positives=10,
+                      bootstrap_samples=200)
+    try:
+        stack.start_mlflow(s)
+        r = runtime(s)
+        sim.history(3).to_parquet(tmp_path / "history.parquet")
+        bootstrap(tmp_path / "history.parquet", r)
+        stack.start_server(s)
+        url = s.resolved_serving_url()
+        bad = degraded(r)
+        v2 = promote_bundle(r, bad)
+        assert rollout(r).served_version == v2
+        day = sim.day_date(3)
+        sent = send_day(url, sim.day(3), r.spec.feature_names)
+        flush(url, s.resolved_admin_token())
+        assert sent.errors == 0 and set(sent.served.model_version) == {v2}
+        assert np.allclose(bad.predict(sent.served[r.spec.feature_names]), sent.served.score, atol=1e-6)
+        collect(day, r)
+
+        stop, during = threading.Event(), []
+
+        def traffic() -> None:  # keeps requests flowing across the decision and the server's swap
+            live = sim.day(4)
+            while not stop.is_set():
+                for start in range(0, len(live), 100):
+                    during.append(send_day(url, live.iloc[start:start + 100], r.spec.feature_names))
+                    if stop.is_set():
+                        return
+
+        background = threading.Thread(target=traffic)
+        background.start()
+        result = online_eval(day, r)
+        assert result.decision == "rolled_back", result.reason
+        assert rollout(r).served_version == "1"
+        during.append(send_day(url, sim.day(4).head(100), r.spec.feature_names))
+        stop.set()
+        background.join()
+        versions = set().union(*(set(t.served.model_version) for t in during))
+        assert sum(t.errors for t in during) == 0 and versions == {v2, "1"}  # swapped under load, none failed
+        assert httpx.get(f"{url}/health").json()["model_version"] == "1"
+        assert registry.get_version(r.client(), r.model_name, v2).tags[TAG_ROLLED_BACK] == "true"
+    finally:
+        stack.stop_all(s)

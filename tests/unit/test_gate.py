@@ -1,0 +1,140 @@
+"""The gate's rules on small arrays: calibration error, the paired bootstrap, verdicts, slices, spec errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from feature_store.spec import FeatureSpec, SpecError, load_spec
+from feature_store.vocab import Vocabulary
+from pipeline.gate import (
+    GateConfig,
+    Interval,
+    decide,
+    ece,
+    paired_auc_diff,
+    slice_labels,
+    slice_metrics,
+    summarize,
+    verdict,
+)
+from pipeline.metrics import summary
+from tests.helpers import LOANS_SPEC
+
+CFG = GateConfig(min_auc=0.55, max_auc_regression=0.01, max_logloss_regression=0.05, max_ece=0.1,
+                 max_slice_auc_regression=0.02, min_slice_rows=100, bootstrap_samples=200, confidence=0.95,
+                 on_inconclusive="pass", ece_bins=10, seed=0)
+
+
+def data(n: int = 3000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=n)
+    p = 1 / (1 + np.exp(-(x - 1)))
+    y = (rng.uniform(size=n) < p).astype(float)
+    return y, p
+
+
+def eces(y: np.ndarray, cand: np.ndarray, champ: np.ndarray) -> dict[str, float]:
+    return {"candidate": ece(y, cand), "champion": ece(y, champ)}
+
+
+def test_ece_is_zero_for_calibrated_scores_and_large_for_miscalibrated():
+    y, p = data(20000)
+    assert ece(y, p) < 0.02
+    assert ece(y, np.clip(p + 0.3, 0, 1)) > 0.25
+    assert ece(y, np.full_like(p, np.nan)) == float("inf")
+
+
+def test_paired_bootstrap_does_not_call_noise_a_regression():
+    y, p = data()
+    noisy = np.clip(p + np.random.default_rng(1).normal(0, 0.01, len(p)), 0, 1)
+    ci = paired_auc_diff(y, noisy, p, 200, 0.95, seed=0)
+    assert ci.low < 0 < ci.high or abs(ci.estimate) < 0.002
+    assert verdict(ci, margin=0.01) in ("non_inferior", "inconclusive", "better")
+    # a candidate that lost most of its signal is confidently worse
+    worse = 0.5 * p + 0.5 * np.random.default_rng(2).uniform(size=len(p))
+    ci_bad = paired_auc_diff(y, worse, p, 200, 0.95, seed=0)
+    assert ci_bad.high < -0.01 and verdict(ci_bad, margin=0.01) == "worse"
+
+
+def test_verdicts_by_where_the_interval_lies():
+    iv = lambda lo, hi: Interval(estimate=(lo + hi) / 2, low=lo, high=hi, samples=100)  # noqa: E731
+    assert verdict(iv(-0.05, -0.02), 0.01) == "worse"
+    assert verdict(iv(0.001, 0.02), 0.01) == "better"
+    assert verdict(iv(-0.005, 0.01), 0.01) == "non_inferior"
+    assert verdict(iv(-0.03, 0.01), 0.01) == "inconclusive"
+    # lower is better (log-loss): a confident rise beyond the margin is worse
+    assert verdict(iv(0.02, 0.05), 0.01, higher_is_better=False) == "worse"
+    assert verdict(iv(-0.05, -0.02), 0.01, higher_is_better=False) == "better"
+
+
+def test_decide_fails_nan_and_flipped_candidates_and_passes_a_copy():
+    y, p = data()
+    s = summary(y, p)
+    checks, _, _ = decide(y, p.copy(), p, s, s, eces(y, p, p), [], CFG)
+    assert summarize(checks)[0], checks
+    nan = p.copy()
+    nan[::7] = np.nan
+    checks, _, _ = decide(y, nan, p, summary(y, nan), s, eces(y, nan, p), [], CFG)
+    ok, reason = summarize(checks)
+    assert not ok and "NaN or out-of-range" in reason
+    flipped = 1 - p
+    checks, ci, _ = decide(y, flipped, p, summary(y, flipped), s, eces(y, flipped, p), [], CFG)
+    failed = {c.name for c in checks if not c.passed}
+    assert {"auc_floor", "auc_vs_champion", "logloss_vs_champion", "ece_ceiling"} <= failed
+    assert ci.high < 0
+
+
+def test_inconclusive_is_decided_by_config():
+    y, p = data(400, seed=3)
+    cand = np.clip(p + np.random.default_rng(4).normal(0, 0.08, len(p)), 0, 1)
+    strict = GateConfig(**{**CFG.__dict__, "on_inconclusive": "fail", "max_auc_regression": 0.0,
+                           "max_logloss_regression": 0.0})
+    checks, ci, _ = decide(y, cand, p, summary(y, cand), summary(y, p), eces(y, cand, p), [], strict)
+    auc_check = next(c for c in checks if c.name == "auc_vs_champion")
+    assert ci.low < 0 and auc_check.detail.split(":")[0] in ("inconclusive", "worse") and not auc_check.passed
+
+
+def test_slices_new_vs_returning_and_top_categories():
+    raw = load_spec(LOANS_SPEC).model_dump()
+    raw["slices"] = {"account": {"feature": "account_no", "kind": "new_vs_returning"},
+                     "region": {"feature": "region", "top": 2}}
+    spec = FeatureSpec.model_validate(raw)
+    frame = pd.DataFrame({"account_no": ["a", "b", "c", None, "a"], "region": ["r1", "r1", "r2", "r3", "r2"]})
+    vocab = Vocabulary({"a": 1, "b": 2})
+    labels = slice_labels(spec, frame, {"account_no": vocab})
+    assert labels["account"].tolist() == ["returning", "returning", "new", "new", "returning"]
+    assert labels["region"].tolist()[:3] == ["r1", "r1", "r2"] and pd.isna(labels["region"].iloc[3])
+    with pytest.raises(ValueError, match="no vocabulary for 'account_no'"):
+        slice_labels(spec, frame, {})
+
+
+def test_slice_regression_is_gated_and_small_slices_are_only_reported():
+    y, p = data(4000)
+    group = pd.Series(np.where(np.arange(len(y)) % 4 == 0, "minor", "major"), dtype=object)
+    tiny = pd.Series(np.where(np.arange(len(y)) < 50, "tiny", None), dtype=object)
+    cand = p.copy()
+    minor = (group == "minor").to_numpy()
+    cand[minor] = np.random.default_rng(5).uniform(size=minor.sum())  # candidate broken on one slice only
+    rows = slice_metrics(y, cand, p, {"g": group, "t": tiny}, CFG)
+    by = {(r.slice, r.value): r for r in rows}
+    assert by[("t", "tiny")].gated is False and by[("t", "tiny")].auc_diff is None
+    assert by[("g", "minor")].gated and by[("g", "minor")].auc_diff.high < -0.02
+    checks, _, _ = decide(y, cand, p, summary(y, cand), summary(y, p), eces(y, cand, p), rows, CFG)
+    failed = [c.name for c in checks if not c.passed]
+    assert "slice:g=minor" in failed and "slice:g=major" not in failed
+
+
+def test_spec_slices_must_name_a_categorical_feature(tmp_path):
+    base = LOANS_SPEC.read_text()
+    for slices, msg in (("slices:\n  s: {feature: nope}\n", "unknown feature 'nope'"),
+                        ("slices:\n  s: {feature: amount}\n", "must be categorical"),
+                        ("slices:\n  s: {feature: region, kind: weird}\n", "slices.s.kind")):
+        path = tmp_path / "s.yaml"
+        path.write_text(base + slices)
+        with pytest.raises(SpecError, match=msg):
+            load_spec(path)
+    path.write_text(base + "slices:\n  accounts: {feature: account_no, kind: new_vs_returning}\n")
+    spec = load_spec(path)
+    assert spec.slices["accounts"].kind == "new_vs_returning" and spec.digest == load_spec(LOANS_SPEC).digest
