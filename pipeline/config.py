@@ -33,8 +33,6 @@ class Settings(BaseSettings):
     airflow_parallelism: int = Field(default=4, ge=1)
     mlflow_backend_uri: str | None = Field(default=None, description="e.g. postgresql+psycopg://.../mlflow")
     mlflow_artifacts_uri: str | None = Field(default=None, description="Artifact root, e.g. s3://bucket/mlflow.")
-    training_backend: str = Field(default="local", pattern="^(local|kubernetes)$",
-                                  description="Run the train step in the Airflow worker or as a cluster pod.")
     training_image: str = "ghcr.io/flywheel-mlops/flywheel:0.1.0-cuda"
     training_namespace: str = "flywheel"
     training_priority_class: str = "flywheel-training"

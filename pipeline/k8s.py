@@ -1,8 +1,8 @@
-"""The Kubernetes pod the nightly train step runs in on a shared cluster (`training_backend: kubernetes`).
+"""The Kubernetes pod that runs a night's training on a shared cluster.
 
 Rendered from `infra/k8s/training-pod-template.yaml` so operators review one YAML file, with the day, image,
-resources and priority filled in from settings: the DAG switches between local and cluster training by
-configuration alone.
+resources and priority filled in from settings. The nightly DAG still trains in its own worker; launching this
+pod from the DAG (KubernetesPodOperator) is the next step.
 """
 
 from __future__ import annotations
