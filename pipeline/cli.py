@@ -188,6 +188,14 @@ def up(airflow: bool = True, server: bool = True) -> None:
     console.print(stack.describe(s))
 
 
+@app.command("db-upgrade")
+def db_upgrade() -> None:
+    """Bring the Airflow and MLflow metadata schemas up to date (a second run is a no-op)."""
+    from pipeline import stack
+
+    _emit(stack.db_upgrade(get_settings()))
+
+
 @app.command()
 def down() -> None:
     """Stop everything `up` or `demo` started for this home."""

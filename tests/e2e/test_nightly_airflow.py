@@ -148,3 +148,24 @@ def test_schema_upgrade_is_a_no_op_the_second_time(loop):
     s, _, _ = loop
     assert stack.db_upgrade(s) == {"airflow": "ok", "mlflow": "ok"}
     assert stack.db_upgrade(s) == {"airflow": "ok", "mlflow": "ok"}
+
+
+def test_secrets_never_reach_logs_task_logs_or_mlflow_params(loop):
+    s, rt, af = loop
+    secrets = {
+        "admin token": s.resolved_admin_token(),
+        "airflow password": stack.airflow_password(s),
+        "jwt secret": (s.home_abs / "secrets" / "airflow_jwt_secret").read_text().strip(),
+    }
+    files = [*s.run_dir.glob("*.log"), *(s.home_abs / "airflow" / "logs").rglob("*")]
+    assert any(f.is_file() and f.stat().st_size for f in files), "there are logs to inspect"
+    for f in files:
+        if f.is_file():
+            text = f.read_text(errors="replace")
+            for what, value in secrets.items():
+                assert value not in text, f"{what} leaked into {f}"
+    client = rt.client()
+    for run in client.search_runs([e.experiment_id for e in client.search_experiments()]):
+        blob = str(run.data.params) + str(run.data.tags)
+        for what, value in secrets.items():
+            assert value not in blob, f"{what} leaked into MLflow run {run.info.run_id}"
