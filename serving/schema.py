@@ -58,7 +58,7 @@ def parse_rows(body: object, spec: FeatureSpec, max_rows: int) -> tuple[dict[str
                 if not f.nullable:
                     raise RequestError(f"{where}: missing (required by the feature spec)")
             elif f.type is FeatureType.NUMERIC:
-                if isinstance(v, bool) or not isinstance(v, int | float):
+                if not isinstance(v, int | float):  # bool is an int: a flag column is a 0/1 number
                     raise RequestError(f"{where}: expected a number, got {type(v).__name__}")
                 v = float(v)
             else:

@@ -17,6 +17,8 @@ def test_parses_rows_into_columns_and_times():
     assert cols["account_no"] == ["a1", "7"] and cols["amount"] == [10.0, 10.0]
     cols, _ = parse_rows({"rows": [{**ROW, "account_no": 7.0}, {**ROW, "region": True}]}, SPEC, 10)
     assert cols["account_no"][0] == "7" and cols["region"][1] == "true"  # same ids as the offline path
+    cols, _ = parse_rows({"rows": [{**ROW, "amount": True}]}, SPEC, 10)
+    assert cols["amount"] == [1.0]  # a boolean flag declared numeric is a 0/1 number
     assert times[0] is None and times[1].isoformat() == "2026-03-01T10:00:00+00:00"
 
 
@@ -28,7 +30,7 @@ def test_parses_rows_into_columns_and_times():
         ({"rows": [ROW], "extra": 1}, "unknown field"),
         ({"rows": [{k: v for k, v in ROW.items() if k != "amount"}]}, r"rows\[0\].amount: missing"),
         ({"rows": [ROW, {**ROW, "amount": "ten"}]}, r"rows\[1\].amount: expected a number"),
-        ({"rows": [{**ROW, "amount": True}]}, r"rows\[0\].amount: expected a number"),
+        ({"rows": [{**ROW, "amount": None}]}, r"rows\[0\].amount: missing"),
         ({"rows": [{**ROW, "region": [1]}]}, r"rows\[0\].region: expected a string"),
         ({"rows": [{**ROW, "colour": "red"}]}, r"rows\[0\]: unknown field"),
         ({"rows": [{**ROW, "applied_at": "yesterday"}]}, r"rows\[0\].applied_at: not a usable time"),
