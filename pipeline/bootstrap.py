@@ -21,7 +21,7 @@ from pydantic import BaseModel
 
 from feature_store.spec import FeatureSpec, FeatureType
 from feature_store.vocab import canonical
-from pipeline import registry
+from pipeline import registry, replay
 from pipeline.metrics import scores_valid, summary
 from pipeline.model import ModelBundle
 from pipeline.runtime import Runtime, StageError, runtime, split_by_time
@@ -99,6 +99,8 @@ def bootstrap(history: str | Path, rt: Runtime | None = None) -> BootstrapResult
     epochs = max(s.bootstrap_epochs, math.ceil(s.bootstrap_min_steps / math.ceil(len(train_df) / s.batch_size)))
     result = fit(bundle, train_df, spec.label.name, epochs=epochs, batch_size=s.batch_size,
                  lr=s.learning_rate, seed=s.seed, device=pick_device())
+    replay.seed(rt.lake, frame, et, [*spec.feature_names, et, spec.label.name], spec.label.name,
+                replay.ReplayPolicy.from_settings(s))
     p = bundle.predict(holdout)
     metrics = summary(holdout[spec.label.name].to_numpy(dtype=np.float64), p)
     if not scores_valid(p):

@@ -90,6 +90,8 @@ class Settings(BaseSettings):
     validation_fraction: float = Field(default=0.1, ge=0, lt=1, description="Time-latest train share for stopping.")
     early_stopping_patience: int = Field(default=1, ge=0, description="Epochs without validation gain; 0 = off.")
     checkpoint_every_steps: int = Field(default=200, ge=0, description="Training checkpoint interval; 0 = off.")
+    lr_candidates: tuple[float, ...] = Field(default=(), description="Nightly learning rates tried on the "
+                                             "validation slice, best kept; empty = learning_rate only.")
 
     max_auc_regression: float = Field(default=0.005, ge=0, description="Promotion gate vs champion.")
     min_auc: float = Field(default=0.5, ge=0, le=1, description="Promotion gate: absolute floor.")

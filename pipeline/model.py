@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -83,6 +84,7 @@ class ModelBundle:
     embedding_dim: int
     hidden: tuple[int, ...]
     net: CTRNet = field(repr=False)
+    optimizer_state: dict | None = field(default=None, repr=False)
 
     @classmethod
     def create(cls, spec: FeatureSpec, frame: pd.DataFrame, embedding_dim: int, hidden: tuple[int, ...],
@@ -106,8 +108,13 @@ class ModelBundle:
                 f"(features or types changed); bootstrap a new model or declare a migration"
             )
 
-    def grow_vocab(self, frame: pd.DataFrame, min_count: int, seed: int = 0) -> dict[str, int]:
-        added = {c: len(self.vocabs[c].update(frame[c], min_count)) for c in self.categorical}
+    def grow_vocab(self, frame: pd.DataFrame | Iterable[pd.DataFrame], min_count: int, seed: int = 0
+                   ) -> dict[str, int]:
+        """Admit new values (from one frame, or record batches streamed from the lake), then grow the tables once."""
+        added = dict.fromkeys(self.categorical, 0)
+        for part in [frame] if isinstance(frame, pd.DataFrame) else frame:
+            for c in self.categorical:
+                added[c] += len(self.vocabs[c].update(part[c], min_count))
         self.net.grow([self.vocabs[c].size for c in self.categorical], seed)
         return added
 
@@ -147,6 +154,8 @@ class ModelBundle:
         (directory / "vocab.json").write_text(json.dumps({c: v.to_dict() for c, v in self.vocabs.items()}))
         state = {k: v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()}
         save_file(state, str(directory / "weights.safetensors"))
+        if self.optimizer_state is not None:
+            save_optimizer(self.optimizer_state, directory)
         return directory
 
     @classmethod
@@ -161,7 +170,7 @@ class ModelBundle:
         net.load_state_dict(load_file(str(directory / "weights.safetensors")))
         norm = {k: (float(v[0]), float(v[1])) for k, v in config["norm"].items()}
         return cls(config["spec_digest"], config["categorical"], config["numeric"], vocabs, norm,
-                   config["embedding_dim"], hidden, net)
+                   config["embedding_dim"], hidden, net, load_optimizer(directory))
 
     def weights_digest(self) -> str:
         h = hashlib.sha256()
@@ -169,3 +178,22 @@ class ModelBundle:
             h.update(k.encode())
             h.update(v.detach().cpu().numpy().tobytes())
         return h.hexdigest()[:16]
+
+
+def save_optimizer(state: dict, directory: Path) -> None:
+    """The optimizer's per-parameter moments beside the weights (safetensors: no pickle), so the next night can
+    continue with them instead of restarting Adam cold."""
+    tensors = {f"{i}.{k}": v.detach().cpu().contiguous() for i, s in state["state"].items() for k, v in s.items()
+               if torch.is_tensor(v)}
+    save_file(tensors, str(directory / "optimizer.safetensors"))
+
+
+def load_optimizer(directory: Path) -> dict | None:
+    path = directory / "optimizer.safetensors"
+    if not path.exists():
+        return None
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in load_file(str(path)).items():
+        i, name = key.split(".", 1)
+        state.setdefault(int(i), {})[name] = value
+    return {"state": state}

@@ -28,7 +28,7 @@ def register_candidate(day: str | date, evaluation: EvalResult | dict, rt: Runti
     run = client.get_run(ev.run_id)
     tags = {
         registry.TAG_DAY: day.isoformat(),
-        registry.TAG_WINDOW: f"{day.isoformat()}/{day.isoformat()}",
+        registry.TAG_WINDOW: run.data.tags.get(registry.TAG_WINDOW, f"{day.isoformat()}/{day.isoformat()}"),
         registry.TAG_PARENT: ev.champion_version,
         registry.TAG_WEIGHTS: run.data.tags.get(registry.TAG_WEIGHTS, ""),
         "flywheel.gate_passed": str(ev.passed).lower(),

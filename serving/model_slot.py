@@ -56,6 +56,7 @@ class ModelSlot:
             try:
                 bundle = registry.load_version(client, self.rt.model_name, champ.version, self.rt.cache_dir)
                 bundle.check_spec(self.rt.spec)
+                bundle.optimizer_state = None  # training state: twice the weights' memory, useless for serving
                 bundle.net.eval()
                 scores = bundle.predict(self.warmup)
                 if not scores_valid(scores) or scores.shape != (len(self.warmup),):
