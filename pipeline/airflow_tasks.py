@@ -107,6 +107,12 @@ def online_eval(ds: str) -> dict:
     return result
 
 
+def canary_eval(ds: str) -> dict:
+    from pipeline.canary import canary_eval as stage
+
+    return _stage(stage, ds)
+
+
 def rollback(reason: str, expected_champion: str | None = None) -> dict:
     from pipeline.rollback import rollback as stage
 

@@ -188,6 +188,14 @@ def up(airflow: bool = True, server: bool = True) -> None:
     console.print(stack.describe(s))
 
 
+@app.command("canary-eval")
+def canary_eval(day: Day) -> None:
+    """Decide the canary: promote, retire or keep waiting on the challenger, from its labeled live rows."""
+    from pipeline.canary import canary_eval as stage
+
+    _run(stage, day)
+
+
 @app.command("db-upgrade")
 def db_upgrade() -> None:
     """Bring the Airflow and MLflow metadata schemas up to date (a second run is a no-op)."""

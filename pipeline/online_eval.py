@@ -59,15 +59,69 @@ def served_rows(rt: Runtime, days: list[date], version: str) -> pd.DataFrame:
     return out[np.isfinite(out["score"].to_numpy(dtype=np.float64))].reset_index(drop=True)
 
 
+class Comparison(BaseModel):
+    """`served` (scores as logged) against `baseline` (re-scored offline) on the same labeled live rows."""
+
+    rows: int
+    positives: int
+    enough: bool
+    served_metrics: dict[str, float | None] = {}
+    baseline_metrics: dict[str, float | None] = {}
+    auc_diff: Interval | None = None
+    logloss_diff: Interval | None = None
+    auc_verdict: str = "inconclusive"
+    logloss_verdict: str = "inconclusive"
+    detail: str = ""
+
+    @property
+    def worse(self) -> bool:
+        return "worse" in (self.auc_verdict, self.logloss_verdict)
+
+    @property
+    def at_least_as_good(self) -> bool:
+        return {self.auc_verdict, self.logloss_verdict} <= {"better", "non_inferior"}
+
+
+def compare(rt: Runtime, client, days: list[date], served: str, baseline: str) -> Comparison:
+    s, spec = rt.settings, rt.spec
+    rows = served_rows(rt, days, served)
+    y = rows[spec.label.name].to_numpy(dtype=np.float64) if len(rows) else np.zeros(0)
+    n, pos = len(y), int(y.sum())
+    if n < s.online_min_rows or pos < s.online_min_positives or n - pos < s.online_min_positives:
+        return Comparison(rows=n, positives=pos, enough=False,
+                          detail=f"{n} labeled rows ({pos} positive) served by v{served} in {days[0]}..{days[-1]}; "
+                                 f"need {s.online_min_rows} rows and {s.online_min_positives} of each class")
+    pc = rows["score"].to_numpy(dtype=np.float64)
+    pp = registry.load_version(client, rt.model_name, baseline, rt.cache_dir).predict(rows[spec.feature_names])
+    if not scores_valid(pp):
+        raise StageError(f"v{baseline} produced NaN or out-of-range scores on the logged features; it is no "
+                         "baseline to compare with")
+    auc_ci = paired_auc_diff(y, pc, pp, s.bootstrap_samples, s.bootstrap_confidence, s.seed)
+    ll_ci = paired_logloss_diff(y, pc, pp, s.bootstrap_samples, s.bootstrap_confidence, s.seed)
+    cm, pm = summary(y, pc), summary(y, pp)
+    ll_margin = s.online_max_logloss_regression * pm["logloss"]
+    auc_v = verdict(auc_ci, s.online_max_auc_regression) if auc_ci else "inconclusive"
+    ll_v = verdict(ll_ci, ll_margin, higher_is_better=False)
+    detail = (f"on {n} live rows ({pos} positive): AUC v{served} {cm['auc']:.4f} vs v{baseline} "
+              f"{pm['auc']:.4f} (diff CI {_ci(auc_ci)}, allowed -{s.online_max_auc_regression}: {auc_v}); "
+              f"log-loss {cm['logloss']:.4f} vs {pm['logloss']:.4f} (diff CI {_ci(ll_ci)}, allowed "
+              f"+{ll_margin:.4f}: {ll_v})")
+    return Comparison(rows=n, positives=pos, enough=True, served_metrics=cm, baseline_metrics=pm, auc_diff=auc_ci,
+                      logloss_diff=ll_ci, auc_verdict=auc_v, logloss_verdict=ll_v, detail=detail)
+
+
+def window(rt: Runtime, day: date) -> list[date]:
+    return [day - timedelta(days=i) for i in range(rt.settings.online_window_days - 1, -1, -1)]
+
+
 def online_eval(day: str | date, rt: Runtime | None = None) -> OnlineEvalResult:
     from pipeline.rollback import rollback
 
     rt = rt or runtime()
     day = parse_day(day)
-    s, spec = rt.settings, rt.spec
     client = rt.client()
     name = rt.model_name
-    days = [day - timedelta(days=i) for i in range(s.online_window_days - 1, -1, -1)]
+    days = window(rt, day)
     champion = registry.get_alias(client, name, registry.CHAMPION)
     previous = registry.get_alias(client, name, registry.PREVIOUS)
     base = {"day": day.isoformat(), "champion": champion.version if champion else None,
@@ -77,42 +131,21 @@ def online_eval(day: str | date, rt: Runtime | None = None) -> OnlineEvalResult:
     if previous is None:
         return OnlineEvalResult(**base, decision="no_baseline", rows=0, positives=0,
                                 reason=f"champion v{champion.version} has no 'previous' version to compare with")
-    rows = served_rows(rt, days, champion.version)
-    y = rows[spec.label.name].to_numpy(dtype=np.float64) if len(rows) else np.zeros(0)
-    n, pos = len(y), int(y.sum())
-    if n < s.online_min_rows or pos < s.online_min_positives or n - pos < s.online_min_positives:
-        result = OnlineEvalResult(**base, decision="wait", rows=n, positives=pos,
-                                  reason=f"{n} labeled rows ({pos} positive) served by v{champion.version} in "
-                                         f"{days[0]}..{days[-1]}; need {s.online_min_rows} rows and "
-                                         f"{s.online_min_positives} of each class")
+    c = compare(rt, client, days, champion.version, previous.version)
+    if not c.enough:
+        result = OnlineEvalResult(**base, decision="wait", rows=c.rows, positives=c.positives, reason=c.detail)
         _record(client, name, champion.version, result)
         return result
-    pc = rows["score"].to_numpy(dtype=np.float64)
-    baseline = registry.load_version(client, name, previous.version, rt.cache_dir)
-    pp = baseline.predict(rows[spec.feature_names])
-    if not scores_valid(pp):
-        raise StageError(f"previous champion v{previous.version} produced NaN or out-of-range scores on the "
-                         "logged features; it is no baseline to roll back to")
-    auc_ci = paired_auc_diff(y, pc, pp, s.bootstrap_samples, s.bootstrap_confidence, s.seed)
-    ll_ci = paired_logloss_diff(y, pc, pp, s.bootstrap_samples, s.bootstrap_confidence, s.seed)
-    cm, pm = summary(y, pc), summary(y, pp)
-    ll_margin = s.online_max_logloss_regression * pm["logloss"]
-    auc_v = verdict(auc_ci, s.online_max_auc_regression) if auc_ci else "inconclusive"
-    ll_v = verdict(ll_ci, ll_margin, higher_is_better=False)
-    detail = (f"on {n} live rows ({pos} positive): AUC v{champion.version} {cm['auc']:.4f} vs v{previous.version} "
-              f"{pm['auc']:.4f} (diff CI {_ci(auc_ci)}, allowed -{s.online_max_auc_regression}: {auc_v}); "
-              f"log-loss {cm['logloss']:.4f} vs {pm['logloss']:.4f} (diff CI {_ci(ll_ci)}, allowed "
-              f"+{ll_margin:.4f}: {ll_v})")
-    common = {**base, "rows": n, "positives": pos, "champion_metrics": cm, "previous_metrics": pm,
-              "auc_diff": auc_ci, "logloss_diff": ll_ci}
-    if "worse" in (auc_v, ll_v):
-        reason = f"online evaluation: v{champion.version} worse than v{previous.version} {detail}"
+    common = {**base, "rows": c.rows, "positives": c.positives, "champion_metrics": c.served_metrics,
+              "previous_metrics": c.baseline_metrics, "auc_diff": c.auc_diff, "logloss_diff": c.logloss_diff}
+    if c.worse:
+        reason = f"online evaluation: v{champion.version} worse than v{previous.version} {c.detail}"
         result = OnlineEvalResult(**common, decision="rolled_back", reason=reason)
         _record(client, name, champion.version, result)
         rollback(reason, expected_champion=champion.version, by="online_eval", rt=rt)
         log.warning("%s", reason)
         return result
-    result = OnlineEvalResult(**common, decision="keep", reason=f"v{champion.version} holds up {detail}")
+    result = OnlineEvalResult(**common, decision="keep", reason=f"v{champion.version} holds up {c.detail}")
     _record(client, name, champion.version, result)
     return result
 

@@ -41,7 +41,7 @@ def test_rollback_and_online_eval_dags(tmp_path):
     assert rb["tasks"] == ["rollback"] and rb["timetable"] == "NullTimetable"  # manual trigger only
     assert rb["params"] == ["expected_champion", "reason"] and rb["doc"]
     oe = info["flywheel_online_eval"]
-    assert oe["tasks"] == ["online_eval"] and oe["timetable"] == "CronDataIntervalTimetable"
+    assert oe["tasks"] == ["online_eval", "canary_eval"] and oe["timetable"] == "CronDataIntervalTimetable"
     assert oe["max_active_runs"] == 1 and oe["doc"]
     nightly = info["flywheel_nightly"]
     assert nightly["upstream"]["await_approval"] == ["register"]
