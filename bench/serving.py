@@ -149,7 +149,7 @@ def main() -> None:
     t0 = time.monotonic()
     procs["mlflow"] = start([str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m",
                              f"models:/{rt.model_name}/{version}", "--env-manager", "local", "--host", "127.0.0.1",
-                             "-p", str(ml_port)], e, home / "mlflow-serve.log")
+                             "-p", str(ml_port), "--workers", str(args.workers)], e, home / "mlflow-serve.log")
     urls["mlflow"] = f"http://127.0.0.1:{ml_port}/invocations"
     cold["mlflow"] = wait_predict(urls["mlflow"], bodies[("mlflow", 1)].read_bytes(), 300)
     del t0
@@ -178,7 +178,7 @@ def main() -> None:
                 "p99_ms": max(r["p99_ms"] for r in runs), "errors": sum(r["errors"] for r in runs),
                 "rss_mb": max(r["rss_mb"] for r in runs)}
 
-    table = Table(title=f"Serving: Flywheel ({args.workers} workers, log on/off) vs mlflow models serve")
+    table = Table(title=f"Serving: Flywheel (log on/off) vs mlflow models serve, {args.workers} workers each")
     for col in ("batch", "conc", "server", "req/s", "rows/s", "p50 ms", "p99 ms", "errors", "RSS MB"):
         table.add_column(col, justify="right")
     summary = {}
