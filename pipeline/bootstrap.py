@@ -95,7 +95,8 @@ def bootstrap(history: str | Path, rt: Runtime | None = None) -> BootstrapResult
     if len(rejected):
         rt.lake.write_partition("quarantine_bootstrap", last, pa.Table.from_pandas(rejected, preserve_index=False))
     train_df, holdout = split_by_time(frame, et, s.holdout_fraction)
-    bundle = ModelBundle.create(spec, train_df, s.embedding_dim, s.hidden_units, s.vocab_min_count, s.seed)
+    bundle = ModelBundle.create(spec, train_df, s.embedding_dim, s.hidden_units, s.vocab_min_count, s.seed,
+                                numeric_clip=s.numeric_clip)
     epochs = max(s.bootstrap_epochs, math.ceil(s.bootstrap_min_steps / math.ceil(len(train_df) / s.batch_size)))
     result = fit(bundle, train_df, spec.label.name, epochs=epochs, batch_size=s.batch_size,
                  lr=s.learning_rate, seed=s.seed, device=pick_device())

@@ -78,6 +78,7 @@ class Settings(BaseSettings):
     batch_size: int = Field(default=512, ge=1)
     learning_rate: float = Field(default=3e-3, gt=0)
     embedding_dim: int = Field(default=8, ge=1)
+    numeric_clip: float = Field(default=5.0, gt=0, description="Standardised numerics are clipped to +-this.")
     hidden_units: tuple[int, ...] = (64, 32)
     vocab_min_count: int = Field(default=2, ge=1, description="Sightings before a new category gets its own id.")
     seed: int = 7

@@ -85,10 +85,20 @@ class ModelBundle:
     hidden: tuple[int, ...]
     net: CTRNet = field(repr=False)
     optimizer_state: dict | None = field(default=None, repr=False)
+    numeric_clip: float = 5.0
+
+    def scale(self, name: str, values: np.ndarray) -> np.ndarray:
+        """Standardise a numeric feature and clip it to +-numeric_clip standard deviations: one outlier (a price
+        typo, a counter reset) must not saturate the network. Missing values become the mean (0). Training and
+        serving both call this, so the transform cannot drift apart."""
+        mean, std = self.norm[name]
+        out = (np.asarray(values, dtype=np.float64) - mean) / std
+        out = np.nan_to_num(out, nan=0.0, posinf=self.numeric_clip, neginf=-self.numeric_clip)
+        return np.clip(out, -self.numeric_clip, self.numeric_clip, out=out)
 
     @classmethod
     def create(cls, spec: FeatureSpec, frame: pd.DataFrame, embedding_dim: int, hidden: tuple[int, ...],
-               min_count: int, seed: int = 0) -> ModelBundle:
+               min_count: int, seed: int = 0, numeric_clip: float = 5.0) -> ModelBundle:
         torch.manual_seed(seed)
         vocabs = {c: Vocabulary() for c in spec.categorical}
         for c, v in vocabs.items():
@@ -99,7 +109,8 @@ class ModelBundle:
             std = float(col.std()) if len(col) > 1 else 1.0
             norm[n] = (float(col.mean()) if len(col) else 0.0, std if std > 1e-9 else 1.0)
         net = CTRNet([vocabs[c].size for c in spec.categorical], len(spec.numeric), embedding_dim, hidden)
-        return cls(spec.digest, spec.categorical, spec.numeric, vocabs, norm, embedding_dim, tuple(hidden), net)
+        return cls(spec.digest, spec.categorical, spec.numeric, vocabs, norm, embedding_dim, tuple(hidden), net,
+                   numeric_clip=numeric_clip)
 
     def check_spec(self, spec: FeatureSpec) -> None:
         if spec.digest != self.spec_digest:
@@ -123,10 +134,8 @@ class ModelBundle:
         cat = np.stack([self.vocabs[c].encode(frame[c]) for c in self.categorical], axis=1) if self.categorical \
             else np.zeros((n, 0), dtype=np.int64)
         if self.numeric:
-            num = np.stack(
-                [(frame[c].to_numpy(dtype=np.float64, na_value=np.nan) - m) / s
-                 for c, (m, s) in ((c, self.norm[c]) for c in self.numeric)], axis=1)
-            num = np.nan_to_num(num, nan=0.0, posinf=0.0, neginf=0.0).astype(np.float32)
+            num = np.stack([self.scale(c, frame[c].to_numpy(dtype=np.float64, na_value=np.nan))
+                            for c in self.numeric], axis=1).astype(np.float32)
         else:
             num = np.zeros((n, 0), dtype=np.float32)
         return torch.from_numpy(cat), torch.from_numpy(num)
@@ -149,6 +158,7 @@ class ModelBundle:
             "norm": self.norm,
             "embedding_dim": self.embedding_dim,
             "hidden": list(self.hidden),
+            "numeric_clip": self.numeric_clip,
         }
         (directory / "config.json").write_text(json.dumps(config, indent=2))
         (directory / "vocab.json").write_text(json.dumps({c: v.to_dict() for c, v in self.vocabs.items()}))
@@ -170,7 +180,8 @@ class ModelBundle:
         net.load_state_dict(load_file(str(directory / "weights.safetensors")))
         norm = {k: (float(v[0]), float(v[1])) for k, v in config["norm"].items()}
         return cls(config["spec_digest"], config["categorical"], config["numeric"], vocabs, norm,
-                   config["embedding_dim"], hidden, net, load_optimizer(directory))
+                   config["embedding_dim"], hidden, net, load_optimizer(directory),
+                   float(config.get("numeric_clip", 5.0)))
 
     def weights_digest(self) -> str:
         h = hashlib.sha256()

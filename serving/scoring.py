@@ -34,9 +34,7 @@ def encode_columns(bundle: ModelBundle, cols: dict[str, list], n: int) -> tuple[
     if bundle.numeric:
         num = np.empty((n, len(bundle.numeric)), dtype=np.float32)
         for j, name in enumerate(bundle.numeric):
-            mean, std = bundle.norm[name]
-            num[:, j] = (np.asarray(cols[name], dtype=np.float64) - mean) / std
-        np.nan_to_num(num, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+            num[:, j] = bundle.scale(name, np.asarray(cols[name], dtype=np.float64))
     else:
         num = np.zeros((n, 0), dtype=np.float32)
     return torch.from_numpy(cat), torch.from_numpy(num)

@@ -75,3 +75,17 @@ def test_category_values_are_canonical_across_types():
     v = Vocabulary()
     v.update(pd.Series([7.0, 7.0, 8.5]), min_count=1)
     assert v.encode([7, "7", 7.0, 8.5, None]).tolist() == [1, 1, 1, 2, OOV]
+
+
+def test_numeric_outliers_are_clipped_identically_offline_and_online(tmp_path):
+    from serving.scoring import score_columns
+
+    spec, frame, bundle = _bundle()
+    wild = frame.head(3).copy()
+    wild["amount"] = [1e12, -1e12, float("nan")]
+    _, num = bundle.encode(wild)
+    j = bundle.numeric.index("amount")
+    assert num[:, j].tolist() == [bundle.numeric_clip, -bundle.numeric_clip, 0.0]
+    cols = {c: wild[c].tolist() for c in spec.feature_names}
+    np.testing.assert_allclose(score_columns(bundle, cols, 3), bundle.predict(wild), rtol=1e-6)
+    assert ModelBundle.load(bundle.save(tmp_path / "b")).numeric_clip == bundle.numeric_clip
