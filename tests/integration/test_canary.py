@@ -4,11 +4,8 @@ too few labels."""
 
 from __future__ import annotations
 
-import tempfile
 import uuid
-from pathlib import Path
 
-import mlflow
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -16,22 +13,16 @@ import pytest
 from pipeline import registry
 from pipeline.canary import TAG_CANARY, canary_eval
 from pipeline.model import ModelBundle
-from pipeline.train import experiment
 from tests.helpers import loans_frame
-from tests.integration.test_online_eval import DAY, degraded, rt  # noqa: F401 - shared fixture and builders
+from tests.integration.test_online_eval import DAY, degraded, register_bundle, rt  # noqa: F401 - shared fixture
 
 pytestmark = pytest.mark.integration
 
 
 def make_challenger(r, bundle: ModelBundle) -> str:
-    experiment(r)
-    with mlflow.start_run() as run, tempfile.TemporaryDirectory() as tmp:
-        registry.log_bundle(bundle, r.spec, Path(tmp))
-    client = r.client()
-    mv = registry.register(client, r.model_name, run.info.run_id, {registry.TAG_PARENT: "1",
-                                                                     "flywheel.gate_passed": "true"})
-    client.set_registered_model_alias(r.model_name, registry.CHALLENGER, mv.version)
-    return mv.version
+    version = register_bundle(r, bundle)
+    r.client().set_registered_model_alias(r.model_name, registry.CHALLENGER, version)
+    return version
 
 
 def canary_day(r, bundle: ModelBundle, version: str, n: int) -> None:

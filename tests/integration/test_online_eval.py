@@ -38,16 +38,21 @@ def rt(settings_factory, tmp_path):
     return r
 
 
-def promote_bundle(rt, bundle: ModelBundle) -> str:
-    """Register `bundle` as if it had passed its offline gate, and make it champion (v1 becomes previous)."""
+def register_bundle(rt, bundle: ModelBundle) -> str:
+    """Register `bundle` as a child of v1 that passed its offline gate; returns the new version."""
     experiment(rt)
     with mlflow.start_run() as run, tempfile.TemporaryDirectory() as tmp:
         registry.log_bundle(bundle, rt.spec, Path(tmp))
-    client = rt.client()
-    mv = registry.register(client, rt.model_name, run.info.run_id, {registry.TAG_PARENT: "1",
-                                                                     "flywheel.gate_passed": "true"})
-    registry.move_champion(client, rt.model_name, mv.version, "1", "test")
+    mv = registry.register(rt.client(), rt.model_name, run.info.run_id, {registry.TAG_PARENT: "1",
+                                                                          "flywheel.gate_passed": "true"})
     return mv.version
+
+
+def promote_bundle(rt, bundle: ModelBundle) -> str:
+    """Register `bundle` and make it champion (v1 becomes previous)."""
+    version = register_bundle(rt, bundle)
+    registry.move_champion(rt.client(), rt.model_name, version, "1", "test")
+    return version
 
 
 def serve_day(rt, bundle: ModelBundle, version: str, n: int, old_rows: int = 200) -> None:
