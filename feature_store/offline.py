@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
@@ -20,6 +21,14 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 MANIFEST = "_manifest.json"
+FAULT_ENV = "FLYWHEEL_FAULT_AT"
+
+
+def fault_point(name: str) -> None:
+    """Die here, as a SIGKILL would, when FLYWHEEL_FAULT_AT names this point: the crash-recovery tests use it to
+    prove that a re-run after a crash between any two steps leaves the same partition."""
+    if os.environ.get(FAULT_ENV) == name:
+        os._exit(86)
 
 
 @dataclass(frozen=True)
@@ -83,36 +92,14 @@ class Lake:
     def write_partition(
         self, table_name: str, day: date, data: pa.Table, inputs: dict[str, object] | None = None
     ) -> PartitionRef:
-        final = self.partition_path(table_name, day)
-        parent = self.path(table_name)
-        self.fs.create_dir(parent, recursive=True)
-        for stale in self.fs.get_file_info(pafs.FileSelector(parent)):
-            if stale.base_name.startswith(f".tmp-dt={day.isoformat()}-"):
-                self.fs.delete_dir(stale.path)
-        tmp = self.path(table_name, f".tmp-dt={day.isoformat()}-{uuid.uuid4().hex}")
-        self.fs.create_dir(tmp)
-        body = self.parquet_bytes(data)
-        with self.fs.open_output_stream(f"{tmp}/part-0.parquet") as f:
-            f.write(body)
-        manifest = {
-            "table": table_name,
-            "day": day.isoformat(),
-            "rows": data.num_rows,
-            "files": [{"path": "part-0.parquet", "rows": data.num_rows, "sha256": _sha256(body)}],
-            "schema": [f"{f.name}:{f.type}" for f in data.schema],
-            "inputs": inputs or {},
-            "written_at": datetime.now(UTC).isoformat(),
-        }
-        with self.fs.open_output_stream(f"{tmp}/{MANIFEST}") as f:
-            f.write(json.dumps(manifest, indent=2, sort_keys=True).encode())
-        if self.exists(final):
-            trash = self.path(table_name, f".tmp-dt={day.isoformat()}-old-{uuid.uuid4().hex}")
-            self.fs.move(final, trash)
-            self.fs.move(tmp, final)
-            self.fs.delete_dir(trash)
-        else:
-            self.fs.move(tmp, final)
-        return PartitionRef(table_name, day, final, data.num_rows)
+        writer = self.partition_writer(table_name, day, data.schema)
+        writer.write(data)
+        return writer.commit(inputs)
+
+    def partition_writer(self, table_name: str, day: date, schema: pa.Schema) -> PartitionWriter:
+        """Stream record batches into a day partition under the same temp-dir + rename + manifest contract as
+        `write_partition`, so a day larger than memory is written without ever being held whole."""
+        return PartitionWriter(self, table_name, day, schema)
 
     def read_manifest(self, table_name: str, day: date) -> dict | None:
         path = f"{self.partition_path(table_name, day)}/{MANIFEST}"
@@ -139,3 +126,67 @@ class Lake:
                 if self.exists(f"{info.path}/{MANIFEST}"):
                     days.append(date.fromisoformat(info.base_name[3:]))
         return sorted(days)
+
+
+class PartitionWriter:
+    """One day partition being written: batches go to a ParquetWriter inside a `.tmp-dt=D-*` directory; `commit`
+    writes the manifest last and renames the directory into place, replacing any previous version of the day."""
+
+    def __init__(self, lake: Lake, table_name: str, day: date, schema: pa.Schema) -> None:
+        self.lake, self.table_name, self.day, self.schema = lake, table_name, day, schema
+        parent = lake.path(table_name)
+        lake.fs.create_dir(parent, recursive=True)
+        for stale in lake.fs.get_file_info(pafs.FileSelector(parent)):
+            if stale.base_name.startswith(f".tmp-dt={day.isoformat()}-"):
+                lake.fs.delete_dir(stale.path)
+        self.tmp = lake.path(table_name, f".tmp-dt={day.isoformat()}-{uuid.uuid4().hex}")
+        lake.fs.create_dir(self.tmp)
+        self._stream = lake.fs.open_output_stream(f"{self.tmp}/part-0.parquet")
+        self._writer = pq.ParquetWriter(self._stream, schema, compression="zstd")
+        self.rows = 0
+
+    def write(self, data: pa.Table | pa.RecordBatch) -> None:
+        if data.num_rows:
+            table = data if isinstance(data, pa.Table) else pa.Table.from_batches([data])
+            self._writer.write_table(table.cast(self.schema))
+            self.rows += data.num_rows
+
+    def abort(self) -> None:
+        self._writer.close()
+        self._stream.close()
+        self.lake.fs.delete_dir(self.tmp)
+
+    def _digest(self, path: str) -> str:
+        h = hashlib.sha256()
+        with self.lake.fs.open_input_stream(path) as f:
+            while chunk := f.read(8 << 20):
+                h.update(chunk)
+        return h.hexdigest()
+
+    def commit(self, inputs: dict[str, object] | None = None) -> PartitionRef:
+        self._writer.close()
+        self._stream.close()
+        lake, day, name = self.lake, self.day, self.table_name
+        manifest = {
+            "table": name,
+            "day": day.isoformat(),
+            "rows": self.rows,
+            "files": [{"path": "part-0.parquet", "rows": self.rows,
+                       "sha256": self._digest(f"{self.tmp}/part-0.parquet")}],
+            "schema": [f"{f.name}:{f.type}" for f in self.schema],
+            "inputs": inputs or {},
+            "written_at": datetime.now(UTC).isoformat(),
+        }
+        with lake.fs.open_output_stream(f"{self.tmp}/{MANIFEST}") as f:
+            f.write(json.dumps(manifest, indent=2, sort_keys=True).encode())
+        fault_point(f"{name}.before_rename")
+        final = lake.partition_path(name, day)
+        if lake.exists(final):
+            trash = lake.path(name, f".tmp-dt={day.isoformat()}-old-{uuid.uuid4().hex}")
+            lake.fs.move(final, trash)
+            fault_point(f"{name}.between_renames")
+            lake.fs.move(self.tmp, final)
+            lake.fs.delete_dir(trash)
+        else:
+            lake.fs.move(self.tmp, final)
+        return PartitionRef(name, day, final, self.rows)

@@ -70,6 +70,11 @@ class Settings(BaseSettings):
     label_rate_min: float = Field(default=0.0005, ge=0, le=1)
     label_rate_max: float = Field(default=0.9995, ge=0, le=1)
     unseen_category_share: float = Field(default=0.5, ge=0, le=1, description="Allowed share of unseen values.")
+    # --- data path (issue 4) ---
+    collect_lateness_s: float = Field(default=2 * 86400, ge=0,
+                                      description="Segments sealed this long after a day's first collect still "
+                                                  "join it on a re-run; later ones are listed as too late.")
+    collect_batch_rows: int = Field(default=262_144, ge=1024, description="Rows per record batch when collecting.")
 
     holdout_fraction: float = Field(default=0.2, gt=0, lt=1, description="Time-latest share of a day held out.")
     epochs: int = Field(default=4, ge=1)
