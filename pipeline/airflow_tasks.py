@@ -21,14 +21,19 @@ def _stage(fn: Callable[..., Any], *args: Any) -> dict:
         raise AirflowFailException(str(e)) from e
 
 
-def schedule():
-    """The DAG's timetable from settings: a daily data interval (logical date = the day), or manual only."""
+def _timetable(cron: str):
+    """A cron setting as a data-interval timetable (logical date = the interval's start), or None for
+    manual/backfill only."""
     from airflow.sdk import CronDataIntervalTimetable
 
+    return None if cron.lower() in ("none", "") else CronDataIntervalTimetable(cron, timezone="UTC")
+
+
+def schedule():
+    """The nightly DAG's timetable: a daily data interval (logical date = the day), or manual only."""
     from pipeline.config import get_settings
 
-    cron = get_settings().schedule
-    return None if cron.lower() in ("none", "") else CronDataIntervalTimetable(cron, timezone="UTC")
+    return _timetable(get_settings().schedule)
 
 
 def label_lag_s() -> int:
@@ -87,13 +92,10 @@ def rollout(promoted: dict) -> dict:
 
 
 def online_eval_schedule():
-    """The online evaluation DAG's timetable from settings (`online_eval_schedule`), or manual only."""
-    from airflow.sdk import CronDataIntervalTimetable
-
+    """The online evaluation DAG's timetable (`online_eval_schedule`), or manual only."""
     from pipeline.config import get_settings
 
-    cron = get_settings().online_eval_schedule
-    return None if cron.lower() in ("none", "") else CronDataIntervalTimetable(cron, timezone="UTC")
+    return _timetable(get_settings().online_eval_schedule)
 
 
 def online_eval(ds: str) -> dict:

@@ -129,6 +129,7 @@ def bootstrap(history: str | Path, rt: Runtime | None = None) -> BootstrapResult
     else:
         reused = True
     if registry.get_alias(client, rt.model_name, registry.CHAMPION) is None:
-        registry.set_champion(client, rt.model_name, existing.version)
+        registry.move_champion(client, rt.model_name, existing.version, expected=None, owner="bootstrap",
+                               stale_s=s.alias_lock_stale_s)
     return BootstrapResult(version=existing.version, rows=len(frame), rejected=len(rejected),
                            first_day=first.isoformat(), last_day=last.isoformat(), holdout=metrics, reused=reused)

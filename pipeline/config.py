@@ -149,18 +149,21 @@ class Settings(BaseSettings):
     def resolved_serving_url(self) -> str:
         return self.serving_url or f"http://{self.serving_host}:{self.serving_port}"
 
-    def resolved_admin_token(self) -> str:
-        """Admin token from the env, else one generated once per home and kept in a 0600 file, never in code."""
-        if self.admin_token:
-            return self.admin_token
-        path = self.home_abs / "secrets" / "admin_token"
+    def secret(self, name: str, nbytes: int = 32) -> str:
+        """A secret generated once per home and kept in a 0600 file (made private before it is renamed into
+        place), never in code or logs."""
+        path = self.home_abs / "secrets" / name
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")
-            tmp.write_text(secrets.token_urlsafe(32))
+            tmp.write_text(secrets.token_urlsafe(nbytes))
             tmp.chmod(0o600)
             tmp.replace(path)
         return path.read_text().strip()
+
+    def resolved_admin_token(self) -> str:
+        """Admin token from the env, else the home's generated one."""
+        return self.admin_token or self.secret("admin_token")
 
 
 @lru_cache(maxsize=1)

@@ -189,19 +189,6 @@ def load_run_bundle(run_id: str, cache: Path) -> ModelBundle:
     return ModelBundle.load(target)
 
 
-def set_champion(client: MlflowClient, name: str, version: str) -> str | None:
-    """Move `champion` to `version`, keeping the one it replaces as `previous`; returns that previous version."""
-    current = get_alias(client, name, CHAMPION)
-    if current and current.version == version:
-        return current.tags.get(TAG_PARENT)
-    if current:
-        client.set_registered_model_alias(name, PREVIOUS, current.version)
-    client.set_registered_model_alias(name, CHAMPION, version)
-    client.set_model_version_tag(name, version, "flywheel.promoted", "true")
-    return current.version if current else None
-
-
-
 # --- guarded alias moves (issue 6) ---------------------------------------------------------------------------
 TAG_PROMOTED_AT = "flywheel.promoted_at"
 TAG_PROMOTED_BY = "flywheel.promoted_by"

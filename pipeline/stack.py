@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import signal
 import subprocess
 import sys
@@ -39,17 +38,8 @@ def settings_env(s: Settings) -> dict[str, str]:
     return env
 
 
-def _secret(s: Settings, name: str, nbytes: int = 32) -> str:
-    path = s.home_abs / "secrets" / name
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(secrets.token_urlsafe(nbytes))
-        path.chmod(0o600)
-    return path.read_text().strip()
-
-
 def airflow_password(s: Settings) -> str:
-    return s.airflow_password or _secret(s, "airflow_admin_password", 12)
+    return s.airflow_password or s.secret("airflow_admin_password", 12)
 
 
 def airflow_env(s: Settings) -> dict[str, str]:
@@ -69,8 +59,8 @@ def airflow_env(s: Settings) -> dict[str, str]:
             "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager",
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{s.airflow_user}:admin",
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(pw_file),
-        "AIRFLOW__API_AUTH__JWT_SECRET": _secret(s, "airflow_jwt_secret", 64),
-        "AIRFLOW__API__SECRET_KEY": _secret(s, "airflow_api_secret", 32),
+        "AIRFLOW__API_AUTH__JWT_SECRET": s.secret("airflow_jwt_secret", 64),
+        "AIRFLOW__API__SECRET_KEY": s.secret("airflow_api_secret", 32),
         "AIRFLOW__API__HOST": "127.0.0.1",
         "AIRFLOW__API__PORT": str(s.airflow_port),
         "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{s.airflow_port}",

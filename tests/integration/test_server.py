@@ -143,7 +143,7 @@ def test_alias_move_swaps_model_under_load_without_failed_requests(server):
     mv = client.create_model_version(rt.model_name, run_tags[registry.TAG_MODEL_URI], run_id=run_id,
                                      model_id=run_tags[registry.TAG_MODEL_ID],
                                      tags={registry.TAG_BUNDLE: v1.tags[registry.TAG_BUNDLE]})
-    registry.set_champion(client, rt.model_name, str(mv.version))
+    registry.move_champion(client, rt.model_name, str(mv.version), expected=v1.version, owner="test")
     deadline = time.monotonic() + 20
     while str(mv.version) not in versions and time.monotonic() < deadline:
         time.sleep(0.2)
