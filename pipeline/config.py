@@ -76,6 +76,30 @@ class Settings(BaseSettings):
                                                   "join it on a re-run; later ones are listed as too late.")
     collect_batch_rows: int = Field(default=262_144, ge=1024, description="Rows per record batch when collecting.")
 
+    validation_suite_path: Path | None = Field(
+        default=None, description="User expectations (great-expectations suite JSON) added to the spec-derived "
+        "suite; default: `<spec stem>.expectations.json` next to the spec, when present.")
+    validate_chunk_rows: int = Field(default=262_144, ge=1024, description="Rows per validated record batch.")
+    drift_reference_days: int = Field(default=7, ge=1, description="Drift: past validated days in the reference.")
+    drift_bins: int = Field(default=10, ge=2, description="Drift: quantile bins per numeric feature for PSI.")
+    drift_psi_warn: float = Field(default=0.1, ge=0, description="Drift: PSI above this is reported as moderate.")
+    drift_psi_severe: float = Field(default=0.25, ge=0, description="Drift: PSI above this is severe.")
+    drift_action: Literal["warn", "block"] = Field(default="warn", description="Severe drift: warn, or fail the day.")
+    # --- feature store (issue 4) ---
+    online_store_uri: str | None = Field(default=None, description="Online entity features: sqlite:///path "
+                                         "(default home/online.db) or redis://host:6379/0.")
+    materialize_schedule: str = Field(default="@hourly", description="Online-store materialization cron; 'none'.")
+    vocab_expiry_days: int = Field(default=0, ge=0, description="Categories unseen this many days map to OOV; 0=off.")
+    # --- production profile (issue 7) ---
+    airflow_broker_url: str | None = Field(default=None, description="Celery broker, e.g. redis://127.0.0.1:6379/1.")
+    airflow_result_backend: str | None = Field(default=None, description="Celery results, e.g. db+postgresql://...")
+    training_runner: Literal["local", "kubernetes"] = Field(
+        default="local", description="Where the nightly train task runs: in the worker, or as a training pod.")
+    s3_endpoint_url: str | None = Field(default=None, description="S3-compatible endpoint for lake and artifacts.")
+    mlflow_auth: bool = Field(default=False, description="Start MLflow with basic auth; users from secrets.")
+    mlflow_username: str | None = None
+    mlflow_password: str | None = None
+
     holdout_fraction: float = Field(default=0.2, gt=0, lt=1, description="Time-latest share of a day held out.")
     epochs: int = Field(default=4, ge=1)
     bootstrap_epochs: int = Field(default=3, ge=1)
