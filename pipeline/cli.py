@@ -18,6 +18,8 @@ from pipeline.runtime import StageError
 app = typer.Typer(help="Flywheel: keep a production model fresh, one night at a time.", no_args_is_help=True)
 simulate_app = typer.Typer(help="The bundled traffic simulator (demo and test aid).", no_args_is_help=True)
 app.add_typer(simulate_app, name="simulate")
+features_app = typer.Typer(help="Entity feature tables (offline store).", no_args_is_help=True)
+app.add_typer(features_app, name="features")
 console = Console(stderr=True)
 
 Day = Annotated[str, typer.Option("--day", help="Logical date YYYY-MM-DD.")]
@@ -164,6 +166,29 @@ def online_eval(day: Day) -> None:
     from pipeline.online_eval import online_eval as stage
 
     _run(stage, day)
+
+
+@features_app.command("ingest")
+def features_ingest(
+    entity: Annotated[str, typer.Argument(help="Entity of the spec, e.g. user.")],
+    file: Annotated[Path, typer.Argument(help="Parquet file: the entity key, the event-time column (as-of "
+                                              "time) and any of the entity's features.")],
+) -> None:
+    """Add entity feature values to the lake's features/ENTITY table (idempotent)."""
+    from pipeline.materialize import ingest as stage
+
+    _run(stage, entity, file)
+
+
+@app.command()
+def materialize(
+    up_to: Annotated[str | None, typer.Option(help="Load values as of this ISO time (default: everything).")]
+    = None,
+) -> None:
+    """Load each entity's latest feature values into the online store (incremental; a re-run is a no-op)."""
+    from pipeline.materialize import materialize as stage
+
+    _run(stage, up_to)
 
 
 @app.command()

@@ -22,7 +22,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from feature_store.entity_tables import lookup_features
 from feature_store.log_schema import FEEDBACK, PREDICTIONS, feedback_schema, prediction_schema
+from feature_store.online import open_store
 from pipeline import registry
 from pipeline.config import Settings, get_settings
 from pipeline.runtime import runtime
@@ -30,7 +32,15 @@ from serving.log_sink import Flusher, LogUnavailable, SegmentLog
 from serving.metrics import Metrics
 from serving.model_slot import Loaded, ModelSlot
 from serving.protocols import mlflow_to_rows, v2_response, v2_to_rows
-from serving.schema import RequestError, openapi_bodies, parse_feedback, parse_rows, warmup_frame
+from serving.schema import (
+    RequestError,
+    fill_from_store,
+    openapi_bodies,
+    parse_feedback,
+    parse_rows,
+    plan_lookup,
+    warmup_frame,
+)
 from serving.scoring import Job, Scorer
 from serving.workers import WorkerGroup
 
@@ -75,6 +85,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     scorer = Scorer(spec, predictions if s.log_predictions else None, s.max_batch_rows,
                     on_batch=lambda rows, jobs: metrics.microbatch.observe(rows))
     admin_token = s.resolved_admin_token()
+    # Entity features a request may omit: filled from the online store by the entity's key (one batched read).
+    entity_of = lookup_features(spec)
+    fillable = frozenset(entity_of)
+    store = open_store(s.online_store_uri, s.home_abs, spec.name) if entity_of else None
     api_tokens = [t.encode() for t in s.api_tokens]
 
     @asynccontextmanager
@@ -94,6 +108,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             slot.stop()
         flusher.stop()
         workers.leave()
+        if store is not None:
+            store.close()
 
     app = FastAPI(title="Flywheel model server", version="0.1.0", lifespan=lifespan,
                   description=f"Scores rows of the feature spec '{spec.name}' with {rt.model_name}@champion.")
@@ -136,7 +152,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             metrics.requests.labels(route_name, "401").inc()
             return _json({"detail": "a valid API token is required (Authorization: Bearer ...)"}, 401)
         body, request_id = rows_of(await body_json(request))
-        cols, times = parse_rows(body, spec, s.max_rows_per_request)
+        cols, times = parse_rows(body, spec, s.max_rows_per_request, fillable)
+        if store is not None and (lookup := plan_lookup(cols, spec, entity_of)) is not None:
+            try:
+                found = await asyncio.to_thread(store.read_entities, lookup.wanted) if store.remote \
+                    else store.read_entities(lookup.wanted)
+            except Exception as e:  # store down: refuse rather than score rows with invented features
+                log.error("online store lookup failed", extra={"error": str(e)})
+                metrics.requests.labels(route_name, "503").inc()
+                return _json({"detail": f"online store unavailable for entity features: {e}"}, 503,
+                             {"Retry-After": "5"})
+            fill_from_store(cols, spec, lookup, found)
         loaded = route(cols)
         if loaded is None:
             metrics.requests.labels(route_name, "503").inc()
@@ -165,7 +191,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         metrics.requests.labels(request.url.path, str(exc.status)).inc()
         return JSONResponse({"detail": str(exc)}, status_code=exc.status)
 
-    bodies = openapi_bodies(spec, s.max_rows_per_request)
+    bodies = openapi_bodies(spec, s.max_rows_per_request,
+                            {n: spec.entities[e].key for n, e in entity_of.items()})
 
     @app.post("/predict", summary="Score rows of the feature spec; every scored row is logged",
               openapi_extra=bodies["predict"])

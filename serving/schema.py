@@ -3,6 +3,7 @@ name the exact field (`rows[3].price: ...`) so a client can fix its payload."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import pandas as pd
@@ -30,8 +31,11 @@ def _parse_time(value: object, where: str) -> datetime:
         raise RequestError(f"{where}: not a usable time: {value!r} ({e})") from e
 
 
-def parse_rows(body: object, spec: FeatureSpec, max_rows: int) -> tuple[dict[str, list], list[datetime | None]]:
-    """Column lists for the spec's features, and each row's event time (None when not sent)."""
+def parse_rows(body: object, spec: FeatureSpec, max_rows: int, fillable: frozenset[str] = frozenset()
+               ) -> tuple[dict[str, list], list[datetime | None]]:
+    """Column lists for the spec's features, and each row's event time (None when not sent). Features in
+    `fillable` (entity features the online store can supply) may be absent: they are left None for
+    `fill_from_store`, which enforces non-nullability once the store had its say."""
     if not isinstance(body, dict):
         raise RequestError("body: expected a JSON object with a 'rows' list")
     unknown_top = set(body) - {"rows", "request_id"}
@@ -55,7 +59,7 @@ def parse_rows(body: object, spec: FeatureSpec, max_rows: int) -> tuple[dict[str
             v = row.get(name)
             where = f"rows[{i}].{name}"
             if v is None:
-                if not f.nullable:
+                if not f.nullable and name not in fillable:
                     raise RequestError(f"{where}: missing (required by the feature spec)")
             elif f.type is FeatureType.NUMERIC:
                 if not isinstance(v, int | float):  # bool is an int: a flag column is a 0/1 number
@@ -70,6 +74,67 @@ def parse_rows(body: object, spec: FeatureSpec, max_rows: int) -> tuple[dict[str
         t = row.get(spec.event_time)
         times.append(None if t is None else _parse_time(t, f"rows[{i}].{spec.event_time}"))
     return cols, times
+
+
+@dataclass
+class Lookup:
+    """What a request batch needs from the online store: per entity, the distinct keys and, per key, the rows
+    (and their missing features) that the values go to."""
+
+    wanted: dict[str, tuple[list[str], list[str]]]
+    targets: dict[str, list[list[tuple[int, str]]]]
+
+
+def plan_lookup(cols: dict[str, list], spec: FeatureSpec, entity_of: dict[str, str]) -> Lookup | None:
+    """None when every row carries its entity features: the common case costs one scan, no store call."""
+    missing = [name for name in entity_of if None in cols[name]]
+    if not missing:
+        return None
+    wanted: dict[str, tuple[list[str], list[str]]] = {}
+    targets: dict[str, list[list[tuple[int, str]]]] = {}
+    slots: dict[str, dict[str, int]] = {}
+    for name in missing:
+        entity = entity_of[name]
+        key_col = cols[spec.entities[entity].key]
+        keys, features = wanted.setdefault(entity, ([], []))
+        features.append(name)
+        index = slots.setdefault(entity, {})
+        rows = targets.setdefault(entity, [])
+        for i, v in enumerate(cols[name]):
+            key = key_col[i]
+            if v is not None or key is None:
+                continue
+            key = canonical_value(key)
+            if key not in index:
+                index[key] = len(keys)
+                keys.append(key)
+                rows.append([])
+            rows[index[key]].append((i, name))
+    return Lookup(wanted, targets)
+
+
+def fill_from_store(cols: dict[str, list], spec: FeatureSpec, lookup: Lookup,
+                    found: dict[str, list[dict]]) -> None:
+    """Write the store's values into the request's columns (request values were kept), then refuse rows whose
+    non-nullable feature is still missing, naming the feature and the key the store did not know."""
+    for entity, per_key in lookup.targets.items():
+        for values, rows in zip(found[entity], per_key, strict=True):
+            for i, name in rows:
+                stored = values.get(name)
+                if stored is not None:
+                    cols[name][i] = stored.value
+    for entity, (_, features) in lookup.wanted.items():
+        key_name = spec.entities[entity].key
+        for name in features:
+            if spec.features[name].nullable:
+                continue
+            column = cols[name]
+            if None in column:
+                i = column.index(None)
+                key = cols[key_name][i]
+                why = f"no {key_name} to look it up by" if key is None else \
+                    f"the online store has no value for {key_name}={canonical_value(key)!r}"
+                raise RequestError(f"rows[{i}].{name}: missing in the request and {why}")
 
 
 def parse_feedback(body: object, label_domain: tuple[float, ...] = (0.0, 1.0)) -> list[dict]:
@@ -101,17 +166,25 @@ def parse_feedback(body: object, label_domain: tuple[float, ...] = (0.0, 1.0)) -
     return out
 
 
-def openapi_bodies(spec: FeatureSpec, max_rows: int) -> dict[str, dict]:
+def _property(name: str, ftype: FeatureType, entity_key: str | None) -> dict:
+    prop: dict = {"type": "number"} if ftype is FeatureType.NUMERIC else {"type": ["string", "integer"]}
+    if entity_key is not None:
+        prop["description"] = f"Optional: when omitted, the online store's latest value for the row's {entity_key}."
+    return prop
+
+
+def openapi_bodies(spec: FeatureSpec, max_rows: int, fillable: dict[str, str] | None = None) -> dict[str, dict]:
     """JSON schemas of the request bodies, derived from the spec, so the published OpenAPI document tells
     clients (and fuzzers) exactly what /predict and /feedback accept. Ranges are deliberately not enforced
-    here: out-of-range values are served, logged and quarantined by validation, not refused."""
+    here: out-of-range values are served, logged and quarantined by validation, not refused. `fillable` maps
+    entity features to their entity's key: those are optional, the server fills them from the online store."""
+    fillable = fillable or {}
     row = {
         "type": "object",
         "additionalProperties": False,
-        "required": [n for n, f in spec.features.items() if not f.nullable],
+        "required": [n for n, f in spec.features.items() if not f.nullable and n not in fillable],
         "properties": {
-            **{n: ({"type": "number"} if f.type is FeatureType.NUMERIC else {"type": ["string", "integer"]})
-               for n, f in spec.features.items()},
+            **{n: _property(n, f.type, fillable.get(n)) for n, f in spec.features.items()},
             spec.event_time: {"type": "string", "format": "date-time"},
         },
     }
