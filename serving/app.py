@@ -154,14 +154,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         body, request_id = rows_of(await body_json(request))
         cols, times = parse_rows(body, spec, s.max_rows_per_request, fillable)
         if store is not None and (lookup := plan_lookup(cols, spec, entity_of)) is not None:
+            started = time.perf_counter()
             try:
                 found = await asyncio.to_thread(store.read_entities, lookup.wanted) if store.remote \
                     else store.read_entities(lookup.wanted)
             except Exception as e:  # store down: refuse rather than score rows with invented features
                 log.error("online store lookup failed", extra={"error": str(e)})
+                for entity, (keys, _) in lookup.wanted.items():
+                    metrics.lookups.labels(entity, "error").inc(len(keys))
                 metrics.requests.labels(route_name, "503").inc()
                 return _json({"detail": f"online store unavailable for entity features: {e}"}, 503,
                              {"Retry-After": "5"})
+            metrics.lookup_latency.observe(time.perf_counter() - started)
+            for entity, (keys, _) in lookup.wanted.items():
+                hits = sum(1 for values in found[entity] if values)
+                metrics.lookups.labels(entity, "hit").inc(hits)
+                metrics.lookups.labels(entity, "miss").inc(len(keys) - hits)
             fill_from_store(cols, spec, lookup, found)
         loaded = route(cols)
         if loaded is None:

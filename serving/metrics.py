@@ -28,6 +28,10 @@ class Metrics:
         self.unsealed = Gauge("flywheel_log_unsealed_rows", "Rows in the spool, not yet sealed to Parquet",
                               ["stream"], registry=r)
         self.logged = Gauge("flywheel_log_rows", "Rows appended to the log since start", ["stream"], registry=r)
+        self.lookups = Counter("flywheel_feature_lookup_keys_total", "Entity keys looked up in the online store",
+                               ["entity", "outcome"], registry=r)
+        self.lookup_latency = Histogram("flywheel_feature_lookup_seconds", "Online-store read per request",
+                                        registry=r, buckets=(.0001, .0005, .001, .002, .005, .01, .02, .05, .1))
         self.log_ok = Gauge("flywheel_log_healthy", "1 while the log accepts rows", ["stream"], registry=r)
 
     def observe_logs(self, logs, queued_rows: int) -> None:

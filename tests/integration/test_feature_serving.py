@@ -185,6 +185,11 @@ def test_server_fills_omitted_entity_features_from_the_store_and_logs_them(serve
     inv = httpx.post(f"{url}/invocations", json={"dataframe_records": [omitted]})
     assert inv.status_code == 200 and inv.json()["predictions"][0] == pytest.approx(explicit["scores"][0])
 
+    text = httpx.get(f"{url}/metrics").text
+    assert 'flywheel_feature_lookup_keys_total{entity="user",outcome="hit"} 2.0' in text
+    assert 'flywheel_feature_lookup_keys_total{entity="user",outcome="miss"} 1.0' in text
+    assert "flywheel_feature_lookup_seconds_count 3.0" in text
+
     admin = {"Authorization": f"Bearer {s.resolved_admin_token()}"}
     assert httpx.post(f"{url}/admin/flush", headers=admin).status_code == 200
     logged = pq.read_table(sorted((s.home_abs / "lake" / PREDICTIONS).rglob("*.parquet"))).to_pandas()
