@@ -10,7 +10,9 @@ to the model server.
 
 Trigger a past day with an explicit logical date (UI "Trigger DAG w/ config" or REST); backfills run days in
 order (one active run at a time, so each day warm-starts from the previous day's result). Re-running a day is
-idempotent. Every task is one call into `pipeline/`; `flywheel <stage> --day D` runs the same code by hand.
+idempotent. With `training_runner=kubernetes`, `train` launches the GPU training pod (pool `gpu_pool`) instead of
+training in the worker; its result comes back through the pod's XCom sidecar. Every task is one call into
+`pipeline/`; `flywheel <stage> --day D` runs the same code by hand.
 """
 
 from __future__ import annotations
@@ -75,7 +77,14 @@ def flywheel_nightly():
 
     collected = collect()
     wait_for_labels >> collected
-    registered = register(evaluate(train(validate(collected))))
+    validated = validate(collected)
+    if t.training_runner() == "kubernetes":
+        pod = t.train_pod_operator("train")
+        validated >> pod
+        trained = pod.output
+    else:
+        trained = train(validated)
+    registered = register(evaluate(trained))
     review = AwaitApprovalOperator(task_id="await_approval", registered=registered)
     rollout(promote(registered, review.output))
 

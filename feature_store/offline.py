@@ -21,6 +21,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 MANIFEST = "_manifest.json"
+NO_DIR_RENAME = {"s3", "gcs"}  # object stores: a "directory" is a key prefix, renamed file by file
 FAULT_ENV = "FLYWHEEL_FAULT_AT"
 
 
@@ -82,6 +83,21 @@ class Lake:
             f.write(data)
         self.fs.move(tmp, path)
         return _sha256(data)
+
+    def move_dir(self, src: str, dst: str) -> None:
+        """Rename a directory. Object stores have no rename: files are copied with the manifest last and the
+        source is deleted manifest first, so a reader that goes through the manifest never sees a partial one."""
+        if self.fs.type_name not in NO_DIR_RENAME:
+            self.fs.move(src, dst)
+            return
+        infos = self.fs.get_file_info(pafs.FileSelector(src, recursive=True))
+        files = sorted((i.path for i in infos if i.type == pafs.FileType.File), key=lambda p: p.endswith(MANIFEST))
+        self.fs.create_dir(dst, recursive=True)
+        for path in files:
+            self.fs.copy_file(path, dst + path[len(src):])
+        if files and files[-1].endswith(MANIFEST):
+            self.fs.delete_file(files[-1])
+        self.fs.delete_dir(src)
 
     @staticmethod
     def parquet_bytes(table: pa.Table) -> bytes:
@@ -183,10 +199,10 @@ class PartitionWriter:
         final = lake.partition_path(name, day)
         if lake.exists(final):
             trash = lake.path(name, f".tmp-dt={day.isoformat()}-old-{uuid.uuid4().hex}")
-            lake.fs.move(final, trash)
+            lake.move_dir(final, trash)
             fault_point(f"{name}.between_renames")
-            lake.fs.move(self.tmp, final)
+            lake.move_dir(self.tmp, final)
             lake.fs.delete_dir(trash)
         else:
-            lake.fs.move(self.tmp, final)
+            lake.move_dir(self.tmp, final)
         return PartitionRef(name, day, final, self.rows)

@@ -36,6 +36,21 @@ def schedule():
     return _timetable(get_settings().schedule)
 
 
+def training_runner() -> str:
+    """Where the nightly `train` task runs (`training_runner`): read at parse time, so switching is config only."""
+    from pipeline.config import get_settings
+
+    return get_settings().training_runner
+
+
+def train_pod_operator(task_id: str = "train"):
+    """The `train` task as a KubernetesPodOperator launching the rendered training pod in the GPU pool."""
+    from pipeline.config import get_settings
+    from pipeline.k8s import training_pod_operator
+
+    return training_pod_operator(get_settings(), task_id)
+
+
 def label_lag_s() -> int:
     """How long after a day ends its labels may still arrive: the spec's attribution window plus lateness."""
     from pipeline.runtime import runtime

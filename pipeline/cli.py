@@ -37,6 +37,20 @@ def main(
         os.environ["FLYWHEEL_SPEC_PATH"] = str(spec.resolve())
     get_settings.cache_clear()
     setup_logging(verbose)
+    _client_env()
+
+
+def _client_env() -> None:
+    """Hand-run commands reach the same S3 endpoint and pass the same MLflow basic auth as the stack's
+    processes, without the user exporting tool-specific variables (explicit env values win)."""
+    from pipeline.stack import mlflow_client_env
+
+    s = get_settings()
+    extra = dict(mlflow_client_env(s)) if s.mlflow_auth else {}
+    if s.s3_endpoint_url:
+        extra |= {"AWS_ENDPOINT_URL": s.s3_endpoint_url, "MLFLOW_S3_ENDPOINT_URL": s.s3_endpoint_url}
+    for key, value in extra.items():
+        os.environ.setdefault(key, value)
 
 
 def _emit(result: BaseModel | dict) -> None:
@@ -93,11 +107,16 @@ def validate(day: Day) -> None:
 
 
 @app.command()
-def train(day: Day) -> None:
+def train(
+    day: Day,
+    xcom: Annotated[bool, typer.Option("--xcom", help="Also write the result to /airflow/xcom/return.json "
+                                       "(the training pod's XCom for KubernetesPodOperator).")] = False,
+) -> None:
     """Warm-start the champion on validated/dt=D and log the candidate."""
+    from pipeline.k8s_train import with_xcom
     from pipeline.train import train as stage
 
-    _run(stage, day)
+    _run(with_xcom(stage) if xcom else stage, day)
 
 
 @app.command()

@@ -99,6 +99,9 @@ class Settings(BaseSettings):
     mlflow_auth: bool = Field(default=False, description="Start MLflow with basic auth; users from secrets.")
     mlflow_username: str | None = None
     mlflow_password: str | None = None
+    gpu_pool_slots: int = Field(default=1, ge=1, description="Slots of `gpu_pool`: nights that train at once.")
+    airflow_celery_concurrency: int = Field(default=2, ge=1, description="Task slots of the Celery worker.")
+    airflow_dags_folder: Path | None = Field(default=None, description="DAGs the stack's Airflow loads; default dags/.")
 
     holdout_fraction: float = Field(default=0.2, gt=0, lt=1, description="Time-latest share of a day held out.")
     epochs: int = Field(default=4, ge=1)
