@@ -9,12 +9,12 @@ import time
 from pipeline.stack import REPO
 
 
-def _dagbag_probe(extra_env: dict[str, str], tmp_path) -> str:
+def _dagbag_probe(extra_env: dict[str, str], tmp_path, dag_id: str = "flywheel_nightly") -> str:
     code = (
         "import json, time; t=time.monotonic()\n"
         "from airflow.dag_processing.dagbag import DagBag\n"
         f"b = DagBag(dag_folder={str(REPO / 'dags')!r})\n"
-        "d = b.dags.get('flywheel_nightly')\n"
+        f"d = b.dags.get({dag_id!r})\n"
         "import sys\n"
         "print(json.dumps({'errors': {k: str(v) for k, v in b.import_errors.items()},"
         " 'heavy': sorted(m for m in ('torch', 'mlflow', 'great_expectations') if m in sys.modules),"
@@ -43,6 +43,18 @@ def test_nightly_dag_imports_cleanly_without_heavy_modules(tmp_path):
     assert info["max_active_runs"] == 1 and info["doc"]
     assert info["timetable"] == "CronDataIntervalTimetable"
     assert time.monotonic() - start < 60
+
+
+def test_materialize_dag_declares_one_task_and_follows_its_schedule_setting(tmp_path):
+    import json
+
+    info = json.loads(_dagbag_probe({}, tmp_path, "flywheel_materialize"))
+    assert info["errors"] == {} and info["heavy"] == []
+    assert info["tasks"] == ["materialize"] and info["tags"] == ["features", "flywheel"]
+    assert info["retries"] == [2] and info["max_active_runs"] == 1 and info["doc"]
+    assert info["timetable"] == "CronDataIntervalTimetable"
+    off = json.loads(_dagbag_probe({"FLYWHEEL_MATERIALIZE_SCHEDULE": "none"}, tmp_path, "flywheel_materialize"))
+    assert off["timetable"] == "NullTimetable"
 
 
 def test_schedule_can_be_turned_off_by_config(tmp_path):
