@@ -3,9 +3,11 @@
 Simulates N logged prediction rows for the default CTR spec as sealed segments (`--segment-rows` each, the size
 the server's seal interval produces) plus feedback for `--label-share` of them, then runs `pipeline.collect` in a
 fresh child process per size and reads that child's own peak RSS (`resource.getrusage`), so generation and the
-parent never count. Optionally (`--validate`) runs the validation gate too.
+parent never count. With `--validate` the child then validates the day too (chunked, with a user suite file
+and the day itself copied as the previous validated day, so drift and unseen shares run against a full-size
+reference) and the final peak covers both stages.
 
-    .venv/bin/python bench/collect.py --rows 1000000 10000000
+    .venv/bin/python bench/collect.py --rows 1000000 10000000 --validate
 
 Prints one line per size and ends with one JSON line.
 """
@@ -26,16 +28,27 @@ ROOT = Path(__file__).resolve().parents[1]
 DAY = date(2026, 3, 1)
 
 CHILD = """
-import json, resource, sys, time
+import json, resource, shutil, sys, time
+from datetime import date, timedelta
 from pipeline.collect import collect
+from pipeline.runtime import runtime
 t = time.perf_counter(); r = collect(sys.argv[1]); c = time.perf_counter() - t
+collect_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 v = None
 if sys.argv[2] == "1":
     from pipeline.validate import validate
-    t = time.perf_counter(); validate(sys.argv[1]); v = time.perf_counter() - t
-print(json.dumps({"rows": r.rows, "collect_s": c, "validate_s": v,
+    lake, day = runtime().lake, date.fromisoformat(sys.argv[1])
+    # The day itself, copied as the previous validated day, is the drift/unseen reference: a full-size window.
+    shutil.copytree(lake.partition_path("training", day), lake.partition_path("validated", day - timedelta(days=1)))
+    t = time.perf_counter(); res = validate(sys.argv[1]); v = time.perf_counter() - t
+    assert res.passed and res.rows == r.rows and res.drift["reference_days"], res
+print(json.dumps({"rows": r.rows, "collect_s": c, "validate_s": v, "collect_peak_rss_mb": collect_rss,
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
+SUITE = {"name": "bench", "expectations": [
+    {"type": "expect_column_values_to_be_between", "kwargs": {"column": "price", "min_value": 0, "max_value": 1000}},
+    {"type": "expect_column_mean_to_be_between", "kwargs": {"column": "score", "min_value": 0.2, "max_value": 0.8}},
+]}
 
 
 def simulate(home: Path, rows: int, segment_rows: int, label_share: float) -> None:
@@ -96,18 +109,23 @@ def main() -> None:
             t = time.perf_counter()
             simulate(home, rows, args.segment_rows, args.label_share)
             gen_s = time.perf_counter() - t
+            suite = home / "bench.expectations.json"
+            suite.write_text(json.dumps(SUITE))
             env = {**os.environ, "FLYWHEEL_HOME": str(home), "FLYWHEEL_COLLECT_FLUSHES_SERVER": "false",
-                   "FLYWHEEL_MIN_ROWS": "1"}
+                   "FLYWHEEL_MIN_ROWS": "1", "FLYWHEEL_VALIDATION_SUITE_PATH": str(suite)}
             out = subprocess.run([sys.executable, "-c", CHILD, DAY.isoformat(), "1" if args.validate else "0"],
                                  cwd=ROOT, env=env, capture_output=True, text=True, check=True)
             r = json.loads(out.stdout.strip().splitlines()[-1])
             r.update(logged_rows=rows, generate_s=round(gen_s, 1), rows_per_s=round(rows / r["collect_s"]))
             results.append(r)
-            print(f"{rows:>11,} rows: collect {r['collect_s']:.1f}s ({r['rows_per_s']:,} rows/s), "
-                  f"peak RSS {r['peak_rss_mb']:.0f} MB, validate {r['validate_s']}", flush=True)
+            print(f"{rows:>11,} rows: collect {r['collect_s']:.1f}s ({r['rows_per_s']:,} rows/s, peak RSS "
+                  f"{r['collect_peak_rss_mb']:.0f} MB), validate {r['validate_s']}, peak RSS "
+                  f"{r['peak_rss_mb']:.0f} MB", flush=True)
     summary = {"bench": "collect", "results": results}
     if len(results) > 1:
         summary["rss_ratio_last_vs_first"] = round(results[-1]["peak_rss_mb"] / results[0]["peak_rss_mb"], 3)
+        summary["collect_rss_ratio_last_vs_first"] = round(
+            results[-1]["collect_peak_rss_mb"] / results[0]["collect_peak_rss_mb"], 3)
     print(json.dumps(summary))
 
 

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -131,6 +132,30 @@ class Lake:
         return pa.concat_tables(
             [pq.read_table(f"{base}/{f['path']}", filesystem=self.fs) for f in manifest["files"]]
         )
+
+    def iter_batches(self, table_name: str, day: date, chunk_rows: int,
+                     columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
+        """A complete partition as record batches of at most `chunk_rows`, whole row groups at a time.
+        `ParquetFile.iter_batches` was measured holding ever more Arrow memory over a 3M-row file (99 -> 260 MB);
+        reading row groups a group list at a time stays flat (~32 MB)."""
+        manifest = self.read_manifest(table_name, day)
+        if manifest is None:
+            raise FileNotFoundError(f"no complete partition {table_name}/dt={day.isoformat()} in {self.root}")
+        base = self.partition_path(table_name, day)
+        for f in manifest["files"]:
+            with self.fs.open_input_file(f"{base}/{f['path']}") as fh:
+                pf = pq.ParquetFile(fh)
+                group: list[int] = []
+                size = 0
+                for i in range(pf.metadata.num_row_groups):
+                    n = pf.metadata.row_group(i).num_rows
+                    if group and size + n > chunk_rows:
+                        yield from pf.read_row_groups(group, columns=columns).to_batches(max_chunksize=chunk_rows)
+                        group, size = [], 0
+                    group.append(i)
+                    size += n
+                if group:
+                    yield from pf.read_row_groups(group, columns=columns).to_batches(max_chunksize=chunk_rows)
 
     def partition_days(self, table_name: str) -> list[date]:
         directory = self.path(table_name)

@@ -10,7 +10,8 @@ silently joined or dropped. Segments that cannot be read or cast to the spec's l
 cast (a feature added: ignored; a nullable column missing: nulls; int for float) are kept.
 
 Memory is bounded by one segment plus the day's feedback: segments are streamed batch by batch into the
-partition writer, and duplicates are found through a sorted array of 64-bit key hashes.
+partition writer, and duplicates are found in a first pass that spills (key hash, position) pairs to hash
+partitions on disk and sorts one partition at a time, so no structure grows with the day's row count.
 """
 
 from __future__ import annotations
@@ -20,10 +21,12 @@ import hashlib
 import json
 import logging
 import math
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -217,8 +220,10 @@ def _join_batch(p: pd.DataFrame, f: pd.DataFrame, et: str, window: timedelta) ->
     return p.merge(labels, on=keys, how="left")
 
 
-def _key_hash(p: pd.DataFrame) -> np.ndarray:
-    return pd.util.hash_pandas_object(p[["request_id", "row"]], index=False).to_numpy()
+def _key_hash(keys: pd.DataFrame) -> np.ndarray:
+    """64-bit hash of (request_id, row), on normalised dtypes so predictions and feedback hash alike."""
+    norm = pd.DataFrame({"request_id": keys["request_id"].astype(str), "row": keys["row"].astype("int64")})
+    return pd.util.hash_pandas_object(norm, index=False).to_numpy()
 
 
 def _in_sorted(sorted_keys: np.ndarray, h: np.ndarray) -> np.ndarray:
@@ -228,24 +233,60 @@ def _in_sorted(sorted_keys: np.ndarray, h: np.ndarray) -> np.ndarray:
     return sorted_keys[idx] == h
 
 
-class KeySet:
-    """Hashes of the (request_id, row) keys written so far: a sorted base plus a sorted tail that is merged into
-    it when it grows past `merge_at`. Membership is a binary search and a day of N rows costs about N/merge_at
-    full sorts, instead of one sort of everything seen so far per batch (which made 10M rows quadratic)."""
+class DuplicateFinder:
+    """Positions (in the day's row order) of rows whose (request_id, row) key appeared earlier the same day,
+    found without holding every key in memory: (hash, position) pairs are spilled to hash partitions on disk,
+    about `partition_rows` each, and each partition is then sorted on its own. Memory is one partition plus the
+    duplicates, whatever the size of the day; a sorted in-memory key set grew by 8 bytes a row and doubled
+    while it was merged."""
 
-    def __init__(self, merge_at: int = 1 << 20) -> None:
-        self.base = np.empty(0, dtype=np.uint64)
-        self.tail = np.empty(0, dtype=np.uint64)
-        self.merge_at = merge_at
+    def __init__(self, directory: Path, expected_rows: int, partition_rows: int = 1 << 20) -> None:
+        self.directory = directory
+        self.parts = max(1, math.ceil(expected_rows / partition_rows))
+        self.rows = 0
 
-    def contains(self, h: np.ndarray) -> np.ndarray:
-        return _in_sorted(self.base, h) | _in_sorted(self.tail, h)
+    def _path(self, part: int) -> Path:
+        return self.directory / f"keys-{part:05d}.bin"
 
     def add(self, h: np.ndarray) -> None:
-        self.tail = np.sort(np.concatenate([self.tail, h]))
-        if len(self.tail) >= self.merge_at:
-            self.base = np.sort(np.concatenate([self.base, self.tail]))
-            self.tail = np.empty(0, dtype=np.uint64)
+        pairs = np.empty((len(h), 2), dtype=np.int64)
+        pairs[:, 0] = h.view(np.int64)
+        pairs[:, 1] = np.arange(self.rows, self.rows + len(h))
+        self.rows += len(h)
+        part = h % np.uint64(self.parts)
+        for k in np.unique(part):
+            with open(self._path(int(k)), "ab") as f:
+                f.write(pairs[part == k].tobytes())
+
+    def duplicates(self) -> np.ndarray:
+        """Sorted positions of every repeat of a key, its first occurrence excepted."""
+        out = [np.empty(0, dtype=np.int64)]
+        for k in range(self.parts):
+            if not self._path(k).exists():
+                continue
+            pairs = np.fromfile(self._path(k), dtype=np.int64).reshape(-1, 2)
+            pairs = pairs[np.lexsort((pairs[:, 1], pairs[:, 0]))]
+            repeat = pairs[1:, 0] == pairs[:-1, 0]
+            out.append(pairs[1:, 1][repeat])
+            self._path(k).unlink()
+        return np.sort(np.concatenate(out))
+
+
+def _key_columns(rt: Runtime, seg: dict) -> pd.DataFrame:
+    keys = pq.read_table(seg["path"], columns=["request_id", "row"], filesystem=rt.lake.fs)
+    return pd.DataFrame({"request_id": pc.cast(keys["request_id"], pa.string()).to_pandas(),
+                         "row": pc.cast(keys["row"], pa.int32()).to_numpy()})
+
+
+def _find_duplicates(rt: Runtime, segs: list[dict], batch_rows: int, rows: int) -> np.ndarray:
+    """First pass over the good segments, key columns only, in the order the second pass writes them."""
+    with tempfile.TemporaryDirectory(prefix="collect-keys-", dir=rt.settings.run_dir) as tmp:
+        finder = DuplicateFinder(Path(tmp), rows)
+        for seg in segs:
+            keys = _key_columns(rt, seg)
+            for lo in range(0, len(keys), batch_rows):
+                finder.add(_key_hash(keys.iloc[lo:lo + batch_rows]))
+        return finder.duplicates()
 
 
 def collect(day: str | date, rt: Runtime | None = None) -> CollectResult:
@@ -276,24 +317,28 @@ def _collect(day: date, rt: Runtime) -> CollectResult:
     fb_days = _feedback_days(day, preds.served_days, window)
     fbs = _scan(rt, FEEDBACK, fb_days, feedback_schema())
     f = _labels(rt, fbs.good)
+    f_hash = _key_hash(f)
+    rt.settings.run_dir.mkdir(parents=True, exist_ok=True)
+    dups = _find_duplicates(rt, preds.good, s.collect_batch_rows, rows_in)
 
     label, et = spec.label.name, spec.event_time
     out_schema = pa.schema([*pschema, pa.field(label, pa.float64()), pa.field("label_time", TS)])
     writer = rt.lake.partition_writer(TRAINING, day, out_schema)
-    seen = KeySet()
-    rows = positives = n_missing = duplicates = 0
+    rows = positives = n_missing = position = 0
+    duplicates = len(dups)
     try:
         for seg in preds.good:
             table, _ = conform(pq.read_table(seg["path"], filesystem=rt.lake.fs), pschema)
             for batch in table.to_batches(max_chunksize=s.collect_batch_rows):
                 p = batch.to_pandas()
-                h = _key_hash(p)
-                fresh = ~pd.Series(h).duplicated().to_numpy() & ~seen.contains(h)
-                duplicates += int((~fresh).sum())
-                p, h = p[fresh], h[fresh]
-                seen.add(h)
+                fresh = ~_in_sorted(dups, np.arange(position, position + len(p)))
+                position += len(p)
+                p = p[fresh]
                 p[et] = p[et].fillna(p["served_at"])
-                out = _join_batch(p, f, et, window)
+                # Only the feedback rows whose key hash this batch holds enter the merge: the day's feedback is
+                # hashed once, instead of re-indexed by pandas for every batch.
+                candidates = f[_in_sorted(np.sort(_key_hash(p)), f_hash)] if len(f) else f
+                out = _join_batch(p, candidates, et, window)
                 missing = out["label"].isna()
                 n_missing += int(missing.sum())
                 if spec.label.missing == "drop":

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
@@ -79,6 +80,9 @@ def test_nightly_on_second_spec_collects_quarantines_trains_registers_idempotent
     q = rt.lake.read_partition(QUARANTINE, DAY).to_pandas()
     assert len(q) >= 1 and (q.amount < 0).all() and q.reason.str.contains("amount").all()
     assert out["validate"]["quarantined"] == len(q)
+    report_dir = rt.settings.reports_dir / "validation" / f"dt={DAY}"
+    assert out["validate"]["report"] == str(report_dir / "index.html") and Path(out["validate"]["data_docs"]).is_file()
+    assert rt.lake.read_manifest("drift", DAY) is not None and out["validate"]["unseen_category_share"] is None
     validated = rt.lake.read_partition(VALIDATED, DAY).to_pandas()
     assert (validated.amount >= 0).all() and len(validated) + len(q) == out["collect"]["rows"]
 

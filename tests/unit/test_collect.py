@@ -181,3 +181,20 @@ def test_two_overlapping_runs_leave_one_partition(tmp_path):
     ids = rt.lake.read_partition(TRAINING, DAY).column("request_id").to_pylist()
     assert len(ids) == len(set(ids)) == 30
     assert [p.name for p in (tmp_path / "home" / "lake" / TRAINING).iterdir()] == [f"dt={DAY}"]
+
+
+def test_duplicate_finder_keeps_first_occurrence_across_spilled_partitions(tmp_path):
+    import numpy as np
+
+    from pipeline.collect import DuplicateFinder
+
+    rng = np.random.default_rng(0)
+    keys = rng.integers(0, 3000, 10_000).astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    finder = DuplicateFinder(tmp_path, expected_rows=len(keys), partition_rows=1000)
+    assert finder.parts == 10
+    for lo in range(0, len(keys), 777):
+        finder.add(keys[lo:lo + 777])
+    _, first = np.unique(keys, return_index=True)
+    expected = np.setdiff1d(np.arange(len(keys)), first)
+    np.testing.assert_array_equal(finder.duplicates(), expected)
+    assert not list(tmp_path.iterdir())  # spill files are removed once read
