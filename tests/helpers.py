@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import time
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
@@ -28,6 +29,21 @@ def make_settings(home: Path, mlflow_port: int, **overrides) -> Settings:
         serving_port=serving_port, log_seal_interval_s=3600, alias_poll_interval_s=0.5,
         min_rows=overrides.pop("min_rows", 50), **overrides,
     )
+
+
+def start_server_on_champion(s: Settings, version: str = "1", timeout: float = 30) -> str:
+    """Start the real model server for `s` and wait until it serves `version`; returns its URL."""
+    import httpx
+
+    from pipeline import stack
+
+    stack.start_server(s)
+    url = s.resolved_serving_url()
+    deadline = time.monotonic() + timeout
+    while httpx.get(f"{url}/health").json()["model_version"] != version:
+        assert time.monotonic() < deadline, f"server never loaded version {version}"
+        time.sleep(0.2)
+    return url
 
 
 def loans_frame(day: date, n: int, seed: int, regions: int = 5) -> pd.DataFrame:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 import uuid
 from datetime import UTC, datetime, timedelta
 
@@ -27,7 +26,7 @@ from pipeline.config import DEFAULT_SPEC, get_settings
 from pipeline.materialize import ingest, materialize, open_online_store
 from pipeline.runtime import StageError, runtime
 from pipeline.simulate import Simulator
-from tests.helpers import free_port, make_settings
+from tests.helpers import free_port, make_settings, start_server_on_champion
 
 pytestmark = pytest.mark.integration
 REDIS_URI = "redis://127.0.0.1:6379/13"
@@ -143,12 +142,7 @@ def server(request, tmp_path_factory, mlflow_server, champion):
     s = make_settings(home, mlflow_server[1], model_name=champion, serving_port=free_port(), online_store_uri=uri,
                       spec_path=_spec_copy(home, f"ctr{uuid.uuid4().hex[:8]}"))
     rt = runtime(s)
-    stack.start_server(s)
-    url = s.resolved_serving_url()
-    deadline = time.monotonic() + 30
-    while httpx.get(f"{url}/health").json()["model_version"] != "1":
-        assert time.monotonic() < deadline, "server never loaded the champion"
-        time.sleep(0.2)
+    url = start_server_on_champion(s)
     yield s, rt, url
     stack.stop_all(s)
     _cleanup(rt)

@@ -24,7 +24,7 @@ from pipeline.bootstrap import bootstrap
 from pipeline.config import DEFAULT_SPEC
 from pipeline.runtime import runtime
 from pipeline.simulate import Simulator
-from tests.helpers import free_port, make_settings
+from tests.helpers import free_port, make_settings, start_server_on_champion
 
 pytestmark = pytest.mark.integration
 CTR = load_spec(DEFAULT_SPEC)
@@ -39,12 +39,7 @@ def server(tmp_path_factory, mlflow_server):
     history = home / "history.parquet"
     SIM.history(3).to_parquet(history)
     bootstrap(history, rt)
-    stack.start_server(s)
-    url = s.resolved_serving_url()
-    deadline = time.monotonic() + 30
-    while httpx.get(f"{url}/health").json()["model_version"] != "1":
-        assert time.monotonic() < deadline, "server never loaded the champion"
-        time.sleep(0.2)
+    url = start_server_on_champion(s)
     yield s, rt, url
     stack.stop_all(s)
 
