@@ -96,6 +96,55 @@ class Slice(_Strict):
     description: str = ""
 
 
+class Migration(_Strict):
+    """A declared change of the model's inputs, so a warm start can carry the parent's weights over instead of
+    refusing: `added` features start with zero input weights (the parent's predictions are unchanged until
+    training moves them), `removed` features have their input weights dropped, `renamed` ones keep theirs."""
+
+    added: list[str] = Field(default_factory=list, description="New features; their input weights start at zero.")
+    removed: list[str] = Field(default_factory=list, description="Features dropped; their input weights go.")
+    renamed: dict[str, str] = Field(default_factory=dict, description="old name -> new name; weights carried.")
+    description: str = ""
+
+    @model_validator(mode="after")
+    def _disjoint(self) -> Migration:
+        names = [*self.added, *self.removed, *self.renamed, *self.renamed.values()]
+        for n in names:
+            if not _IDENT.match(n):
+                raise ValueError(f"{n!r} is not a valid column name (letters, digits, underscore)")
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"{twice} named more than once in one migration (added/removed/renamed)")
+        if not names:
+            raise ValueError("an empty migration: name features under added, removed or renamed")
+        return self
+
+    def apply(self, features: dict[str, str]) -> dict[str, str] | None:
+        """The feature->type map after this migration, or None when it does not fit `features` (a removed or
+        renamed feature absent, an added or new name already present). Added features get type '?': the spec
+        they are checked against says what they are."""
+        gone = [*self.removed, *self.renamed]
+        if any(n not in features for n in gone) or any(n in features for n in [*self.added, *self.renamed.values()]
+                                                       if n not in gone):
+            return None
+        out = {n: t for n, t in features.items() if n not in gone}
+        out.update({new: features[old] for old, new in self.renamed.items()})
+        out.update(dict.fromkeys(self.added, "?"))
+        return out
+
+
+class MigrationPlan(BaseModel):
+    """The declared migrations that turn a parent model's features into the spec's, in order."""
+
+    steps: list[Migration]
+    added: list[str]
+    removed: list[str]
+    renamed: dict[str, str]
+
+    def summary(self) -> str:
+        return json.dumps({"added": self.added, "removed": self.removed, "renamed": self.renamed}, sort_keys=True)
+
+
 class FeatureSpec(_Strict):
     name: str
     event_time: str = Field(description="Optional request column with the event's time; partitions the log.")
@@ -103,6 +152,8 @@ class FeatureSpec(_Strict):
     features: dict[str, Feature]
     label: Label
     slices: dict[str, Slice] = Field(default_factory=dict, description="Evaluation slices, gated one by one.")
+    migrations: list[Migration] = Field(
+        default_factory=list, description="Declared feature changes, oldest first, that warm starts may apply.")
     description: str = ""
 
     @model_validator(mode="after")
@@ -129,7 +180,59 @@ class FeatureSpec(_Strict):
                 raise ValueError(f"slice {sname!r} names unknown feature {sl.feature!r}")
             if self.features[sl.feature].type is not FeatureType.CATEGORICAL:
                 raise ValueError(f"slice {sname!r}: feature {sl.feature!r} must be categorical to slice on")
+        if self.migrations:
+            last = self.migrations[-1]
+            if absent := [n for n in [*last.added, *last.renamed.values()] if n not in self.features]:
+                raise ValueError(f"migrations[{len(self.migrations) - 1}] adds or renames to {absent}, which are "
+                                 "not declared under features")
+            if present := [n for n in [*last.removed, *last.renamed] if n in self.features]:
+                raise ValueError(f"migrations[{len(self.migrations) - 1}] removes or renames away {present}, which "
+                                 "are still declared under features")
         return self
+
+    def plan_migration(self, parent: dict[str, str]) -> MigrationPlan:
+        """The declared migrations (a suffix of `migrations`, oldest first) that turn the parent model's features
+        (name -> 'numeric'/'categorical') into this spec's exactly. Anything else is refused with the difference
+        named, so a model can never be warm-started with its inputs silently misaligned."""
+        target = {n: f.type.value for n, f in self.features.items()}
+        if parent == target:
+            return MigrationPlan(steps=[], added=[], removed=[], renamed={})
+        for start in range(len(self.migrations)):
+            state: dict[str, str] | None = dict(parent)
+            for m in self.migrations[start:]:
+                state = m.apply(state)
+                if state is None:
+                    break
+            if state is not None and {n: target.get(n) if t == "?" else t for n, t in state.items()} == target:
+                return self._plan(parent, self.migrations[start:])
+        added = sorted(set(target) - set(parent))
+        removed = sorted(set(parent) - set(target))
+        retyped = sorted(n for n in set(target) & set(parent) if target[n] != parent[n])
+        what = "; ".join(p for p in (f"added {added}" if added else "", f"removed {removed}" if removed else "",
+                                     f"type changed {retyped}" if retyped else "") if p)
+        declared = json.dumps([m.model_dump(exclude_defaults=True) for m in self.migrations])
+        declared = f" (the declared migrations {declared} do not explain it)" if self.migrations else ""
+        raise SpecError(
+            f"feature spec {self.name!r} differs from the parent model's features: {what or 'same features'}"
+            f"{declared}; declare the change under the spec's top-level 'migrations:' key (a list entry with "
+            "'added:', 'removed:' and/or 'renamed: {old: new}'), or bootstrap a new model")
+
+    @staticmethod
+    def _plan(parent: dict[str, str], steps: list[Migration]) -> MigrationPlan:
+        names = {n: n for n in parent}  # original name -> current name
+        added: list[str] = []
+        for m in steps:
+            for old, new in m.renamed.items():
+                names = {o: new if c == old else c for o, c in names.items()}
+                added = [new if a == old else a for a in added]
+            for r in m.removed:
+                if r in added:
+                    added.remove(r)
+                names = {o: c for o, c in names.items() if c != r}
+            added += m.added
+        renamed = {o: c for o, c in names.items() if o != c}
+        removed = sorted(set(parent) - set(names))
+        return MigrationPlan(steps=steps, added=added, removed=removed, renamed=renamed)
 
     @cached_property
     def feature_names(self) -> list[str]:

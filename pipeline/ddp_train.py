@@ -16,6 +16,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
@@ -23,7 +24,7 @@ import torch.distributed as dist
 from feature_store.spec import load_spec
 from pipeline.checkpoint import Checkpointer
 from pipeline.config import get_settings
-from pipeline.model import ModelBundle
+from pipeline.model import ModelBundle, norm_stats
 from pipeline.trainer import encode_parquet, fit, pick_device
 
 
@@ -56,9 +57,12 @@ def main(argv: list[str] | None = None) -> dict:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
         spec = load_spec(args.spec)
-        if args.init is not None:  # warm start: stream the file, never one big frame
+        if args.init is not None:  # warm start (across a declared spec migration): stream the file
             bundle = ModelBundle.load(args.init)
-            bundle.check_spec(spec)
+            added = [n for n in spec.numeric if n not in bundle.numeric]
+            stats = pq.read_table(args.data, columns=added)
+            bundle.migrate_to(spec, args.seed, {n: norm_stats(stats.column(n).to_numpy(zero_copy_only=False)
+                                                              .astype(np.float64)) for n in added})
             batches = pq.ParquetFile(args.data).iter_batches(columns=bundle.categorical or None)
             bundle.grow_vocab((b.to_pandas() for b in batches), s.vocab_min_count, args.seed)
         else:  # a fresh model needs the whole file once anyway, for its vocabularies and normalisation

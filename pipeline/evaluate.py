@@ -97,7 +97,8 @@ def evaluate(day: str | date, run_id: str, rt: Runtime | None = None) -> EvalRes
     holdout = holdout.reset_index(drop=True)
     y = holdout[spec.label.name].to_numpy(dtype=np.float64)
     candidate = registry.load_run_bundle(run_id, rt.cache_dir)
-    champion = registry.load_version(client, rt.model_name, parent, rt.cache_dir)
+    # A champion from before a declared spec migration scores the new holdout as its migrated twin.
+    champion = registry.load_version(client, rt.model_name, parent, rt.cache_dir).for_spec(spec)
     pc, pp = candidate.predict(holdout), champion.predict(holdout)
     if not scores_valid(pp):
         raise StageError(f"champion v{parent} produced NaN or out-of-range scores on {day}'s holdout; "

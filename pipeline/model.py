@@ -6,10 +6,13 @@ The bundle is a directory of JSON plus a safetensors file, so loading a model ne
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import date
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +22,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from feature_store.spec import FeatureSpec
-from feature_store.vocab import Vocabulary
+from feature_store.spec import FeatureSpec, MigrationPlan
+from feature_store.vocab import Vocabulary, count
 
 FORMAT_VERSION = 1
 
@@ -103,11 +106,7 @@ class ModelBundle:
         vocabs = {c: Vocabulary() for c in spec.categorical}
         for c, v in vocabs.items():
             v.update(frame[c], min_count)
-        norm = {}
-        for n in spec.numeric:
-            col = frame[n].astype("float64")
-            std = float(col.std()) if len(col) > 1 else 1.0
-            norm[n] = (float(col.mean()) if len(col) else 0.0, std if std > 1e-9 else 1.0)
+        norm = {n: norm_stats(frame[n].to_numpy(dtype=np.float64, na_value=np.nan)) for n in spec.numeric}
         net = CTRNet([vocabs[c].size for c in spec.categorical], len(spec.numeric), embedding_dim, hidden)
         return cls(spec.digest, spec.categorical, spec.numeric, vocabs, norm, embedding_dim, tuple(hidden), net,
                    numeric_clip=numeric_clip)
@@ -119,15 +118,86 @@ class ModelBundle:
                 f"(features or types changed); bootstrap a new model or declare a migration"
             )
 
-    def grow_vocab(self, frame: pd.DataFrame | Iterable[pd.DataFrame], min_count: int, seed: int = 0
-                   ) -> dict[str, int]:
-        """Admit new values (from one frame, or record batches streamed from the lake), then grow the tables once."""
-        added = dict.fromkeys(self.categorical, 0)
+    @property
+    def features(self) -> dict[str, str]:
+        """The model's inputs, name -> 'categorical'/'numeric': what a migration is planned from."""
+        return {**dict.fromkeys(self.categorical, "categorical"), **dict.fromkeys(self.numeric, "numeric")}
+
+    def migrate_to(self, spec: FeatureSpec, seed: int = 0,
+                   numeric_stats: dict[str, tuple[float, float]] | None = None) -> MigrationPlan | None:
+        """Rebuild the inputs for `spec` by its declared migrations (None when nothing changed). Carried features
+        keep their embeddings, vocabularies and input weights (under their new name when renamed); removed ones
+        lose theirs; added ones get fresh embeddings but zero input weights and biases, so until training moves
+        them the model predicts exactly what the parent did. `numeric_stats` gives added numerics their
+        normalisation (else mean 0, std 1). The optimizer moments are dropped: the parameter shapes changed."""
+        if spec.digest == self.spec_digest:
+            return None
+        plan = spec.plan_migration(self.features)
+        if not plan.steps:
+            raise ValueError(f"model was trained for spec digest {self.spec_digest}, the spec now has {spec.digest} "
+                             "with the same features: the label changed, which no migration can carry over; "
+                             "bootstrap a new model")
+        origin = {c: o for o, c in plan.renamed.items()}
+        parent_of = {n: None if n in plan.added else origin.get(n, n) for n in spec.feature_names}
+        old_cat = {c: i for i, c in enumerate(self.categorical)}
+        old_num = {c: i for i, c in enumerate(self.numeric)}
+        vocabs = {c: self.vocabs[p] if (p := parent_of[c]) is not None else Vocabulary() for c in spec.categorical}
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            net = CTRNet([vocabs[c].size for c in spec.categorical], len(spec.numeric), self.embedding_dim,
+                         self.hidden)
+        old_first, new_first = _first_linear(self.net), _first_linear(net)
+        d = self.embedding_dim
+        with torch.no_grad():
+            new_first.weight.zero_()
+            new_first.bias.copy_(old_first.bias)
+            blocks = [(j * d, d, old_cat.get(parent_of[c]), True) for j, c in enumerate(spec.categorical)]
+            blocks += [(len(spec.categorical) * d + j, 1, old_num.get(parent_of[n]), False)
+                       for j, n in enumerate(spec.numeric)]
+            for at, width, src, is_cat in blocks:
+                if src is None:
+                    continue
+                src_at = src * d if is_cat else len(self.categorical) * d + src
+                new_first.weight[:, at:at + width] = old_first.weight[:, src_at:src_at + width]
+            for j, c in enumerate(spec.categorical):
+                if (p := parent_of[c]) is not None:
+                    net.embeddings[j].weight.copy_(self.net.embeddings[old_cat[p]].weight)
+                    net.biases[j].weight.copy_(self.net.biases[old_cat[p]].weight)
+            old_layers = [m for m in self.net.mlp if isinstance(m, nn.Linear)][1:]
+            for old, new in zip(old_layers, [m for m in net.mlp if isinstance(m, nn.Linear)][1:], strict=True):
+                new.load_state_dict(old.state_dict())
+        stats = numeric_stats or {}
+        self.norm = {n: self.norm[p] if (p := parent_of[n]) is not None else stats.get(n, (0.0, 1.0))
+                     for n in spec.numeric}
+        self.vocabs, self.net, self.optimizer_state = vocabs, net, None
+        self.categorical, self.numeric, self.spec_digest = list(spec.categorical), list(spec.numeric), spec.digest
+        return plan
+
+    def for_spec(self, spec: FeatureSpec) -> ModelBundle:
+        """This model as it would score rows of `spec` (a migrated copy when the spec changed): what evaluation
+        compares a migrated candidate against."""
+        if spec.digest == self.spec_digest:
+            return self
+        twin = copy.deepcopy(self)
+        twin.migrate_to(spec)
+        return twin
+
+    def grow_vocab(self, frame: pd.DataFrame | Iterable[pd.DataFrame], min_count: int, seed: int = 0,
+                   day: date | None = None) -> dict[str, int]:
+        """Admit new values (from one frame, or record batches streamed from the lake: sightings are summed first,
+        so ids do not depend on the batch size), mark them seen on `day`, then grow the tables once."""
+        counts = {c: Counter() for c in self.categorical}
         for part in [frame] if isinstance(frame, pd.DataFrame) else frame:
             for c in self.categorical:
-                added[c] += len(self.vocabs[c].update(part[c], min_count))
+                counts[c].update(count(part[c]))
+        added = {c: len(self.vocabs[c].admit(counts[c], min_count, day)) for c in self.categorical}
         self.net.grow([self.vocabs[c].size for c in self.categorical], seed)
         return added
+
+    def expire_vocab(self, today: date, days: int) -> dict[str, int]:
+        """Retire categories unseen for more than `days` days (see `Vocabulary.expire`); returns how many per
+        feature. Embedding rows stay, so ids keep their meaning across warm starts."""
+        return {c: len(self.vocabs[c].expire(today, days)) for c in self.categorical}
 
     def encode(self, frame: pd.DataFrame) -> tuple[torch.Tensor, torch.Tensor]:
         n = len(frame)
@@ -189,6 +259,17 @@ class ModelBundle:
             h.update(k.encode())
             h.update(v.detach().cpu().numpy().tobytes())
         return h.hexdigest()[:16]
+
+
+def norm_stats(values: np.ndarray) -> tuple[float, float]:
+    """Mean and std a numeric input is standardised with (missing values ignored; a constant column gets std 1)."""
+    values = values[np.isfinite(values)]
+    std = float(values.std(ddof=1)) if len(values) > 1 else 1.0
+    return (float(values.mean()) if len(values) else 0.0, std if std > 1e-9 else 1.0)
+
+
+def _first_linear(net: CTRNet) -> nn.Linear:
+    return next(m for m in net.mlp if isinstance(m, nn.Linear))
 
 
 def save_optimizer(state: dict, directory: Path) -> None:

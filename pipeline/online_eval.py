@@ -92,7 +92,8 @@ def compare(rt: Runtime, client, days: list[date], served: str, baseline: str) -
                           detail=f"{n} labeled rows ({pos} positive) served by v{served} in {days[0]}..{days[-1]}; "
                                  f"need {s.online_min_rows} rows and {s.online_min_positives} of each class")
     pc = rows["score"].to_numpy(dtype=np.float64)
-    pp = registry.load_version(client, rt.model_name, baseline, rt.cache_dir).predict(rows[spec.feature_names])
+    pp = registry.load_version(client, rt.model_name, baseline, rt.cache_dir).for_spec(spec).predict(
+        rows[spec.feature_names])
     if not scores_valid(pp):
         raise StageError(f"v{baseline} produced NaN or out-of-range scores on the logged features; it is no "
                          "baseline to compare with")

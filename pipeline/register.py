@@ -38,6 +38,8 @@ def register_candidate(day: str | date, evaluation: EvalResult | dict, rt: Runti
     }
     if ev.report_uri:
         tags[TAG_REPORT] = ev.report_uri
+    if migration := run.data.tags.get(registry.TAG_MIGRATION):
+        tags[registry.TAG_MIGRATION] = migration  # the registry shows the spec change, not only the run
     if ev.auc_diff is not None:
         tags[TAG_AUC_DIFF] = tag_json(ev.auc_diff.model_dump())
     mv = registry.register(client, rt.model_name, ev.run_id, tags)

@@ -38,6 +38,7 @@ TAG_WEIGHTS = "flywheel.weights_digest"
 TAG_BUNDLE = "flywheel.bundle_digest"
 TAG_MODEL_URI = "flywheel.model_uri"
 TAG_MODEL_ID = "flywheel.model_id"
+TAG_MIGRATION = "flywheel.migration"
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 PIP_REQUIREMENTS = ["torch", "pandas", "pyarrow", "safetensors", "mlflow"]
 

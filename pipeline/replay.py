@@ -86,16 +86,24 @@ def quotas(seen: dict[str, int], available: dict[str, int], capacity: int, floor
     return q
 
 
-def merge(previous: Reservoir, day_rows: pd.DataFrame, day: date, label: str, policy: ReplayPolicy) -> Reservoir:
-    """The reservoir after seeing `day_rows`: a pure function of its inputs (no clock, no global RNG)."""
-    fresh = day_rows.reset_index(drop=True).assign(**{KEY: priority(len(day_rows), day, policy),
-                                                      ORIGIN: day.isoformat()})
+def merge(previous: Reservoir, day_rows: pd.DataFrame, day: date, label: str, policy: ReplayPolicy,
+          keys: np.ndarray | None = None, day_counts: dict[str, int] | None = None) -> Reservoir:
+    """The reservoir after seeing `day_rows`: a pure function of its inputs (no clock, no global RNG). `keys` and
+    `day_counts` let a caller pass only the day's candidate rows (see `candidates`) with their priorities and
+    the whole day's label counts: the result is the same as for the whole day."""
+    keys = priority(len(day_rows), day, policy) if keys is None else keys
+    fresh = day_rows.reset_index(drop=True).assign(**{KEY: keys, ORIGIN: day.isoformat()})
     pool = pd.concat([previous.rows, fresh], ignore_index=True) if len(previous.rows) else fresh
     labels = label_key(pool[label])
+    if day_counts is None:
+        day_counts = {str(c): int(n) for c, n in label_key(day_rows[label]).value_counts().items()}
     seen = dict(previous.seen)
-    for c, n in label_key(day_rows[label]).value_counts().items():
-        seen[str(c)] = seen.get(str(c), 0) + int(n)
-    available = {str(c): int(n) for c, n in labels.value_counts().items()}
+    for c, n in day_counts.items():
+        seen[c] = seen.get(c, 0) + n
+    available = {str(c): int(n) for c, n in label_key(previous.rows[label]).value_counts().items()} \
+        if len(previous.rows) else {}
+    for c, n in day_counts.items():
+        available[c] = available.get(c, 0) + n
     q = quotas(seen, available, policy.capacity, policy.min_class_share)
     order = np.argsort(pool[KEY].to_numpy(), kind="stable")
     ranked = labels.to_numpy()[order]
@@ -115,10 +123,41 @@ def read_before(lake: Lake, day: date) -> Reservoir:
     return Reservoir(lake.read_partition(TABLE, earlier[-1]).to_pandas(), seen, earlier[-1])
 
 
-def update(lake: Lake, day: date, day_rows: pd.DataFrame, columns: list[str], label: str,
+def candidates(day_rows: pa.Table, day: date, label: str, policy: ReplayPolicy
+               ) -> tuple[pd.DataFrame, np.ndarray, dict[str, int]]:
+    """The only rows of a day that can enter the reservoir (per label, the `capacity` smallest priority keys),
+    their keys, and the whole day's label counts: a large day is merged without becoming one pandas frame."""
+    keys = priority(day_rows.num_rows, day, policy)
+    labels = label_key(pd.Series(day_rows.column(label).to_numpy(zero_copy_only=False))).to_numpy()
+    counts: dict[str, int] = {}
+    picked = []
+    for c in sorted(set(labels.tolist())):
+        rows = np.flatnonzero(labels == c)
+        counts[c] = len(rows)
+        if len(rows) > policy.capacity:
+            rows = rows[np.argpartition(keys[rows], policy.capacity - 1)[:policy.capacity]]
+        picked.append(rows)
+    take = np.sort(np.concatenate(picked)) if picked else np.zeros(0, dtype=np.int64)
+    return day_rows.take(pa.array(take)).to_pandas(), keys[take], counts
+
+
+def migrate(reservoir: Reservoir, renamed: dict[str, str], added: list[str]) -> Reservoir:
+    """Past rows under a declared spec migration: renamed columns take their new names, added features are
+    missing (they encode as OOV / the mean, which the migrated model's zero input weights ignore anyway).
+    Removed columns are left for `update` to drop."""
+    if not len(reservoir.rows):
+        return reservoir
+    rows = reservoir.rows.rename(columns=renamed)
+    rows = rows.assign(**{c: pd.Series(pd.NA, index=rows.index, dtype="object") for c in added
+                          if c not in rows.columns})
+    return Reservoir(rows, reservoir.seen, reservoir.as_of)
+
+
+def update(lake: Lake, day: date, day_rows: pd.DataFrame | pa.Table, columns: list[str], label: str,
            policy: ReplayPolicy, previous: Reservoir | None = None) -> PartitionRef:
     """Write the reservoir for `day` (idempotent: rebuilt from the partition before `day` every time; pass
-    `previous` when it was already read with `read_before(lake, day)`)."""
+    `previous` when it was already read with `read_before(lake, day)`). `day_rows` may be an Arrow table with
+    at least `columns`: only the rows that can enter the reservoir are converted."""
     previous = read_before(lake, day) if previous is None else previous
     if len(previous.rows):
         missing = [c for c in columns if c not in previous.rows.columns]
@@ -126,7 +165,11 @@ def update(lake: Lake, day: date, day_rows: pd.DataFrame, columns: list[str], la
             raise ValueError(f"replay reservoir as of {previous.as_of} lacks columns {missing}: the feature spec "
                              f"changed; declare a migration or clear the '{TABLE}' table")
         previous = Reservoir(previous.rows[[*columns, KEY, ORIGIN]], previous.seen, previous.as_of)
-    after = merge(previous, day_rows[columns], day, label, policy)
+    if isinstance(day_rows, pa.Table):
+        rows, keys, counts = candidates(day_rows.select(columns), day, label, policy)
+        after = merge(previous, rows, day, label, policy, keys, counts)
+    else:
+        after = merge(previous, day_rows[columns], day, label, policy)
     inputs = {"as_of": previous.as_of.isoformat() if previous.as_of else None, "seen": after.seen,
               "capacity": policy.capacity, "half_life_days": policy.half_life_days, "seed": policy.seed}
     return lake.write_partition(TABLE, day, pa.Table.from_pandas(after.rows, preserve_index=False), inputs)

@@ -12,11 +12,13 @@ import copy
 import hashlib
 import logging
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
@@ -116,6 +118,57 @@ class Encoded:
     def __len__(self) -> int:
         return len(self.y)
 
+    @classmethod
+    def of(cls, bundle: ModelBundle, frame: pd.DataFrame, label: str) -> Encoded:
+        cat, num = bundle.encode(frame)
+        return cls(cat, num, torch.from_numpy(frame[label].to_numpy(dtype=np.float32)))
+
+    @classmethod
+    def concat(cls, parts: list[Encoded], pin: bool = False) -> Encoded:
+        """One tensor set from several, written straight into pinned memory when the rows go to a GPU."""
+        out = []
+        for k in ("cat", "num", "y"):
+            tensors = [getattr(p, k) for p in parts]
+            shape = (sum(len(t) for t in tensors), *tensors[0].shape[1:])
+            out.append(torch.cat(tensors, out=torch.empty(shape, dtype=tensors[0].dtype, pin_memory=pin)))
+        return cls(*out)
+
+
+def encode_groups(bundle: ModelBundle, batches: Iterable[pa.RecordBatch], label: str, groups: list[np.ndarray],
+                  *, pin: bool = False) -> list[Encoded]:
+    """Encode record batches streamed in file order into one preallocated (optionally pinned) tensor set per
+    group of row positions, each laid out in its group's order (e.g. the time order of a split): the rows land
+    exactly where a sorted, split pandas frame would put them, without that frame ever existing. Rows in no
+    group (a holdout) are skipped."""
+    n = int(sum(len(g) for g in groups))
+    total = int(max((g.max() for g in groups if len(g)), default=-1)) + 1
+    group = np.full(total, -1, dtype=np.int16)
+    slot = np.zeros(total, dtype=np.int64)
+    for i, g in enumerate(groups):
+        group[g], slot[g] = i, np.arange(len(g))
+    out = [Encoded(torch.empty((len(g), len(bundle.categorical)), dtype=torch.int64, pin_memory=pin),
+                   torch.empty((len(g), len(bundle.numeric)), dtype=torch.float32, pin_memory=pin),
+                   torch.empty(len(g), dtype=torch.float32, pin_memory=pin)) for g in groups]
+    at = filled = 0
+    for batch in batches:
+        k = batch.num_rows
+        mine = group[at:at + k] if at < total else np.zeros(0, dtype=np.int16)
+        at += k
+        if not (mine >= 0).any():
+            continue
+        part = Encoded.of(bundle, batch.to_pandas(), label)
+        for i, dest in enumerate(out):
+            sel = np.flatnonzero(mine == i)
+            if len(sel):
+                rows = torch.from_numpy(slot[at - k + sel])
+                idx = torch.from_numpy(sel)
+                dest.cat[rows], dest.num[rows], dest.y[rows] = part.cat[idx], part.num[idx], part.y[idx]
+                filled += len(sel)
+    if filled != n:
+        raise ValueError(f"streamed {at} rows but the split names {n} positions up to {total}: the partition "
+                         "changed while it was being read")
+    return out
+
 
 def encode_parquet(bundle: ModelBundle, path: str | Path, label: str, *, batch_rows: int = 65_536,
                    filesystem=None, pin: bool = False) -> Encoded:
@@ -140,7 +193,7 @@ def encode_parquet(bundle: ModelBundle, path: str | Path, label: str, *, batch_r
 
 def fit(bundle: ModelBundle, frame: pd.DataFrame | Encoded, label: str, *, epochs: int, batch_size: int, lr: float,
         seed: int, device: torch.device | None = None, sample_weight: np.ndarray | None = None,
-        valid: pd.DataFrame | None = None, patience: int = 0, anchor_l2: float = 0.0,
+        valid: pd.DataFrame | Encoded | None = None, patience: int = 0, anchor_l2: float = 0.0,
         optimizer_state: dict | None = None, checkpointer: Checkpointer | None = None) -> FitResult:
     """Train `bundle.net` in place. With `valid` (a later time slice) the best epoch's weights are kept and
     training stops after `patience` epochs without gain; `anchor_l2` pulls weights toward where they started
@@ -252,13 +305,13 @@ def fit(bundle: ModelBundle, frame: pd.DataFrame | Encoded, label: str, *, epoch
 def _data_digest(*tensors: torch.Tensor) -> str:
     h = hashlib.sha256()
     for t in tensors:
-        h.update(t.numpy().tobytes())
+        h.update(np.ascontiguousarray(t.numpy()))  # hashed in place: no copy of a large day's tensors
     return h.hexdigest()[:16]
 
 
-def _encode_valid(bundle: ModelBundle, valid: pd.DataFrame, label: str) -> tuple[torch.Tensor, ...]:
-    cat, num = bundle.encode(valid)
-    return cat, num, torch.from_numpy(valid[label].to_numpy(dtype=np.float32))
+def _encode_valid(bundle: ModelBundle, valid: pd.DataFrame | Encoded, label: str) -> tuple[torch.Tensor, ...]:
+    v = valid if isinstance(valid, Encoded) else Encoded.of(bundle, valid, label)
+    return v.cat, v.num, v.y
 
 
 @torch.no_grad()
@@ -268,22 +321,37 @@ def _val_loss(net: nn.Module, data: tuple[torch.Tensor, ...], device: torch.devi
     return float(nn.functional.binary_cross_entropy_with_logits(net(cat, num).float(), y))
 
 
-def fit_increment(bundle: ModelBundle, new_rows: pd.DataFrame, label: str, time_col: str, settings, *,
+def wants_validation(settings, rows: int) -> bool:
+    """Whether a night keeps a time-latest validation slice for early stopping and the learning-rate choice."""
+    return settings.validation_fraction > 0 and settings.early_stopping_patience > 0 and rows >= 20
+
+
+def fit_increment(bundle: ModelBundle, new_rows: pd.DataFrame | Encoded, label: str, time_col: str, settings, *,
                   replay: pd.DataFrame | None = None, replay_weight: np.ndarray | None = None,
-                  device: torch.device | None = None, checkpointer: Checkpointer | None = None) -> FitResult:
+                  device: torch.device | None = None, checkpointer: Checkpointer | None = None,
+                  valid: Encoded | None = None) -> FitResult:
     """One night's warm start: new rows (minus their time-latest validation slice) plus the replay sample, the
-    parent's optimizer moments when they fit, early stopping on the slice. Shared by `train` and the bench."""
+    parent's optimizer moments when they fit, early stopping on the slice. Shared by `train` and the bench.
+    Rows already encoded (streamed from the lake by `train`) come split: `valid` is their validation slice."""
     s = settings
-    valid = None
-    fit_rows = new_rows
-    if s.validation_fraction > 0 and s.early_stopping_patience > 0 and len(new_rows) >= 20:
-        fit_rows, valid = split_by_time(new_rows, time_col, s.validation_fraction)
-    frame, weights = fit_rows, np.ones(len(fit_rows), dtype=np.float32)
+    fit_rows: pd.DataFrame | Encoded = new_rows
+    if isinstance(new_rows, pd.DataFrame):
+        if valid is not None:
+            raise ValueError("`valid` is for rows encoded and split by the caller; a frame is split here")
+        if wants_validation(s, len(new_rows)):
+            fit_rows, valid = split_by_time(new_rows, time_col, s.validation_fraction)
+    weights = np.ones(len(fit_rows), dtype=np.float32)
+    frame: pd.DataFrame | Encoded = fit_rows
     if replay is not None and len(replay):
-        cols = list(fit_rows.columns.intersection(replay.columns))
-        frame = pd.concat([fit_rows[cols], replay[cols]], ignore_index=True)
         extra = np.ones(len(replay), np.float32) if replay_weight is None else np.asarray(replay_weight, np.float32)
         weights = np.concatenate([weights, extra])
+        if isinstance(fit_rows, Encoded):
+            frame = Encoded.concat([fit_rows, Encoded.of(bundle, replay, label)],
+                                   pin=device is not None and device.type == "cuda")
+        else:
+            cols = list(fit_rows.columns.intersection(replay.columns))
+            frame = pd.concat([fit_rows[cols], replay[cols]], ignore_index=True)
+
     def attempt(target: ModelBundle, lr: float) -> FitResult:
         return fit(target, frame, label, epochs=s.epochs, batch_size=s.batch_size, lr=lr, seed=s.seed,
                    device=device, sample_weight=weights, valid=valid, patience=s.early_stopping_patience,

@@ -55,7 +55,7 @@ class ModelSlot:
                 return champ.version
             try:
                 bundle = registry.load_version(client, self.rt.model_name, champ.version, self.rt.cache_dir)
-                bundle.check_spec(self.rt.spec)
+                bundle = bundle.for_spec(self.rt.spec)  # declared migration, or a clear SpecError
                 bundle.optimizer_state = None  # training state: twice the weights' memory, useless for serving
                 bundle.net.eval()
                 scores = bundle.predict(self.warmup)

@@ -46,3 +46,26 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     grown = ModelBundle.load(tmp_path / "two")
     assert grown.vocabs["account_no"].size > ModelBundle.load(parent).vocabs["account_no"].size
     assert grown.weights_digest() != ModelBundle.load(parent).weights_digest()
+
+
+def test_standalone_warm_start_applies_a_declared_migration(tmp_path):
+    import yaml
+
+    from pipeline.ddp_train import main
+
+    spec = load_spec(LOANS_SPEC)
+    parent = ModelBundle.create(spec, loans_frame(date(2026, 2, 28), 300, seed=9), embedding_dim=4, hidden=(8,),
+                                min_count=1, seed=1).save(tmp_path / "parent")
+    data = yaml.safe_load(LOANS_SPEC.read_text())
+    data["features"]["score_v2"] = {"type": "numeric"}
+    data["migrations"] = [{"added": ["score_v2"]}]
+    (tmp_path / "v2.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    rows = loans_frame(date(2026, 3, 1), 400, seed=9)
+    rows["score_v2"] = np.random.default_rng(0).normal(50, 5, len(rows))
+    rows.to_parquet(tmp_path / "data.parquet")
+    out = main(["--data", str(tmp_path / "data.parquet"), "--out", str(tmp_path / "out"), "--spec",
+                str(tmp_path / "v2.yaml"), "--init", str(parent), "--epochs", "1", "--batch-size", "64",
+                "--device", "cpu", "--checkpoint-every", "0"])
+    migrated = ModelBundle.load(tmp_path / "out")
+    assert migrated.spec_digest == load_spec(tmp_path / "v2.yaml").digest and "score_v2" in migrated.numeric
+    assert abs(migrated.norm["score_v2"][0] - 50) < 2 and np.isfinite(out["losses"]).all()

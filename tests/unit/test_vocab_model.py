@@ -89,3 +89,50 @@ def test_numeric_outliers_are_clipped_identically_offline_and_online(tmp_path):
     cols = {c: wild[c].tolist() for c in spec.feature_names}
     np.testing.assert_allclose(score_columns(bundle, cols, 3), bundle.predict(wild), rtol=1e-6)
     assert ModelBundle.load(bundle.save(tmp_path / "b")).numeric_clip == bundle.numeric_clip
+
+
+def test_expired_values_map_to_oov_keep_their_ids_and_return_when_seen_again():
+    d = pd.Timestamp("2026-03-01").date()
+    v = Vocabulary()
+    v.update(["a", "b"], min_count=1, day=d)
+    v.update(["b"], min_count=1, day=d + pd.Timedelta(days=4))
+    assert v.expire(d + pd.Timedelta(days=3), 3) == []  # unseen exactly 3 days: still known
+    assert v.expire(d + pd.Timedelta(days=4), 3) == ["a"]
+    assert v.encode(["a", "b"]).tolist() == [OOV, 2] and v.size == 3  # the row is kept, not reused
+    assert v.update(["c"], min_count=1, day=d + pd.Timedelta(days=5)) == ["c"]
+    assert v.ids["c"] == 3
+    again = Vocabulary.from_dict(v.to_dict())
+    assert again.encode(["a"]).tolist() == [OOV] and again.retired == {"a": 1}
+    assert again.update(["a"], min_count=1, day=d + pd.Timedelta(days=6)) == []  # revived, not re-admitted
+    assert again.encode(["a", "b", "c"]).tolist() == [1, 2, 3] and again.size == 4
+    assert Vocabulary().expire(d, 0) == [] and Vocabulary({"x": 1}).expire(d, 1) == []  # no record: seen today
+
+
+def test_expiry_is_carried_by_the_bundle_into_serving(tmp_path):
+    from serving.scoring import score_columns
+
+    spec, frame, bundle = _bundle()
+    d = pd.Timestamp("2026-03-01").date()
+    bundle.grow_vocab(frame, min_count=1, day=d)
+    later = frame.assign(region="r1")
+    bundle.grow_vocab(later, min_count=1, day=d + pd.Timedelta(days=10))
+    rows_before = bundle.vocabs["region"].size
+    expired = bundle.expire_vocab(d + pd.Timedelta(days=10), 7)
+    assert expired["region"] == bundle.vocabs["region"].size - 2 and bundle.vocabs["region"].size == rows_before
+    loaded = ModelBundle.load(bundle.save(tmp_path / "b"))
+    assert loaded.vocabs["region"].retired == bundle.vocabs["region"].retired
+    probe = frame.head(20).assign(region="r0")
+    unknown = probe.assign(region="never-seen")
+    np.testing.assert_array_equal(loaded.predict(probe), loaded.predict(unknown))  # r0 expired: the OOV row
+    cols = {c: probe[c].tolist() for c in spec.feature_names}
+    np.testing.assert_allclose(score_columns(loaded, cols, len(probe)), loaded.predict(unknown), rtol=1e-6)
+    assert not np.array_equal(loaded.predict(probe.assign(region="r1")), loaded.predict(unknown))
+
+
+def test_streamed_vocab_growth_gives_the_ids_of_the_whole_frame():
+    spec, frame, a = _bundle()
+    _, _, b = _bundle()
+    new = frame.assign(account_no=[f"n{i % 37}" for i in range(len(frame))])
+    a.grow_vocab(new, min_count=3)
+    b.grow_vocab((new.iloc[i:i + 50] for i in range(0, len(new), 50)), min_count=3)
+    assert a.vocabs["account_no"].ids == b.vocabs["account_no"].ids
