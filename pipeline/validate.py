@@ -20,11 +20,14 @@ import json
 import logging
 import math
 import os
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import Path
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 import numpy as np
 import pandas as pd
@@ -302,9 +305,12 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _data_docs(s: Settings, day: date, tallies: list[_RowTally], batch_rows: list[dict], passed: bool) -> str:
+def _data_docs(s: Settings, day: date, tallies: list[_RowTally], batch_rows: list[dict], passed: bool,
+               directory: Path) -> str:
     """The day's results as one GE validation result in a file context under home/gx, rendered to Data Docs.
-    The chunks' results are summed first, so the site shows one run per day, not one per chunk."""
+    The chunks' results are summed first, so the site shows one run per day, not one per chunk. Only this
+    run's page is rendered (the site does not get slower with every past day), and a copy of it lands in the
+    day's report directory, which the train step logs to MLflow."""
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     import great_expectations as gx
     from great_expectations.core import ExpectationSuiteValidationResult, ExpectationValidationResult
@@ -344,7 +350,10 @@ def _data_docs(s: Settings, day: date, tallies: list[_RowTally], batch_rows: lis
         key = ValidationResultIdentifier(expectation_suite_identifier=ExpectationSuiteIdentifier(name=name),
                                          run_id=run_id, batch_identifier=f"{TRAINING}-dt={day.isoformat()}")
         ctx.validation_results_store.set(key, suite_result)
-        ctx.build_data_docs()
+        ctx.build_data_docs(resource_identifiers=[key])
+        page = ctx.get_docs_sites_urls(resource_identifier=key)[0]["site_url"]
+    directory.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(url2pathname(urlparse(page).path), directory / "data_docs.html")
     return str(next(root.rglob("data_docs/local_site/index.html")))
 
 
@@ -475,7 +484,7 @@ def validate(day: str | date, rt: Runtime | None = None) -> ValidateResult:
             bad_fraction=round(bad_writer.rows / max(total, 1), 6), passed=not failures, failures=failures,
             report="", warnings=warnings, unseen_category_share=drifting.unseen_share(),
             suite_file=inputs["suite_file"], suite_sha256=inputs["suite_sha256"], drift=report.summary())
-        result.data_docs = _data_docs(s, day, list(tallies.values()), evaluated, result.passed)
+        result.data_docs = _data_docs(s, day, list(tallies.values()), evaluated, result.passed, directory)
         result.report = _write_report(directory, result, rows, drift.render(report, directory, s))
         bad_writer.commit(inputs)
         open_writers.remove(bad_writer)

@@ -198,6 +198,8 @@ def test_report_dir_and_data_docs(tmp_path):
     docs = Path(result.data_docs)
     assert docs.name == "index.html" and docs.is_file() and docs.is_relative_to(rt.settings.home_abs / "gx")
     assert f"dt={day}" in "".join(p.read_text() for p in docs.parent.rglob("*.html"))
+    page = (directory / "data_docs.html").read_text()  # the copy the train step logs to MLflow
+    assert f"dt={day}" in page and "flywheel-validation" in page
 
 
 def test_demo_suite_file_passes_on_simulated_traffic(tmp_path):
