@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 import uuid
 from datetime import timedelta
 
 import httpx
+import pandas as pd
 import pytest
+import yaml
 
 from pipeline import registry, stack
 from pipeline.airflow_client import AirflowClient
 from pipeline.bootstrap import bootstrap
+from pipeline.config import DEFAULT_SPEC
+from pipeline.materialize import ingest, materialize, open_online_store
 from pipeline.runtime import runtime
 from pipeline.simulate import Simulator
 from pipeline.traffic import flush, send_day
@@ -22,6 +27,7 @@ pytestmark = pytest.mark.slow
 DAG = "flywheel_nightly"
 SIM = Simulator(seed=11, rows_per_day=600, horizon_days=10)
 BAD_ROWS = 7
+REDIS_URI = "redis://127.0.0.1:6379/12"
 PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
 
 
@@ -53,11 +59,40 @@ def loop(request, tmp_path_factory):
         if request.param == "postgres":
             suffix = uuid.uuid4().hex[:8]
             af_db, ml_db = stack_.enter_context(postgres_databases(f"flywheel_af_{suffix}", f"flywheel_ml_{suffix}"))
-            backends = {"airflow_db_uri": af_db, "mlflow_backend_uri": ml_db}
+            backends = {"airflow_db_uri": af_db, "mlflow_backend_uri": ml_db, "online_store_uri": REDIS_URI,
+                        "mlflow_auth": True, "mlflow_password": uuid.uuid4().hex,
+                        "spec_path": _spec_copy(home, f"ctr_{suffix}")}  # own Redis namespace
         s = make_settings(home, port, serving_port=free_port(), airflow_port=airflow_port,
                           airflow_url=f"http://127.0.0.1:{airflow_port}", schedule="none", max_auc_regression=1.0,
                           **backends)
+        stack_.enter_context(_client_env(s))
         yield from _stack(s, home)
+
+
+def _spec_copy(home, name: str):
+    """The demo spec under another name: its Redis keys (flywheel:<spec name>:...) are this test's own."""
+    data = yaml.safe_load(DEFAULT_SPEC.read_text())
+    data["name"] = name
+    path = home / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+@contextlib.contextmanager
+def _client_env(s):
+    """This test process is an MLflow client too: with basic auth on it needs the credentials every process the
+    stack starts gets."""
+    extra = stack.mlflow_client_env(s)
+    saved = {k: os.environ.get(k) for k in extra}
+    os.environ.update(extra)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _stack(s, home):
@@ -75,6 +110,8 @@ def _stack(s, home):
         yield s, rt, af
     finally:
         stack.stop_all(s)
+        with open_online_store(runtime(s)) as store:
+            store.clear()
 
 
 def _send(s, rt, index: int) -> int:
@@ -157,6 +194,8 @@ def test_secrets_never_reach_logs_task_logs_or_mlflow_params(loop):
         "airflow password": stack.airflow_password(s),
         "jwt secret": (s.home_abs / "secrets" / "airflow_jwt_secret").read_text().strip(),
     }
+    if s.mlflow_auth:
+        secrets["mlflow password"] = s.mlflow_password
     files = [*s.run_dir.glob("*.log"), *(s.home_abs / "airflow" / "logs").rglob("*")]
     assert any(f.is_file() and f.stat().st_size for f in files), "there are logs to inspect"
     for f in files:
@@ -169,3 +208,20 @@ def test_secrets_never_reach_logs_task_logs_or_mlflow_params(loop):
         blob = str(run.data.params) + str(run.data.tags)
         for what, value in secrets.items():
             assert value not in blob, f"{what} leaked into MLflow run {run.info.run_id}"
+
+
+def test_the_profiles_online_store_fills_entity_features_at_serving(loop):
+    """Embedded profile: SQLite under the home; production profile: the machine's Redis."""
+    s, rt, _ = loop
+    with open_online_store(rt) as store:
+        assert type(store).__name__ == ("RedisStore" if s.online_store_uri else "SQLiteStore")
+    row = SIM.day(9).head(1)[rt.spec.feature_names].to_dict(orient="records")[0]
+    ingest("user", pd.DataFrame({"user_id": [row["user_id"]], "event_time": [pd.Timestamp("2026-01-01", tz="UTC")],
+                                 "user_segment": ["e2e-segment"]}), rt)
+    assert not materialize(None, rt).noop
+    url = s.resolved_serving_url()
+    omitted = {k: v for k, v in row.items() if k != "user_segment"}
+    filled = httpx.post(f"{url}/predict", json={"rows": [omitted]})
+    explicit = httpx.post(f"{url}/predict", json={"rows": [{**row, "user_segment": "e2e-segment"}]})
+    assert filled.status_code == 200 and explicit.status_code == 200, filled.text
+    assert filled.json()["scores"] == pytest.approx(explicit.json()["scores"])
