@@ -15,19 +15,12 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import dag, task
 
-
-def _schedule():
-    from airflow.sdk import CronDataIntervalTimetable
-
-    from pipeline.config import get_settings
-
-    cron = get_settings().materialize_schedule
-    return None if cron.lower() in ("none", "") else CronDataIntervalTimetable(cron, timezone="UTC")
+from pipeline import airflow_tasks as t
 
 
 @dag(
     dag_id="flywheel_materialize",
-    schedule=_schedule(),
+    schedule=t.materialize_schedule(),
     start_date=pendulum.datetime(2024, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,
@@ -38,16 +31,7 @@ def _schedule():
 def flywheel_materialize():
     @task
     def materialize(data_interval_end=None, run_id: str | None = None) -> dict:
-        from airflow.sdk.exceptions import AirflowFailException
-
-        from pipeline.materialize import materialize as stage
-        from pipeline.runtime import StageError
-
-        manual = run_id is not None and run_id.startswith("manual")
-        try:
-            return stage(None if manual or data_interval_end is None else data_interval_end).model_dump(mode="json")
-        except StageError as e:
-            raise AirflowFailException(str(e)) from e
+        return t.materialize(data_interval_end, run_id)
 
     materialize()
 

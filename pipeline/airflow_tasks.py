@@ -9,14 +9,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from pipeline.runtime import StageError
-
 
 def _stage(fn: Callable[..., Any], *args: Any) -> dict:
     from airflow.sdk.exceptions import AirflowFailException
 
+    from pipeline.runtime import StageError  # imported here: DAG parsing must not pull in pandas
+
     try:
-        return fn(*args).model_dump()
+        return fn(*args).model_dump(mode="json")
     except StageError as e:
         raise AirflowFailException(str(e)) from e
 
@@ -53,10 +53,11 @@ def train_pod_operator(task_id: str = "train"):
 
 def label_lag_s() -> int:
     """How long after a day ends its labels may still arrive: the spec's attribution window plus lateness."""
-    from pipeline.runtime import runtime
+    from feature_store.spec import load_spec
+    from pipeline.config import get_settings
 
-    rt = runtime()
-    return int(rt.spec.label.attribution_window.total_seconds() + rt.settings.label_lateness_s)
+    s = get_settings()  # the spec alone, not a Runtime: DAG parsing must not pull in pandas
+    return int(load_spec(s.spec_path).label.attribution_window.total_seconds() + s.label_lateness_s)
 
 
 def collect(ds: str) -> dict:
@@ -104,6 +105,21 @@ def rollout(promoted: dict) -> dict:
     if not promoted["promoted"]:
         raise AirflowSkipException(f"v{promoted['version']} was not promoted: {promoted['reason']}")
     return _stage(stage)
+
+
+def materialize_schedule():
+    """The feature materialization DAG's timetable (`materialize_schedule`), or manual only."""
+    from pipeline.config import get_settings
+
+    return _timetable(get_settings().materialize_schedule)
+
+
+def materialize(data_interval_end=None, run_id: str | None = None) -> dict:
+    """A scheduled run loads values as of its interval's end; a manual run loads everything ingested."""
+    from pipeline.materialize import materialize as stage
+
+    manual = run_id is not None and run_id.startswith("manual")
+    return _stage(stage, None if manual or data_interval_end is None else data_interval_end)
 
 
 def online_eval_schedule():
