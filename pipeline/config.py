@@ -121,7 +121,10 @@ class Settings(BaseSettings):
     replay_min_class_share: float = Field(default=0.1, ge=0, le=0.5, description="Floor per label in the reservoir.")
     anchor_l2: float = Field(default=0.0, ge=0, description="L2 pull toward the parent's weights; 0 = off.")
     validation_fraction: float = Field(default=0.1, ge=0, lt=1, description="Time-latest train share for stopping.")
-    early_stopping_patience: int = Field(default=1, ge=0, description="Epochs without validation gain; 0 = off.")
+    early_stopping_patience: int = Field(
+        default=4, ge=0, description="Epochs without validation gain before stopping; 0 = no validation. At or "
+        "above `epochs` (the default) every night runs a fixed budget and keeps its best epoch: nightly cost "
+        "stays flat instead of following the day's difficulty (bench/results/incremental.md).")
     checkpoint_every_steps: int = Field(default=200, ge=0, description="Training checkpoint interval; 0 = off.")
     lr_candidates: tuple[float, ...] = Field(default=(), description="Nightly learning rates tried on the "
                                              "validation slice, best kept; empty = learning_rate only.")
