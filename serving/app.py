@@ -109,6 +109,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         flusher.stop()
         workers.leave()
         if store is not None:
+            await store.aclose()
             store.close()
 
     app = FastAPI(title="Flywheel model server", version="0.1.0", lifespan=lifespan,
@@ -156,8 +157,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if store is not None and (lookup := plan_lookup(cols, spec, entity_of)) is not None:
             started = time.perf_counter()
             try:
-                found = await asyncio.to_thread(store.read_entities, lookup.wanted) if store.remote \
-                    else store.read_entities(lookup.wanted)
+                found = await store.read_entities_async(lookup.wanted)
             except Exception as e:  # store down: refuse rather than score rows with invented features
                 log.error("online store lookup failed", extra={"error": str(e)})
                 for entity, (keys, _) in lookup.wanted.items():

@@ -55,9 +55,6 @@ def decode(raw: bytes | str) -> object:
 class OnlineStore(ABC):
     """Values live under a namespace (the spec's name), then entity, key and feature."""
 
-    remote: bool = False
-    """True when a read leaves the process: the server then runs it off the event loop."""
-
     def __init__(self, namespace: str) -> None:
         self.namespace = namespace
 
@@ -74,6 +71,17 @@ class OnlineStore(ABC):
     ) -> dict[str, list[dict[str, StoredValue]]]:
         """Several entities' reads at once ({entity: (keys, features)}); remote stores make it one round trip."""
         return {entity: self.read(entity, keys, features) for entity, (keys, features) in wanted.items()}
+
+    async def read_entities_async(
+        self, wanted: dict[str, tuple[Sequence[str], Sequence[str]]]
+    ) -> dict[str, list[dict[str, StoredValue]]]:
+        """The server's read. An embedded store answers in microseconds, so it reads in place; a networked store
+        overrides this with a native async client (a thread hop per request was measured queueing behind the
+        default pool: 16 ms mean for a 0.2 ms Redis read at concurrency 32)."""
+        return self.read_entities(wanted)
+
+    async def aclose(self) -> None:  # noqa: B027 - optional for backends without async connections
+        """Release async connections (the server's shutdown)."""
 
     @abstractmethod
     def clear(self, entity: str | None = None) -> None:

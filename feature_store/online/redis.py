@@ -30,8 +30,6 @@ _PIPELINE_KEYS = 1000
 
 
 class RedisStore(OnlineStore):
-    remote = True
-
     def __init__(self, uri: str, namespace: str) -> None:
         import redis
 
@@ -39,6 +37,7 @@ class RedisStore(OnlineStore):
         self.uri = uri
         self.client = redis.Redis.from_url(uri, socket_timeout=5, socket_connect_timeout=5)
         self._script = self.client.register_script(_NEWER_WINS)
+        self._async_client = None
 
     def prefix(self, entity: str) -> str:
         return f"flywheel:{self.namespace}:{entity}:"
@@ -63,16 +62,33 @@ class RedisStore(OnlineStore):
     def read(self, entity: str, keys: Sequence[str], features: Sequence[str]) -> list[dict[str, StoredValue]]:
         return self.read_entities({entity: (keys, features)})[entity]
 
-    def read_entities(
-        self, wanted: dict[str, tuple[Sequence[str], Sequence[str]]]
-    ) -> dict[str, list[dict[str, StoredValue]]]:
-        pipe = self.client.pipeline(transaction=False)
+    def _queue_reads(self, pipe, wanted: dict[str, tuple[Sequence[str], Sequence[str]]]):
         for entity, (keys, features) in wanted.items():
             fields = [x for f in features for x in (f, f"{f}@t")]
             prefix = self.prefix(entity)
             for key in keys:
                 pipe.hmget(prefix + key, fields)
-        replies = iter(pipe.execute())
+        return pipe
+
+    def read_entities(
+        self, wanted: dict[str, tuple[Sequence[str], Sequence[str]]]
+    ) -> dict[str, list[dict[str, StoredValue]]]:
+        return self._parse(self._queue_reads(self.client.pipeline(transaction=False), wanted).execute(), wanted)
+
+    async def read_entities_async(
+        self, wanted: dict[str, tuple[Sequence[str], Sequence[str]]]
+    ) -> dict[str, list[dict[str, StoredValue]]]:
+        if self._async_client is None:  # created in the server's event loop, on first use
+            import redis.asyncio
+
+            self._async_client = redis.asyncio.Redis.from_url(self.uri, socket_timeout=5, socket_connect_timeout=5)
+        pipe = self._queue_reads(self._async_client.pipeline(transaction=False), wanted)
+        return self._parse(await pipe.execute(), wanted)
+
+    @staticmethod
+    def _parse(replies_list: list, wanted: dict[str, tuple[Sequence[str], Sequence[str]]]
+               ) -> dict[str, list[dict[str, StoredValue]]]:
+        replies = iter(replies_list)
         out: dict[str, list[dict[str, StoredValue]]] = {}
         for entity, (keys, features) in wanted.items():
             rows = []
@@ -105,3 +121,8 @@ class RedisStore(OnlineStore):
 
     def close(self) -> None:
         self.client.close()
+
+    async def aclose(self) -> None:
+        if self._async_client is not None:
+            await self._async_client.aclose()
+            self._async_client = None

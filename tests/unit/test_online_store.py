@@ -59,6 +59,23 @@ def test_many_keys_across_entities_in_one_read(store):
     assert [r["category"].value for r in got["item"]] == [4.5, 0.0]
 
 
+def test_the_servers_async_read_returns_what_the_sync_read_does(store):
+    import asyncio
+
+    store.write("user", [(f"u{i}", "segment", f"s{i}", T0 + i * S) for i in range(50)])
+    wanted = {"user": ([f"u{i}" for i in range(0, 50, 7)] + ["ghost"], ["segment", "absent"])}
+
+    async def read_twice():
+        first = await store.read_entities_async(wanted)
+        second = await store.read_entities_async(wanted)  # the async client is reused, not rebuilt
+        await store.aclose()
+        return first, second
+
+    first, second = asyncio.run(read_twice())
+    assert first == second == store.read_entities(wanted)
+    assert first["user"][1]["segment"].value == "s7" and first["user"][-1] == {}
+
+
 def test_concurrent_writers_converge_on_the_newest(store):
     def writer(offset: int) -> None:
         store.write("user", [("u1", "segment", f"v{t}", T0 + t * S) for t in range(offset, 60, 3)])
@@ -94,7 +111,7 @@ def test_uri_selects_the_backend(tmp_path):
     assert absolute.path == tmp_path / "abs.db"
     absolute.close()
     remote = open_store(REDIS_URI, tmp_path, "ns")
-    assert remote.remote
+    assert type(remote).__name__ == "RedisStore"
     remote.close()
     with pytest.raises(OnlineStoreError, match="online_store_uri 'postgres://x'"):
         open_store("postgres://x", tmp_path, "ns")
