@@ -13,7 +13,6 @@ Needs `wrk` (Debian: apt-get install wrk) and Redis on 127.0.0.1:6379 (DB 11 is 
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import shutil
@@ -31,7 +30,7 @@ from rich.table import Table
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.serving import free_port, rss_mb, start, stop, wait_predict, wrk  # noqa: E402
+from bench.serving import free_port, rss_mb, start, stop, wait_predict, wrk, wrk_bench_args  # noqa: E402
 from feature_store.entity_tables import entity_features  # noqa: E402
 from pipeline import stack  # noqa: E402
 from pipeline.bootstrap import bootstrap  # noqa: E402
@@ -82,13 +81,7 @@ def lookup_counters(base_url: str) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--duration", type=float, default=5.0)
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--reps", type=int, default=2)
-    args = ap.parse_args()
-    if not shutil.which("wrk"):
-        sys.exit("bench/feature_lookup.py needs wrk: apt-get install wrk")
+    args = wrk_bench_args("feature_lookup.py")
     home = Path(tempfile.mkdtemp(prefix="fw-bench-lookup-"))
     mlflow_port = free_port()
     common = {"home": home, "mlflow_port": mlflow_port, "mlflow_tracking_uri": f"http://127.0.0.1:{mlflow_port}",

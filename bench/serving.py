@@ -105,14 +105,20 @@ def stop(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
-def main() -> None:
+def wrk_bench_args(script: str) -> argparse.Namespace:
+    """The options every wrk-driven bench takes; refuses to start without wrk."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--duration", type=float, default=5.0)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--reps", type=int, default=2)
     args = ap.parse_args()
     if not shutil.which("wrk"):
-        sys.exit("bench/serving.py needs wrk: apt-get install wrk")
+        sys.exit(f"bench/{script} needs wrk: apt-get install wrk")
+    return args
+
+
+def main() -> None:
+    args = wrk_bench_args("serving.py")
     home = Path(tempfile.mkdtemp(prefix="fw-bench-serving-"))
     mlflow_port = free_port()
     s = Settings(home=home, mlflow_port=mlflow_port, mlflow_tracking_uri=f"http://127.0.0.1:{mlflow_port}",
