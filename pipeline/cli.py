@@ -43,13 +43,10 @@ def main(
 def _client_env() -> None:
     """Hand-run commands reach the same S3 endpoint and pass the same MLflow basic auth as the stack's
     processes, without the user exporting tool-specific variables (explicit env values win)."""
-    from pipeline.stack import mlflow_client_env
+    from pipeline.stack import mlflow_client_env, object_storage_endpoints
 
     s = get_settings()
-    extra = dict(mlflow_client_env(s)) if s.mlflow_auth else {}
-    if s.s3_endpoint_url:
-        extra |= {"AWS_ENDPOINT_URL": s.s3_endpoint_url, "MLFLOW_S3_ENDPOINT_URL": s.s3_endpoint_url}
-    for key, value in extra.items():
+    for key, value in {**mlflow_client_env(s), **object_storage_endpoints(s)}.items():
         os.environ.setdefault(key, value)
 
 

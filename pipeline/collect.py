@@ -16,14 +16,12 @@ partitions on disk and sorts one partition at a time, so no structure grows with
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
 import math
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -37,7 +35,7 @@ from pydantic import BaseModel
 
 from feature_store.log_schema import FEEDBACK, PREDICTIONS, TS, feedback_schema, prediction_schema
 from feature_store.offline import fault_point
-from pipeline.runtime import NoDataError, Runtime, parse_day, runtime
+from pipeline.runtime import NoDataError, Runtime, file_lock, parse_day, runtime
 
 log = logging.getLogger("flywheel.collect")
 TRAINING = "training"
@@ -179,18 +177,10 @@ def _flush_server(rt: Runtime) -> None:
         log.warning("could not flush the model server before collecting (%s); using sealed segments only", e)
 
 
-@contextmanager
-def _day_lock(rt: Runtime, day: date) -> Iterator[None]:
-    """Two overlapping runs of one day (an Airflow retry racing its zombie) take turns instead of both moving
-    rejected segments and renaming the partition at once."""
-    directory = rt.settings.run_dir / "locks"
-    directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / f"collect-{day.isoformat()}.lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+def _day_lock(rt: Runtime, day: date) -> AbstractContextManager[None]:
+    """Two overlapping runs of one day take turns instead of both moving rejected segments and renaming the
+    partition at once."""
+    return file_lock(rt.settings.run_dir / "locks" / f"collect-{day.isoformat()}.lock")
 
 
 def _labels(rt: Runtime, segs: list[dict]) -> pd.DataFrame:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import fcntl
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from functools import cached_property
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -26,6 +30,19 @@ class NoDataError(StageError):
 
 class GateFailed(StageError):
     pass
+
+
+@contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock held for the block, shared by every process on this host: overlapping runs of one
+    step (an Airflow retry racing its zombie) take turns instead of interleaving their writes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 @dataclass

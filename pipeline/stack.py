@@ -119,9 +119,16 @@ def object_storage_env(s: Settings) -> dict[str, str]:
     if missing:
         raise ValueError(f"s3_endpoint_url={s.s3_endpoint_url} is set but {' and '.join(missing)} "
                          "is not: export the object store's credentials")
-    return {"AWS_ENDPOINT_URL": s.s3_endpoint_url, "MLFLOW_S3_ENDPOINT_URL": s.s3_endpoint_url,
-            "AWS_ACCESS_KEY_ID": os.environ["AWS_ACCESS_KEY_ID"],
+    return {**object_storage_endpoints(s), "AWS_ACCESS_KEY_ID": os.environ["AWS_ACCESS_KEY_ID"],
             "AWS_SECRET_ACCESS_KEY": os.environ["AWS_SECRET_ACCESS_KEY"]}
+
+
+def object_storage_endpoints(s: Settings) -> dict[str, str]:
+    """The endpoint variables alone: what a hand-run command needs when its credentials come from elsewhere
+    (its own environment, an instance profile)."""
+    if not s.s3_endpoint_url:
+        return {}
+    return {"AWS_ENDPOINT_URL": s.s3_endpoint_url, "MLFLOW_S3_ENDPOINT_URL": s.s3_endpoint_url}
 
 
 def mlflow_user(s: Settings) -> str:

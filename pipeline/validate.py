@@ -13,7 +13,6 @@ aggregates. Memory is thus bounded by one chunk, whatever the size of the day.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import html
 import json
@@ -21,8 +20,6 @@ import logging
 import math
 import os
 import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -40,7 +37,7 @@ from feature_store.spec import FeatureSpec
 from pipeline import drift
 from pipeline.collect import TRAINING
 from pipeline.config import Settings
-from pipeline.runtime import GateFailed, Runtime, StageError, day_bounds, parse_day, runtime
+from pipeline.runtime import GateFailed, Runtime, StageError, day_bounds, file_lock, parse_day, runtime
 
 log = logging.getLogger("flywheel.validate")
 VALIDATED, QUARANTINE = "validated", "quarantine"
@@ -294,17 +291,6 @@ def _within(value: float | None, e) -> bool:
     return not (hi is not None and (value >= hi if getattr(e, "strict_max", False) else value > hi))
 
 
-@contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def _data_docs(s: Settings, day: date, tallies: list[_RowTally], batch_rows: list[dict], passed: bool,
                directory: Path) -> str:
     """The day's results as one GE validation result in a file context under home/gx, rendered to Data Docs.
@@ -345,7 +331,7 @@ def _data_docs(s: Settings, day: date, tallies: list[_RowTally], batch_rows: lis
         meta={"run_id": run_id, "active_batch_definition": {"datasource_name": "lake",
                                                             "data_asset_name": TRAINING,
                                                             "batch_definition_name": f"dt={day.isoformat()}"}})
-    with _locked(root / "flywheel.lock"):
+    with file_lock(root / "flywheel.lock"):
         ctx = gx.get_context(mode="file", project_root_dir=str(s.home_abs))
         key = ValidationResultIdentifier(expectation_suite_identifier=ExpectationSuiteIdentifier(name=name),
                                          run_id=run_id, batch_identifier=f"{TRAINING}-dt={day.isoformat()}")
