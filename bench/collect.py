@@ -1,7 +1,7 @@
 """Collect throughput and peak memory on a simulated day (issue 4): does RSS stay flat as the day grows?
 
 Simulates N logged prediction rows for the default CTR spec as sealed segments (`--segment-rows` each, the size
-the server's seal interval produces) plus feedback for `--label-share` of them, then runs `pipeline.collect` in a
+the server's seal interval produces) plus feedback for `--label-share` of them, then runs `pipeline.stages.collect` in a
 fresh child process per size and reads that child's own peak RSS (`resource.getrusage`), so generation and the
 parent never count. With `--validate` the child then validates the day too (chunked, with a user suite file
 and the day itself copied as the previous validated day, so drift and unseen shares run against a full-size
@@ -30,13 +30,13 @@ DAY = date(2026, 3, 1)
 CHILD = """
 import json, resource, shutil, sys, time
 from datetime import date, timedelta
-from pipeline.collect import collect
+from pipeline.stages.collect import collect
 from pipeline.runtime import runtime
 t = time.perf_counter(); r = collect(sys.argv[1]); c = time.perf_counter() - t
 collect_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 v = None
 if sys.argv[2] == "1":
-    from pipeline.validate import validate
+    from pipeline.stages.validate import validate
     lake, day = runtime().lake, date.fromisoformat(sys.argv[1])
     # The day itself, copied as the previous validated day, is the drift/unseen reference: a full-size window.
     shutil.copytree(lake.partition_path("training", day), lake.partition_path("validated", day - timedelta(days=1)))

@@ -32,12 +32,12 @@ sys.path.insert(0, str(REPO))
 
 from bench.serving import free_port, rss_mb, start, stop, wait_predict, wrk, wrk_bench_args  # noqa: E402
 from feature_store.entity_tables import entity_features  # noqa: E402
-from pipeline import stack  # noqa: E402
-from pipeline.bootstrap import bootstrap  # noqa: E402
 from pipeline.config import DEFAULT_SPEC, Settings  # noqa: E402
-from pipeline.materialize import ingest, materialize, open_online_store  # noqa: E402
+from pipeline.demo.simulate import Simulator  # noqa: E402
+from pipeline.ops import stack  # noqa: E402
 from pipeline.runtime import runtime  # noqa: E402
-from pipeline.simulate import Simulator  # noqa: E402
+from pipeline.stages.bootstrap import bootstrap  # noqa: E402
+from pipeline.stages.materialize import ingest, materialize, open_online_store  # noqa: E402
 
 console = Console(stderr=True)
 REDIS_URI = "redis://127.0.0.1:6379/11"

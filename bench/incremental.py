@@ -4,8 +4,8 @@ Replays a stream day by day, test-then-train: every model scores day D before it
   a frozen   the day-0 model, never updated
   b full     retrained from scratch on all history every night (the quality reference; cost grows)
   c warm     warm start from last night's model on the new day only
-  d replay   warm start on the new day plus a sample of the replay reservoir (what `pipeline/train.py` does)
-Two streams: the demo simulator (pipeline/simulate.py) and River's Agrawal generator pushed through three concept
+  d replay   warm start on the new day plus a sample of the replay reservoir (what `pipeline/stages/train.py` does)
+Two streams: the demo simulator (pipeline/demo/simulate.py) and River's Agrawal generator pushed through three concept
 drifts (bench/specs/agrawal.yaml), so the method is checked on a stream it was not designed around. Everything
 runs in-process with the project's own ModelBundle / fit / replay code and default settings; no MLflow, no Airflow.
 
@@ -39,12 +39,12 @@ sys.path.insert(0, str(ROOT))
 
 from feature_store.offline import Lake  # noqa: E402
 from feature_store.spec import FeatureSpec, load_spec  # noqa: E402
-from pipeline import replay  # noqa: E402
+from pipeline.checks.metrics import summary  # noqa: E402
 from pipeline.config import DEFAULT_SPEC, Settings  # noqa: E402
-from pipeline.metrics import summary  # noqa: E402
-from pipeline.model import ModelBundle  # noqa: E402
-from pipeline.simulate import Simulator  # noqa: E402
-from pipeline.trainer import fit, fit_increment  # noqa: E402
+from pipeline.demo.simulate import Simulator  # noqa: E402
+from pipeline.learn import replay  # noqa: E402
+from pipeline.learn.model import ModelBundle  # noqa: E402
+from pipeline.learn.trainer import fit, fit_increment  # noqa: E402
 
 STRATEGIES = {"a": "frozen day-0", "b": "full retrain", "c": "warm, new day only", "d": "warm + replay"}
 START = date(2026, 1, 1)

@@ -32,11 +32,11 @@ from rich.table import Table
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from pipeline import stack  # noqa: E402
-from pipeline.bootstrap import bootstrap  # noqa: E402
 from pipeline.config import Settings  # noqa: E402
+from pipeline.demo.simulate import Simulator  # noqa: E402
+from pipeline.ops import stack  # noqa: E402
 from pipeline.runtime import runtime  # noqa: E402
-from pipeline.simulate import Simulator  # noqa: E402
+from pipeline.stages.bootstrap import bootstrap  # noqa: E402
 
 console = Console(stderr=True)
 LUA = 'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\nwrk.body = io.open("{body}"):read("*a")\n'

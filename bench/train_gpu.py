@@ -1,6 +1,6 @@
 """Training throughput of the reference CTR model on a GPU: is the device fed, or waiting for the loader?
 
-Writes synthetic traffic for the demo spec (`feature_store/specs/ctr.yaml`, rows from `pipeline/simulate.py`)
+Writes synthetic traffic for the demo spec (`feature_store/specs/ctr.yaml`, rows from `pipeline/demo/simulate.py`)
 to a Parquet file first, then trains the way the nightly stage feeds a device: record batches are streamed from
 the file, encoded by the bundle into pinned host tensors on a background thread, copied to the device without
 blocking, and consumed in minibatches under bf16 autocast (CUDA only). Reports samples per second, the share
@@ -37,9 +37,9 @@ sys.path.insert(0, str(ROOT))
 
 from feature_store.spec import load_spec  # noqa: E402
 from pipeline.config import DEFAULT_SPEC  # noqa: E402
-from pipeline.model import ModelBundle  # noqa: E402
-from pipeline.simulate import Simulator  # noqa: E402
-from pipeline.trainer import autocast_dtype, pick_device  # noqa: E402
+from pipeline.demo.simulate import Simulator  # noqa: E402
+from pipeline.learn.model import ModelBundle  # noqa: E402
+from pipeline.learn.trainer import autocast_dtype, pick_device  # noqa: E402
 
 CHUNK_ROWS = 200_000
 

@@ -23,8 +23,8 @@ import pendulum
 from airflow.providers.standard.sensors.date_time import DateTimeSensorAsync
 from airflow.sdk import Asset, dag, task
 
-from pipeline import airflow_tasks as t
-from pipeline.review_trigger import AwaitApprovalOperator
+from pipeline.orchestration import airflow_tasks as t
+from pipeline.orchestration.review_trigger import AwaitApprovalOperator
 
 TRAINING_DAY = Asset(name="flywheel_training_day", uri="file:///flywheel/lake/training")
 

@@ -16,7 +16,7 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import dag, task
 
-from pipeline import airflow_tasks as t
+from pipeline.orchestration import airflow_tasks as t
 
 
 @dag(

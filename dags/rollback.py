@@ -11,7 +11,7 @@ from __future__ import annotations
 import pendulum
 from airflow.sdk import Param, dag, task
 
-from pipeline import airflow_tasks as t
+from pipeline.orchestration import airflow_tasks as t
 
 
 @dag(

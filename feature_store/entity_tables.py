@@ -24,12 +24,9 @@ from feature_store.log_schema import TS, feature_field
 from feature_store.offline import Lake
 from feature_store.spec import FeatureSpec, FeatureType
 from feature_store.vocab import canonical
+from pipeline.errors import EntityTableError
 
 TABLE_PREFIX = "features"
-
-
-class EntityTableError(ValueError):
-    """Input that cannot become an entity table; the message names the entity and the column."""
 
 
 class IngestResult(BaseModel):

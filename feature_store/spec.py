@@ -18,16 +18,14 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pipeline.errors import SpecError
+
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)\s*$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
 RESERVED = frozenset(
     {"request_id", "row", "score", "model_version", "served_at", "label", "label_time", "dt", "reason", "_row_id"}
 )
-
-
-class SpecError(ValueError):
-    """A feature spec that cannot be used; the message names the file and the key."""
 
 
 class FeatureType(StrEnum):

@@ -12,8 +12,8 @@ from pydantic import BaseModel
 from rich.console import Console
 
 from pipeline.config import get_settings
+from pipeline.errors import StageError
 from pipeline.logs import setup_logging
-from pipeline.runtime import StageError
 
 app = typer.Typer(help="Flywheel: keep a production model fresh, one night at a time.", no_args_is_help=True)
 simulate_app = typer.Typer(help="The bundled traffic simulator (demo and test aid).", no_args_is_help=True)
@@ -43,7 +43,7 @@ def main(
 def _client_env() -> None:
     """Hand-run commands reach the same S3 endpoint and pass the same MLflow basic auth as the stack's
     processes, without the user exporting tool-specific variables (explicit env values win)."""
-    from pipeline.stack import mlflow_client_env, object_storage_endpoints
+    from pipeline.ops.stack import mlflow_client_env, object_storage_endpoints
 
     s = get_settings()
     for key, value in {**mlflow_client_env(s), **object_storage_endpoints(s)}.items():
@@ -82,7 +82,7 @@ def serve() -> None:
 @app.command()
 def bootstrap(history: Annotated[Path, typer.Option(help="Historical Parquet file with spec columns + label.")]) -> None:
     """Train and register the first champion from history."""
-    from pipeline.bootstrap import bootstrap as stage
+    from pipeline.stages.bootstrap import bootstrap as stage
 
     _run(stage, history)
 
@@ -90,7 +90,7 @@ def bootstrap(history: Annotated[Path, typer.Option(help="Historical Parquet fil
 @app.command()
 def collect(day: Day) -> None:
     """Join day D's prediction log with its feedback into training/dt=D."""
-    from pipeline.collect import collect as stage
+    from pipeline.stages.collect import collect as stage
 
     _run(stage, day)
 
@@ -98,7 +98,7 @@ def collect(day: Day) -> None:
 @app.command()
 def validate(day: Day) -> None:
     """Run the validation gate on training/dt=D; bad rows go to quarantine/dt=D."""
-    from pipeline.validate import validate as stage
+    from pipeline.stages.validate import validate as stage
 
     _run(stage, day)
 
@@ -110,8 +110,8 @@ def train(
                                        "(the training pod's XCom for KubernetesPodOperator).")] = False,
 ) -> None:
     """Warm-start the champion on validated/dt=D and log the candidate."""
-    from pipeline.k8s_train import with_xcom
-    from pipeline.train import train as stage
+    from pipeline.orchestration.k8s_train import with_xcom
+    from pipeline.stages.train import train as stage
 
     _run(with_xcom(stage) if xcom else stage, day)
 
@@ -119,7 +119,7 @@ def train(
 @app.command()
 def evaluate(day: Day, run_id: Annotated[str, typer.Option(help="Training run to evaluate.")]) -> None:
     """Score candidate and champion on D's held-out slice and apply the gate."""
-    from pipeline.evaluate import evaluate as stage
+    from pipeline.stages.evaluate import evaluate as stage
 
     _run(stage, day, run_id)
 
@@ -127,7 +127,7 @@ def evaluate(day: Day, run_id: Annotated[str, typer.Option(help="Training run to
 @app.command()
 def promote(version: Annotated[str, typer.Option(help="Model version that passed its gate.")]) -> None:
     """Move the champion alias to VERSION (the old champion becomes 'previous')."""
-    from pipeline.promote import promote as stage
+    from pipeline.stages.promote import promote as stage
 
     _run(stage, version)
 
@@ -135,7 +135,7 @@ def promote(version: Annotated[str, typer.Option(help="Model version that passed
 @app.command()
 def rollout() -> None:
     """Make the model server load the champion now and wait until it serves it."""
-    from pipeline.promote import rollout as stage
+    from pipeline.stages.promote import rollout as stage
 
     _run(stage)
 
@@ -147,7 +147,7 @@ def rollback(
     = None,
 ) -> None:
     """Restore the 'previous' champion as 'champion' in one step (the server follows the alias)."""
-    from pipeline.rollback import rollback as stage
+    from pipeline.release.rollback import rollback as stage
 
     _run(stage, reason, expected_champion)
 
@@ -159,7 +159,7 @@ def approve(
     note: str = "",
 ) -> None:
     """Review mode: approve VERSION; the waiting nightly run then promotes it."""
-    from pipeline.review import APPROVED, decide
+    from pipeline.release.review import APPROVED, decide
 
     _run(decide, version, APPROVED, by, note)
 
@@ -171,7 +171,7 @@ def reject(
     note: str = "",
 ) -> None:
     """Review mode: reject VERSION; the waiting nightly run then leaves the champion as it is."""
-    from pipeline.review import REJECTED, decide
+    from pipeline.release.review import REJECTED, decide
 
     _run(decide, version, REJECTED, by, note)
 
@@ -179,7 +179,7 @@ def reject(
 @app.command("online-eval")
 def online_eval(day: Day) -> None:
     """Compare the champion with 'previous' on the live rows it served up to D; roll back if worse."""
-    from pipeline.online_eval import online_eval as stage
+    from pipeline.release.online_eval import online_eval as stage
 
     _run(stage, day)
 
@@ -191,7 +191,7 @@ def features_ingest(
                                               "time) and any of the entity's features.")],
 ) -> None:
     """Add entity feature values to the lake's features/ENTITY table (idempotent)."""
-    from pipeline.materialize import ingest as stage
+    from pipeline.stages.materialize import ingest as stage
 
     _run(stage, entity, file)
 
@@ -202,7 +202,7 @@ def materialize(
     = None,
 ) -> None:
     """Load each entity's latest feature values into the online store (incremental; a re-run is a no-op)."""
-    from pipeline.materialize import materialize as stage
+    from pipeline.stages.materialize import materialize as stage
 
     _run(stage, up_to)
 
@@ -210,7 +210,7 @@ def materialize(
 @app.command()
 def nightly(day: Day) -> None:
     """All of the nightly DAG's stages for day D, in-process, without Airflow."""
-    from pipeline.nightly import run_nightly
+    from pipeline.stages.nightly import run_nightly
 
     _run(run_nightly, day)
 
@@ -218,7 +218,7 @@ def nightly(day: Day) -> None:
 @app.command()
 def up(airflow: bool = True, server: bool = True) -> None:
     """Start MLflow, Airflow and the model server on embedded defaults."""
-    from pipeline import stack
+    from pipeline.ops import stack
 
     s = get_settings()
     stack.start_mlflow(s)
@@ -232,7 +232,7 @@ def up(airflow: bool = True, server: bool = True) -> None:
 @app.command("canary-eval")
 def canary_eval(day: Day) -> None:
     """Decide the canary: promote, retire or keep waiting on the challenger, from its labeled live rows."""
-    from pipeline.canary import canary_eval as stage
+    from pipeline.release.canary import canary_eval as stage
 
     _run(stage, day)
 
@@ -240,7 +240,7 @@ def canary_eval(day: Day) -> None:
 @app.command("db-upgrade")
 def db_upgrade() -> None:
     """Bring the Airflow and MLflow metadata schemas up to date (a second run is a no-op)."""
-    from pipeline import stack
+    from pipeline.ops import stack
 
     _emit(stack.db_upgrade(get_settings()))
 
@@ -248,7 +248,7 @@ def db_upgrade() -> None:
 @app.command()
 def down() -> None:
     """Stop everything `up` or `demo` started for this home."""
-    from pipeline import stack
+    from pipeline.ops import stack
 
     stopped = stack.stop_all(get_settings())
     console.print(f"stopped: {', '.join(stopped) or 'nothing was running'}")
@@ -263,7 +263,7 @@ def demo(
     seed: int = 0,
 ) -> None:
     """Bring up the stack, bootstrap a champion, and run DAYS simulated days through the real loop."""
-    from pipeline.demo import run_demo
+    from pipeline.demo.run import run_demo
 
     ok = run_demo(days=days, keep=keep, history_days=history_days, rows_per_day=rows_per_day, seed=seed)
     raise typer.Exit(0 if ok else 1)
@@ -275,7 +275,7 @@ def simulate_history(
     days: int = 7, rows_per_day: int = 4000, seed: int = 0,
 ) -> None:
     """Write DAYS of labeled simulated history (a bootstrap file)."""
-    from pipeline.simulate import Simulator
+    from pipeline.demo.simulate import Simulator
 
     frame = Simulator(seed=seed, rows_per_day=rows_per_day).history(days)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -291,8 +291,8 @@ def simulate_traffic(
     rows_per_day: int = 4000, seed: int = 0, batch: int = 20,
 ) -> None:
     """Send one simulated day of predictions and feedback to a running server over HTTP."""
-    from pipeline.simulate import Simulator
-    from pipeline.traffic import flush, send_day
+    from pipeline.demo.simulate import Simulator
+    from pipeline.demo.traffic import flush, send_day
 
     s = get_settings()
     from pipeline.runtime import runtime

@@ -14,7 +14,8 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-DEFAULT_SPEC = Path(__file__).resolve().parent.parent / "feature_store" / "specs" / "ctr.yaml"
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_SPEC = REPO / "feature_store" / "specs" / "ctr.yaml"
 
 
 class Settings(BaseSettings):

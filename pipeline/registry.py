@@ -25,21 +25,13 @@ from mlflow.types import ColSpec, Schema
 
 from feature_store.spec import FeatureSpec, FeatureType
 from pipeline.config import Settings
-from pipeline.model import ModelBundle
+from pipeline.errors import AliasConflict
+from pipeline.learn.model import ModelBundle
+from pipeline.tags import Alias, Tag
 
 log = logging.getLogger("flywheel.registry")
 
-CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous"
-TAG_DAY = "flywheel.data_day"
-TAG_WINDOW = "flywheel.data_window"
-TAG_PARENT = "flywheel.parent_version"
-TAG_RUN = "flywheel.run_id"
-TAG_WEIGHTS = "flywheel.weights_digest"
-TAG_BUNDLE = "flywheel.bundle_digest"
-TAG_MODEL_URI = "flywheel.model_uri"
-TAG_MODEL_ID = "flywheel.model_id"
-TAG_MIGRATION = "flywheel.migration"
-PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
+PYFUNC_CODE = Path(__file__).parent / "learn" / "pyfunc_model.py"
 PIP_REQUIREMENTS = ["torch", "pandas", "pyarrow", "safetensors", "mlflow"]
 
 
@@ -53,7 +45,7 @@ class VersionInfo:
 
     @property
     def data_day(self) -> date | None:
-        return date.fromisoformat(self.tags[TAG_DAY]) if TAG_DAY in self.tags else None
+        return date.fromisoformat(self.tags[Tag.DAY]) if Tag.DAY in self.tags else None
 
     @classmethod
     def of(cls, mv: ModelVersion) -> VersionInfo:
@@ -90,7 +82,7 @@ def log_bundle(bundle: ModelBundle, spec: FeatureSpec, workdir: Path, input_exam
         input_example=input_example,
         pip_requirements=PIP_REQUIREMENTS,
     )
-    mlflow.set_tags({TAG_BUNDLE: bundle_digest(path), TAG_MODEL_URI: info.model_uri, TAG_MODEL_ID: info.model_id})
+    mlflow.set_tags({Tag.BUNDLE: bundle_digest(path), Tag.MODEL_URI: info.model_uri, Tag.MODEL_ID: info.model_id})
     return info.model_uri
 
 
@@ -114,7 +106,7 @@ def find_version(client: MlflowClient, name: str, tag: str, value: str) -> Versi
 
 def register(client: MlflowClient, name: str, run_id: str, tags: dict[str, str]) -> VersionInfo:
     """Register the run's model once: a rerun of the same run returns the version it already made."""
-    existing = find_version(client, name, TAG_RUN, run_id)
+    existing = find_version(client, name, Tag.RUN, run_id)
     if existing:
         return existing
     try:
@@ -125,21 +117,21 @@ def register(client: MlflowClient, name: str, run_id: str, tags: dict[str, str])
     # MLflow 3 keeps logged models apart from run artifacts: the version's source is the logged model
     # (models:/m-...), which is what `mlflow models serve -m models:/NAME/V` and the UI resolve.
     run = client.get_run(run_id)
-    model_uri = run.data.tags.get(TAG_MODEL_URI, f"runs:/{run_id}/model")
-    mv = client.create_model_version(name, model_uri, run_id=run_id, tags={**tags, TAG_RUN: run_id},
-                                     model_id=run.data.tags.get(TAG_MODEL_ID),
+    model_uri = run.data.tags.get(Tag.MODEL_URI, f"runs:/{run_id}/model")
+    mv = client.create_model_version(name, model_uri, run_id=run_id, tags={**tags, Tag.RUN: run_id},
+                                     model_id=run.data.tags.get(Tag.MODEL_ID),
                                      description=run.data.tags.get("mlflow.note.content", ""))
-    if TAG_BUNDLE in run.data.tags:
-        client.set_model_version_tag(name, mv.version, TAG_BUNDLE, run.data.tags[TAG_BUNDLE])
+    if Tag.BUNDLE in run.data.tags:
+        client.set_model_version_tag(name, mv.version, Tag.BUNDLE, run.data.tags[Tag.BUNDLE])
     return get_version(client, name, str(mv.version))
 
 
 def parent_for_day(client: MlflowClient, name: str, day: date) -> VersionInfo | None:
     """The model that was champion before `day` was trained: the current champion, or, when a rerun finds the
     champion already trained on `day` or later, its ancestor. Keeps reruns of a day deterministic."""
-    current = get_alias(client, name, CHAMPION)
+    current = get_alias(client, name, Alias.CHAMPION)
     while current is not None and current.data_day is not None and current.data_day >= day:
-        parent = current.tags.get(TAG_PARENT)
+        parent = current.tags.get(Tag.PARENT)
         current = get_version(client, name, parent) if parent else None
     return current
 
@@ -156,7 +148,7 @@ def download_bundle(client: MlflowClient, name: str, version: str, cache: Path) 
     registration, so a tampered or truncated artifact is never served."""
     target = cache / name / version
     mv = client.get_model_version(name, version)
-    expected = (mv.tags or {}).get(TAG_BUNDLE)
+    expected = (mv.tags or {}).get(Tag.BUNDLE)
     if not (target / "config.json").exists():
         tmp = cache / name / f".tmp-{version}"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -191,12 +183,6 @@ def load_run_bundle(run_id: str, cache: Path) -> ModelBundle:
 
 
 # --- guarded alias moves (issue 6) ---------------------------------------------------------------------------
-TAG_PROMOTED_AT = "flywheel.promoted_at"
-TAG_PROMOTED_BY = "flywheel.promoted_by"
-
-
-class AliasConflict(RuntimeError):
-    """The champion alias is not where this run expected it: another run moved it first."""
 
 
 def lock_name(name: str) -> str:
@@ -261,17 +247,17 @@ def move_champion(client: MlflowClient, name: str, version: str, expected: str |
     `expected` (the champion this run started from), keeping the replaced one as `previous`. Moving to where it
     already is returns the recorded parent (a rerun). Raises AliasConflict when another run moved it first."""
     with alias_lock(client, name, owner, stale_s):
-        current = get_alias(client, name, CHAMPION)
+        current = get_alias(client, name, Alias.CHAMPION)
         if current and current.version == version:
-            return current.tags.get(TAG_PARENT)
+            return current.tags.get(Tag.PARENT)
         now = current.version if current else None
         if now != expected:
             raise AliasConflict(f"champion of {name} is v{now}, but this run expected v{expected}: another run "
                                 f"promoted or rolled back since; not moving it to v{version}")
         if current:
-            client.set_registered_model_alias(name, PREVIOUS, current.version)
-        client.set_registered_model_alias(name, CHAMPION, version)
-        client.set_model_version_tag(name, version, "flywheel.promoted", "true")
-        client.set_model_version_tag(name, version, TAG_PROMOTED_AT, datetime.now(UTC).isoformat())
-        client.set_model_version_tag(name, version, TAG_PROMOTED_BY, owner)
+            client.set_registered_model_alias(name, Alias.PREVIOUS, current.version)
+        client.set_registered_model_alias(name, Alias.CHAMPION, version)
+        client.set_model_version_tag(name, version, Tag.PROMOTED, "true")
+        client.set_model_version_tag(name, version, Tag.PROMOTED_AT, datetime.now(UTC).isoformat())
+        client.set_model_version_tag(name, version, Tag.PROMOTED_BY, owner)
         return now

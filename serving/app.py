@@ -25,15 +25,15 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from feature_store.entity_tables import lookup_features
 from feature_store.log_schema import FEEDBACK, PREDICTIONS, feedback_schema, prediction_schema
 from feature_store.online import open_store
-from pipeline import registry
 from pipeline.config import Settings, get_settings
+from pipeline.errors import LogUnavailable, RequestError
 from pipeline.runtime import runtime
-from serving.log_sink import Flusher, LogUnavailable, SegmentLog
+from pipeline.tags import Alias
+from serving.log_sink import Flusher, SegmentLog
 from serving.metrics import Metrics
 from serving.model_slot import Loaded, ModelSlot
 from serving.protocols import mlflow_to_rows, v2_response, v2_to_rows
 from serving.schema import (
-    RequestError,
     fill_from_store,
     openapi_bodies,
     parse_feedback,
@@ -48,7 +48,7 @@ log = logging.getLogger("flywheel.serving")
 
 
 def _json(data: object, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(orjson.dumps(data, option=orjson.OPT_SERIALIZE_NUMPY), status_code=status,
+    return Response(orjson.dumps(data, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS), status_code=status,
                     media_type="application/json", headers=headers)
 
 
@@ -76,7 +76,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             metrics.version.labels(alias).set(float(version))
 
     champion = ModelSlot(rt, warmup_frame(spec), on_event=on_event)
-    challenger = ModelSlot(rt, warmup_frame(spec), on_event=on_event, alias=registry.CHALLENGER) \
+    challenger = ModelSlot(rt, warmup_frame(spec), on_event=on_event, alias=Alias.CHALLENGER) \
         if s.canary_share > 0 else None
     slots = [x for x in (champion, challenger) if x is not None]
     workers = WorkerGroup(s.spool_dir / "workers")
@@ -298,7 +298,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if not admin_ok(request):
             return _json({"detail": "admin token required (Authorization: Bearer ...)"}, 401)
         versions = {slot.alias: await asyncio.to_thread(slot.refresh) for slot in slots}
-        return _json({"model_version": versions[registry.CHAMPION], "versions": versions,
+        return _json({"model_version": versions[Alias.CHAMPION], "versions": versions,
                       "last_error": champion.last_error})
 
     @app.post("/admin/flush", summary="Seal every worker's spools into Parquet segments now (admin token)")

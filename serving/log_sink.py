@@ -23,12 +23,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from feature_store.offline import Lake
+from pipeline.errors import LogUnavailable
 
 log = logging.getLogger("flywheel.log_sink")
-
-
-class LogUnavailable(RuntimeError):
-    """The log cannot accept rows (unwritable spool or lake): predictions must not be served unlogged."""
 
 
 class SegmentLog:

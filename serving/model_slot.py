@@ -12,9 +12,10 @@ import numpy as np
 import pandas as pd
 
 from pipeline import registry
-from pipeline.metrics import scores_valid
-from pipeline.model import ModelBundle
+from pipeline.checks.metrics import scores_valid
+from pipeline.learn.model import ModelBundle
 from pipeline.runtime import Runtime
+from pipeline.tags import Alias
 
 log = logging.getLogger("flywheel.model_slot")
 
@@ -26,7 +27,7 @@ class Loaded:
 
 
 class ModelSlot:
-    def __init__(self, rt: Runtime, warmup: pd.DataFrame, on_event=None, alias: str = registry.CHAMPION) -> None:
+    def __init__(self, rt: Runtime, warmup: pd.DataFrame, on_event=None, alias: str = Alias.CHAMPION) -> None:
         self.rt = rt
         self.alias = alias
         self.warmup = warmup
@@ -48,7 +49,7 @@ class ModelSlot:
                 return self.current.version if self.current else None
             if champ is None:
                 self.last_error = f"no {self.alias} alias on {self.rt.model_name}"
-                if self.alias != registry.CHAMPION:
+                if self.alias != Alias.CHAMPION:
                     self.current = None  # an alias removed (challenger retired) stops its traffic
                 return self.current.version if self.current else None
             if self.current and self.current.version == champ.version:

@@ -3,7 +3,7 @@ Inference Protocol (v2) clients work unchanged against the same validation, scor
 
 from __future__ import annotations
 
-from serving.schema import RequestError
+from pipeline.errors import RequestError
 
 
 def mlflow_to_rows(body: object) -> list[dict]:

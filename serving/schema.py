@@ -10,12 +10,7 @@ import pandas as pd
 
 from feature_store.spec import FeatureSpec, FeatureType
 from feature_store.vocab import canonical_value
-
-
-class RequestError(ValueError):
-    def __init__(self, message: str, status: int = 422) -> None:
-        super().__init__(message)
-        self.status = status
+from pipeline.errors import RequestError
 
 
 def _parse_time(value: object, where: str) -> datetime:

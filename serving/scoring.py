@@ -18,8 +18,9 @@ import numpy as np
 import torch
 
 from feature_store.spec import FeatureSpec
-from pipeline.model import ModelBundle
-from serving.log_sink import LogUnavailable, SegmentLog
+from pipeline.errors import LogUnavailable
+from pipeline.learn.model import ModelBundle
+from serving.log_sink import SegmentLog
 from serving.model_slot import Loaded
 
 

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from pipeline import stack
+from pipeline.ops import stack
 from tests.helpers import free_port, make_settings
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")

@@ -35,7 +35,7 @@ def start_server_on_champion(s: Settings, version: str = "1", timeout: float = 3
     """Start the real model server for `s` and wait until it serves `version`; returns its URL."""
     import httpx
 
-    from pipeline import stack
+    from pipeline.ops import stack
 
     stack.start_server(s)
     url = s.resolved_serving_url()

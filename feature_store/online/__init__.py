@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from feature_store.online.base import OnlineStore, OnlineStoreError, StoredValue
+from feature_store.online.base import OnlineStore, StoredValue
+from pipeline.errors import OnlineStoreError
 
 
 def open_store(uri: str | None, home: Path, namespace: str) -> OnlineStore:

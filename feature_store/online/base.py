@@ -30,10 +30,6 @@ class StoredValue(NamedTuple):
         return from_micros(self.as_of_us)
 
 
-class OnlineStoreError(RuntimeError):
-    """The store is misconfigured or unreachable; the message names the URI."""
-
-
 def to_micros(t: datetime) -> int:
     if t.tzinfo is None:
         t = t.replace(tzinfo=UTC)

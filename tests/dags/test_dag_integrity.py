@@ -6,7 +6,7 @@ import subprocess
 import sys
 import time
 
-from pipeline.stack import REPO
+from pipeline.ops.stack import REPO
 
 
 def _dagbag_probe(extra_env: dict[str, str], tmp_path, dag_id: str = "flywheel_nightly") -> str:

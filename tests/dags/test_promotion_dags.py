@@ -7,7 +7,7 @@ import json
 import subprocess
 import sys
 
-from pipeline.stack import REPO
+from pipeline.ops.stack import REPO
 
 PROBE = """
 import json, sys

@@ -9,10 +9,10 @@ import sys
 
 import pytest
 
-from pipeline.bootstrap import bootstrap
+from pipeline.demo.simulate import Simulator
+from pipeline.ops.stack import REPO
 from pipeline.runtime import runtime
-from pipeline.simulate import Simulator
-from pipeline.stack import REPO
+from pipeline.stages.bootstrap import bootstrap
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]  # an Airflow DB migration + dag.test(): ~1 min
 
@@ -20,7 +20,7 @@ DAG_FILE = '''
 import pendulum
 from airflow.sdk import dag
 
-from pipeline.review_trigger import AwaitApprovalOperator
+from pipeline.orchestration.review_trigger import AwaitApprovalOperator
 
 
 @dag(dag_id="review_probe", schedule=None, start_date=pendulum.datetime(2024, 1, 1, tz="UTC"))
@@ -36,12 +36,13 @@ import json, sys, threading, time
 sys.path.insert(0, sys.argv[1])
 from review_probe import review_probe_dag
 from pipeline import registry
-from pipeline.review import TAG_REVIEW_REQUESTED_AT, decide
+from pipeline.release.review import decide
 from pipeline.runtime import runtime
+from pipeline.tags import Tag
 
 def approve():  # a reviewer who reacts a few seconds after the review was requested
     rt = runtime()
-    while TAG_REVIEW_REQUESTED_AT not in registry.get_version(rt.client(), rt.model_name, "1").tags:
+    while Tag.REVIEW_REQUESTED_AT not in registry.get_version(rt.client(), rt.model_name, "1").tags:
         time.sleep(0.2)
     time.sleep(3)
     decide("1", "approved", "dana", "ship it")

@@ -10,8 +10,8 @@ import uuid
 
 import pytest
 
-from pipeline import stack
-from pipeline.airflow_client import AirflowClient
+from pipeline.ops import stack
+from pipeline.ops.airflow_client import AirflowClient
 from tests.e2e.test_nightly_airflow import postgres_databases
 from tests.helpers import free_port, make_settings
 

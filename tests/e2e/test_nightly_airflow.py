@@ -13,14 +13,16 @@ import pandas as pd
 import pytest
 import yaml
 
-from pipeline import registry, stack
-from pipeline.airflow_client import AirflowClient
-from pipeline.bootstrap import bootstrap
+from pipeline import registry
 from pipeline.config import DEFAULT_SPEC
-from pipeline.materialize import ingest, materialize, open_online_store
+from pipeline.demo.simulate import Simulator
+from pipeline.demo.traffic import flush, send_day
+from pipeline.ops import stack
+from pipeline.ops.airflow_client import AirflowClient
 from pipeline.runtime import runtime
-from pipeline.simulate import Simulator
-from pipeline.traffic import flush, send_day
+from pipeline.stages.bootstrap import bootstrap
+from pipeline.stages.materialize import ingest, materialize, open_online_store
+from pipeline.tags import Alias, Tag
 from tests.helpers import free_port, make_settings
 
 pytestmark = pytest.mark.slow
@@ -144,12 +146,12 @@ def test_nightly_dag_run_collects_quarantines_trains_promotes_and_rolls_out(loop
     assert rt.lake.read_manifest("validated", day)["rows"] == rows - BAD_ROWS
 
     client = rt.client()
-    champion = registry.get_alias(client, rt.model_name, registry.CHAMPION)
+    champion = registry.get_alias(client, rt.model_name, Alias.CHAMPION)
     assert champion.version == "2"
-    assert champion.tags[registry.TAG_PARENT] == "1" and champion.tags[registry.TAG_DAY] == day.isoformat()
-    assert registry.TAG_RUN in champion.tags and "flywheel.metrics" in champion.tags
-    assert registry.get_alias(client, rt.model_name, registry.PREVIOUS).version == "1"
-    assert registry.get_alias(client, rt.model_name, registry.CHALLENGER).version == "2"
+    assert champion.tags[Tag.PARENT] == "1" and champion.tags[Tag.DAY] == day.isoformat()
+    assert Tag.RUN in champion.tags and "flywheel.metrics" in champion.tags
+    assert registry.get_alias(client, rt.model_name, Alias.PREVIOUS).version == "1"
+    assert registry.get_alias(client, rt.model_name, Alias.CHALLENGER).version == "2"
 
     health = httpx.get(f"{s.resolved_serving_url()}/health").json()
     assert health["model_version"] == "2"

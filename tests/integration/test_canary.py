@@ -11,8 +11,9 @@ import pyarrow as pa
 import pytest
 
 from pipeline import registry
-from pipeline.canary import TAG_CANARY, canary_eval
-from pipeline.model import ModelBundle
+from pipeline.learn.model import ModelBundle
+from pipeline.release.canary import canary_eval
+from pipeline.tags import Alias, Tag
 from tests.helpers import loans_frame
 from tests.integration.test_online_eval import DAY, degraded, register_bundle, rt  # noqa: F401 - shared fixture
 
@@ -21,7 +22,7 @@ pytestmark = pytest.mark.integration
 
 def make_challenger(r, bundle: ModelBundle) -> str:
     version = register_bundle(r, bundle)
-    r.client().set_registered_model_alias(r.model_name, registry.CHALLENGER, version)
+    r.client().set_registered_model_alias(r.model_name, Alias.CHALLENGER, version)
     return version
 
 
@@ -43,9 +44,9 @@ def test_a_worse_challenger_is_retired(rt):  # noqa: F811
     result = canary_eval(DAY, rt)
     client = rt.client()
     assert result.decision == "retired", result.reason
-    assert registry.get_alias(client, rt.model_name, registry.CHALLENGER) is None
-    assert registry.get_alias(client, rt.model_name, registry.CHAMPION).version == "1"
-    assert registry.get_version(client, rt.model_name, version).tags[TAG_CANARY].startswith("retired")
+    assert registry.get_alias(client, rt.model_name, Alias.CHALLENGER) is None
+    assert registry.get_alias(client, rt.model_name, Alias.CHAMPION).version == "1"
+    assert registry.get_version(client, rt.model_name, version).tags[Tag.CANARY].startswith("retired")
 
 
 def test_an_equal_challenger_is_promoted_and_too_few_labels_wait(rt):  # noqa: F811
@@ -57,5 +58,5 @@ def test_an_equal_challenger_is_promoted_and_too_few_labels_wait(rt):  # noqa: F
     result = canary_eval(DAY, rt)
     client = rt.client()
     assert result.decision == "promoted", result.reason
-    assert registry.get_alias(client, rt.model_name, registry.CHAMPION).version == version
-    assert registry.get_alias(client, rt.model_name, registry.PREVIOUS).version == "1"
+    assert registry.get_alias(client, rt.model_name, Alias.CHAMPION).version == version
+    assert registry.get_alias(client, rt.model_name, Alias.PREVIOUS).version == "1"

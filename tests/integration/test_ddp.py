@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from feature_store.spec import load_spec
-from pipeline.model import ModelBundle
+from pipeline.learn.model import ModelBundle
 from tests.helpers import LOANS_SPEC, loans_frame
 
 pytestmark = pytest.mark.integration
@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def run(launcher: list[str], data: Path, out: Path, init: Path) -> dict:
-    args = ["-m", "pipeline.ddp_train", "--data", str(data), "--out", str(out), "--spec", str(LOANS_SPEC),
+    args = ["-m", "pipeline.learn.ddp_train", "--data", str(data), "--out", str(out), "--spec", str(LOANS_SPEC),
             "--init", str(init),
             "--epochs", "3", "--batch-size", "64", "--lr", "0.01", "--seed", "5", "--device", "cpu",
             "--checkpoint-every", "0"]
@@ -51,7 +51,7 @@ def test_two_process_ddp_matches_one_process(tmp_path):
 def test_standalone_warm_start_applies_a_declared_migration(tmp_path):
     import yaml
 
-    from pipeline.ddp_train import main
+    from pipeline.learn.ddp_train import main
 
     spec = load_spec(LOANS_SPEC)
     parent = ModelBundle.create(spec, loans_frame(date(2026, 2, 28), 300, seed=9), embedding_dim=4, hidden=(8,),

@@ -19,13 +19,14 @@ from typer.testing import CliRunner
 from feature_store.entity_tables import table_name
 from feature_store.log_schema import PREDICTIONS
 from feature_store.spec import load_spec
-from pipeline import stack
-from pipeline.bootstrap import bootstrap
 from pipeline.cli import app
 from pipeline.config import DEFAULT_SPEC, get_settings
-from pipeline.materialize import ingest, materialize, open_online_store
-from pipeline.runtime import StageError, runtime
-from pipeline.simulate import Simulator
+from pipeline.demo.simulate import Simulator
+from pipeline.errors import StageError
+from pipeline.ops import stack
+from pipeline.runtime import runtime
+from pipeline.stages.bootstrap import bootstrap
+from pipeline.stages.materialize import ingest, materialize, open_online_store
 from tests.helpers import free_port, make_settings, start_server_on_champion
 
 pytestmark = pytest.mark.integration

@@ -8,7 +8,7 @@ import secrets
 import httpx
 import pytest
 
-from pipeline import stack
+from pipeline.ops import stack
 from tests.helpers import free_port, make_settings
 
 SEARCH = "/api/2.0/mlflow/experiments/search"

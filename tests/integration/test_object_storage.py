@@ -12,7 +12,7 @@ from datetime import date
 import pyarrow as pa
 import pytest
 
-from pipeline import stack
+from pipeline.ops import stack
 from tests.helpers import free_port, make_settings
 
 BUCKET = "flywheel-test"

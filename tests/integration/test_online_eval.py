@@ -15,12 +15,12 @@ import pyarrow as pa
 import pytest
 
 from pipeline import registry
-from pipeline.bootstrap import bootstrap
-from pipeline.model import ModelBundle
-from pipeline.online_eval import TAG_ONLINE, online_eval
-from pipeline.rollback import TAG_ROLLED_BACK
+from pipeline.learn.model import ModelBundle
+from pipeline.release.online_eval import online_eval
 from pipeline.runtime import runtime
-from pipeline.train import experiment
+from pipeline.stages.bootstrap import bootstrap
+from pipeline.stages.train import experiment
+from pipeline.tags import Alias, Tag
 from tests.helpers import LOANS_SPEC, loans_frame
 
 pytestmark = pytest.mark.integration
@@ -43,7 +43,7 @@ def register_bundle(rt, bundle: ModelBundle) -> str:
     experiment(rt)
     with mlflow.start_run() as run, tempfile.TemporaryDirectory() as tmp:
         registry.log_bundle(bundle, rt.spec, Path(tmp))
-    mv = registry.register(rt.client(), rt.model_name, run.info.run_id, {registry.TAG_PARENT: "1",
+    mv = registry.register(rt.client(), rt.model_name, run.info.run_id, {Tag.PARENT: "1",
                                                                           "flywheel.gate_passed": "true"})
     return mv.version
 
@@ -92,10 +92,10 @@ def test_a_degraded_champion_is_rolled_back_once_labels_arrive(rt):
     margin = rt.settings.online_max_logloss_regression * result.previous_metrics["logloss"]
     assert result.logloss_diff.low > margin  # confidently worse beyond the declared margin, not by noise
     client = rt.client()
-    assert registry.get_alias(client, rt.model_name, registry.CHAMPION).version == "1"
+    assert registry.get_alias(client, rt.model_name, Alias.CHAMPION).version == "1"
     tags = registry.get_version(client, rt.model_name, v2).tags
-    assert tags[TAG_ROLLED_BACK] == "true" and tags["flywheel.rollback_by"] == "online_eval"
-    assert tags[TAG_ONLINE].startswith("rolled_back: online evaluation")
+    assert tags[Tag.ROLLED_BACK] == "true" and tags["flywheel.rollback_by"] == "online_eval"
+    assert tags[Tag.ONLINE_EVAL].startswith("rolled_back: online evaluation")
     # nothing left to compare with: the next hourly run does not flip back
     assert online_eval(DAY, rt).decision == "no_baseline"
 
@@ -111,8 +111,8 @@ def test_too_few_labels_waits_and_a_sound_champion_stays(rt):
     assert kept.decision == "keep", kept.reason
     assert kept.auc_diff.estimate == pytest.approx(0.0, abs=1e-9)
     client = rt.client()
-    assert registry.get_alias(client, rt.model_name, registry.CHAMPION).version == v2
-    assert registry.get_version(client, rt.model_name, v2).tags[TAG_ONLINE].startswith("keep:")
+    assert registry.get_alias(client, rt.model_name, Alias.CHAMPION).version == v2
+    assert registry.get_version(client, rt.model_name, v2).tags[Tag.ONLINE_EVAL].startswith("keep:")
 
 
 @pytest.mark.slow
@@ -123,11 +123,11 @@ def test_degraded_rollout_under_live_traffic_is_rolled_back_without_a_person_or_
 
     import httpx
 
-    from pipeline import stack
-    from pipeline.collect import collect
-    from pipeline.promote import rollout
-    from pipeline.simulate import Simulator
-    from pipeline.traffic import flush, send_day
+    from pipeline.demo.simulate import Simulator
+    from pipeline.demo.traffic import flush, send_day
+    from pipeline.ops import stack
+    from pipeline.stages.collect import collect
+    from pipeline.stages.promote import rollout
     from tests.helpers import free_port, make_settings
 
     sim = Simulator(seed=5, rows_per_day=800, horizon_days=10)
@@ -172,6 +172,6 @@ def test_degraded_rollout_under_live_traffic_is_rolled_back_without_a_person_or_
         versions = set().union(*(set(t.served.model_version) for t in during))
         assert sum(t.errors for t in during) == 0 and versions == {v2, "1"}  # swapped under load, none failed
         assert httpx.get(f"{url}/health").json()["model_version"] == "1"
-        assert registry.get_version(r.client(), r.model_name, v2).tags[TAG_ROLLED_BACK] == "true"
+        assert registry.get_version(r.client(), r.model_name, v2).tags[Tag.ROLLED_BACK] == "true"
     finally:
         stack.stop_all(s)

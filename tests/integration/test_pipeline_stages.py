@@ -13,11 +13,13 @@ import pytest
 
 from feature_store.log_schema import FEEDBACK, PREDICTIONS, feedback_schema, prediction_schema
 from pipeline import registry
-from pipeline.bootstrap import bootstrap
-from pipeline.collect import collect
-from pipeline.nightly import run_nightly
-from pipeline.runtime import GateFailed, NoDataError, runtime
-from pipeline.validate import QUARANTINE, VALIDATED, validate
+from pipeline.errors import GateFailed, NoDataError
+from pipeline.runtime import runtime
+from pipeline.stages.bootstrap import bootstrap
+from pipeline.stages.collect import collect
+from pipeline.stages.nightly import run_nightly
+from pipeline.stages.validate import QUARANTINE, VALIDATED, validate
+from pipeline.tags import Alias, Tag
 from serving.log_sink import SegmentLog
 from tests.helpers import LOANS_SPEC, loans_frame
 
@@ -89,10 +91,10 @@ def test_nightly_on_second_spec_collects_quarantines_trains_registers_idempotent
     client = rt.client()
     v2 = registry.get_version(client, rt.model_name, out["register"]["version"])
     assert v2.version == "2"
-    assert v2.tags[registry.TAG_PARENT] == "1" and v2.tags[registry.TAG_DAY] == DAY.isoformat()
+    assert v2.tags[Tag.PARENT] == "1" and v2.tags[Tag.DAY] == DAY.isoformat()
     assert v2.tags["flywheel.gate_passed"] == "true"
-    assert registry.get_alias(client, rt.model_name, registry.CHAMPION).version == "2"
-    assert registry.get_alias(client, rt.model_name, registry.PREVIOUS).version == "1"
+    assert registry.get_alias(client, rt.model_name, Alias.CHAMPION).version == "2"
+    assert registry.get_alias(client, rt.model_name, Alias.PREVIOUS).version == "1"
     assert out["train"]["new_vocab"]["region"] == 1  # the new region got its own embedding row
 
     before = rt.lake.read_partition("training", DAY).to_pandas()

@@ -17,17 +17,19 @@ import pyarrow as pa
 import pytest
 
 from pipeline import registry
-from pipeline.bootstrap import bootstrap
-from pipeline.evaluate import TAG_REPORT, evaluate
-from pipeline.model import ModelBundle
-from pipeline.promote import promote
-from pipeline.register import register_candidate
-from pipeline.review import APPROVED, REJECTED, TAG_APPROVER, decide, request_review
-from pipeline.rollback import TAG_ROLLED_BACK, rollback
-from pipeline.runtime import StageError, runtime
-from pipeline.train import experiment
-from pipeline.trainer import fit
-from pipeline.validate import VALIDATED
+from pipeline.errors import AliasConflict, StageError
+from pipeline.learn.model import ModelBundle
+from pipeline.learn.trainer import fit
+from pipeline.release.review import APPROVED, REJECTED, decide, request_review
+from pipeline.release.rollback import rollback
+from pipeline.runtime import runtime
+from pipeline.stages.bootstrap import bootstrap
+from pipeline.stages.evaluate import evaluate
+from pipeline.stages.promote import promote
+from pipeline.stages.register import register_candidate
+from pipeline.stages.train import experiment
+from pipeline.stages.validate import VALIDATED
+from pipeline.tags import Alias, Tag
 from tests.helpers import LOANS_SPEC, loans_frame
 
 pytestmark = pytest.mark.integration
@@ -61,8 +63,8 @@ def log_candidate(rt, bundle: ModelBundle, parent: str = "1") -> str:
     """A training run as `train` leaves it: parent/day tags and the bundle as the run's model."""
     experiment(rt)
     with mlflow.start_run(run_name=f"candidate-{DAY}") as run, tempfile.TemporaryDirectory() as tmp:
-        mlflow.set_tags({registry.TAG_PARENT: parent, registry.TAG_DAY: DAY.isoformat(),
-                         registry.TAG_WEIGHTS: bundle.weights_digest()})
+        mlflow.set_tags({Tag.PARENT: parent, Tag.DAY: DAY.isoformat(),
+                         Tag.WEIGHTS: bundle.weights_digest()})
         registry.log_bundle(bundle, rt.spec, Path(tmp))
     return run.info.run_id
 
@@ -124,20 +126,20 @@ def test_a_good_candidate_passes_with_report_tags_and_is_promoted_then_rolled_ba
 
     reg = register_candidate(DAY, ev, rt)
     v = registry.get_version(client, rt.model_name, reg.version)
-    assert v.tags[TAG_REPORT] == f"runs:/{run_id}/evaluation/report.html"
+    assert v.tags[Tag.EVAL_REPORT] == f"runs:/{run_id}/evaluation/report.html"
     assert '"auc_vs_champion":true' in v.tags["flywheel.gate_checks"]
-    assert registry.get_alias(client, rt.model_name, registry.CHALLENGER).version == reg.version
+    assert registry.get_alias(client, rt.model_name, Alias.CHALLENGER).version == reg.version
     assert promote(reg.version, rt).promoted
-    assert registry.get_alias(client, rt.model_name, registry.CHAMPION).version == reg.version
-    assert registry.get_alias(client, rt.model_name, registry.PREVIOUS).version == "1"
+    assert registry.get_alias(client, rt.model_name, Alias.CHAMPION).version == reg.version
+    assert registry.get_alias(client, rt.model_name, Alias.PREVIOUS).version == "1"
 
     rb = rollback("bad canary", rt=rt)
     assert (rb.rolled_back, rb.restored) == (reg.version, "1")
-    assert registry.get_alias(client, rt.model_name, registry.CHAMPION).version == "1"
-    assert registry.get_alias(client, rt.model_name, registry.PREVIOUS) is None
-    assert registry.get_alias(client, rt.model_name, registry.CHALLENGER) is None
+    assert registry.get_alias(client, rt.model_name, Alias.CHAMPION).version == "1"
+    assert registry.get_alias(client, rt.model_name, Alias.PREVIOUS) is None
+    assert registry.get_alias(client, rt.model_name, Alias.CHALLENGER) is None
     bad = registry.get_version(client, rt.model_name, reg.version)
-    assert bad.tags[TAG_ROLLED_BACK] == "true" and bad.tags["flywheel.rollback_reason"] == "bad canary"
+    assert bad.tags[Tag.ROLLED_BACK] == "true" and bad.tags["flywheel.rollback_reason"] == "bad canary"
     assert registry.get_version(client, rt.model_name, "1").tags["flywheel.restored_from"] == reg.version
     with pytest.raises(StageError, match="no 'previous' version"):
         rollback("again", rt=rt)
@@ -159,17 +161,17 @@ def test_a_broken_candidate_is_never_promoted(rt, make, failing):
     reg = register_candidate(DAY, ev, rt)
     client = rt.client()
     assert registry.get_version(client, rt.model_name, reg.version).tags["flywheel.gate_passed"] == "false"
-    assert registry.get_alias(client, rt.model_name, registry.CHALLENGER) is None
+    assert registry.get_alias(client, rt.model_name, Alias.CHALLENGER) is None
     result = promote(reg.version, rt)
     assert not result.promoted
-    assert registry.get_alias(client, rt.model_name, registry.CHAMPION).version == "1"
+    assert registry.get_alias(client, rt.model_name, Alias.CHAMPION).version == "1"
     with pytest.raises(StageError, match="cannot override the gate"):
         decide(reg.version, APPROVED, "mallory", rt=rt)
 
 
 def _passing_version(rt, run_bundle: ModelBundle) -> str:
     run_id = log_candidate(rt, run_bundle)
-    mv = registry.register(rt.client(), rt.model_name, run_id, {registry.TAG_PARENT: "1",
+    mv = registry.register(rt.client(), rt.model_name, run_id, {Tag.PARENT: "1",
                                                                  "flywheel.gate_passed": "true"})
     return mv.version
 
@@ -185,7 +187,7 @@ def test_two_runs_never_both_promote(rt):
         barrier.wait()
         try:
             outcomes[version] = registry.move_champion(client, rt.model_name, version, "1", f"run-{version}")
-        except registry.AliasConflict as e:
+        except AliasConflict as e:
             outcomes[version] = e
 
     threads = [threading.Thread(target=race, args=(v,)) for v in (v2, v3)]
@@ -194,24 +196,24 @@ def test_two_runs_never_both_promote(rt):
     for th in threads:
         th.join()
     winners = [v for v, o in outcomes.items() if o == "1"]
-    losers = [o for o in outcomes.values() if isinstance(o, registry.AliasConflict)]
+    losers = [o for o in outcomes.values() if isinstance(o, AliasConflict)]
     assert len(winners) == 1 and len(losers) == 1, outcomes
     client = rt.client()
-    assert registry.get_alias(client, rt.model_name, registry.CHAMPION).version == winners[0]
-    assert registry.get_alias(client, rt.model_name, registry.PREVIOUS).version == "1"
+    assert registry.get_alias(client, rt.model_name, Alias.CHAMPION).version == winners[0]
+    assert registry.get_alias(client, rt.model_name, Alias.PREVIOUS).version == "1"
     # the loser, promoted later through the stage, is refused: its parent is no longer champion
     loser = v3 if winners[0] == v2 else v2
     with pytest.raises(StageError, match="another run promoted"):
         promote(loser, rt)
     with pytest.raises(StageError, match=f"not v{loser} as this rollback expected"):
         rollback("stale decision", expected_champion=loser, rt=rt)
-    assert registry.get_alias(client, rt.model_name, registry.CHAMPION).version == winners[0]
+    assert registry.get_alias(client, rt.model_name, Alias.CHAMPION).version == winners[0]
 
 
 def test_review_mode_waits_for_an_approval_tag_then_promotes(settings_factory, rt):
     s = rt.settings.model_copy(update={"promotion_mode": "review", "approval_poll_interval_s": 0.2})
     rv = runtime(s)
-    from pipeline.review_trigger import ApprovalTrigger
+    from pipeline.orchestration.review_trigger import ApprovalTrigger
 
     v2 = _passing_version(rv, champion_bundle(rv))
     first = request_review(v2, rv)
@@ -221,7 +223,7 @@ def test_review_mode_waits_for_an_approval_tag_then_promotes(settings_factory, r
 
     trigger = ApprovalTrigger(v2, time.time() + 30, 0.2, rv.model_name, s.mlflow_tracking_uri)
     classpath, kwargs = trigger.serialize()
-    assert classpath == "pipeline.review_trigger.ApprovalTrigger"
+    assert classpath == "pipeline.orchestration.review_trigger.ApprovalTrigger"
 
     async def wait_for_event():
         async def approve_later():
@@ -239,7 +241,7 @@ def test_review_mode_waits_for_an_approval_tag_then_promotes(settings_factory, r
     result = promote(v2, rv)
     assert result.promoted
     tags = registry.get_version(rv.client(), rv.model_name, v2).tags
-    assert tags[TAG_APPROVER] == "alice" and "flywheel.approval_at" in tags and "flywheel.promoted_at" in tags
+    assert tags[Tag.APPROVER] == "alice" and "flywheel.approval_at" in tags and "flywheel.promoted_at" in tags
 
     timeout = ApprovalTrigger(_passing_version(rv, champion_bundle(rv)), time.time() - 1, 0.1, rv.model_name,
                               s.mlflow_tracking_uri)
@@ -248,12 +250,12 @@ def test_review_mode_waits_for_an_approval_tag_then_promotes(settings_factory, r
 
 def test_review_mode_rejection_and_a_malformed_tag(rt):
     rv = runtime(rt.settings.model_copy(update={"promotion_mode": "review"}))
-    from pipeline.review_trigger import ApprovalTrigger
+    from pipeline.orchestration.review_trigger import ApprovalTrigger
 
     v2 = _passing_version(rv, champion_bundle(rv))
     decide(v2, REJECTED, "bob", rt=rv)
     assert not promote(v2, rv).promoted
-    assert registry.get_alias(rv.client(), rv.model_name, registry.CHAMPION).version == "1"
+    assert registry.get_alias(rv.client(), rv.model_name, Alias.CHAMPION).version == "1"
     rv.client().set_model_version_tag(rv.model_name, v2, "flywheel.approval", "yes please")
     event = asyncio.run(anext(ApprovalTrigger(v2, time.time() + 5, 0.1, rv.model_name,
                                               rv.settings.mlflow_tracking_uri).run()))
@@ -264,7 +266,7 @@ def test_await_approval_task_returns_at_once_in_auto_mode_and_defers_in_review_m
     from airflow.sdk.exceptions import TaskDeferred
 
     from pipeline.config import get_settings
-    from pipeline.review_trigger import ApprovalTrigger, AwaitApprovalOperator
+    from pipeline.orchestration.review_trigger import ApprovalTrigger, AwaitApprovalOperator
 
     s = rt.settings
     v2 = _passing_version(rt, champion_bundle(rt))
@@ -318,7 +320,7 @@ def test_flywheel_rollback_command_restores_previous_in_one_step(rt, monkeypatch
         assert done.exit_code == 0, done.output
         body = json.loads(done.stdout[done.stdout.index("{"):])
         assert (body["rolled_back"], body["restored"], body["reason"]) == (v2, "1", "latency regression")
-        assert registry.get_alias(rt.client(), rt.model_name, registry.CHAMPION).version == "1"
+        assert registry.get_alias(rt.client(), rt.model_name, Alias.CHAMPION).version == "1"
         again = runner.invoke(app, ["rollback"])
         assert again.exit_code == 2 and "no 'previous' version" in again.output
     finally:

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def command(data: Path, out: Path, ckpt: Path) -> list[str]:
-    return [sys.executable, "-m", "pipeline.ddp_train", "--data", str(data), "--out", str(out), "--spec",
+    return [sys.executable, "-m", "pipeline.learn.ddp_train", "--data", str(data), "--out", str(out), "--spec",
             str(LOANS_SPEC), "--epochs", "3", "--batch-size", "32", "--lr", "0.01", "--seed", "11",
             "--checkpoint-dir", str(ckpt), "--checkpoint-every", "25", "--device", "cpu"]
 

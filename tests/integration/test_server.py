@@ -19,11 +19,13 @@ import pytest
 from feature_store.entity_tables import lookup_features
 from feature_store.log_schema import FEEDBACK, PREDICTIONS
 from feature_store.spec import load_spec
-from pipeline import registry, stack
-from pipeline.bootstrap import bootstrap
+from pipeline import registry
 from pipeline.config import DEFAULT_SPEC
+from pipeline.demo.simulate import Simulator
+from pipeline.ops import stack
 from pipeline.runtime import runtime
-from pipeline.simulate import Simulator
+from pipeline.stages.bootstrap import bootstrap
+from pipeline.tags import Alias, Tag
 from tests.helpers import free_port, make_settings, start_server_on_champion
 
 pytestmark = pytest.mark.integration
@@ -130,15 +132,15 @@ def test_alias_move_swaps_model_under_load_without_failed_requests(server):
     for t in threads:
         t.start()
     time.sleep(0.5)
-    v1 = registry.get_alias(client, rt.model_name, registry.CHAMPION)
+    v1 = registry.get_alias(client, rt.model_name, Alias.CHAMPION)
     run_id = v1.run_id
-    v2 = registry.register(client, rt.model_name, run_id, {registry.TAG_DAY: date(2026, 1, 9).isoformat(),
+    v2 = registry.register(client, rt.model_name, run_id, {Tag.DAY: date(2026, 1, 9).isoformat(),
                                                            "flywheel.gate_passed": "true"})
     assert v2.version == "1", "same run registers once"
     run_tags = client.get_run(run_id).data.tags
-    mv = client.create_model_version(rt.model_name, run_tags[registry.TAG_MODEL_URI], run_id=run_id,
-                                     model_id=run_tags[registry.TAG_MODEL_ID],
-                                     tags={registry.TAG_BUNDLE: v1.tags[registry.TAG_BUNDLE]})
+    mv = client.create_model_version(rt.model_name, run_tags[Tag.MODEL_URI], run_id=run_id,
+                                     model_id=run_tags[Tag.MODEL_ID],
+                                     tags={Tag.BUNDLE: v1.tags[Tag.BUNDLE]})
     registry.move_champion(client, rt.model_name, str(mv.version), expected=v1.version, owner="test")
     deadline = time.monotonic() + 20
     while str(mv.version) not in versions and time.monotonic() < deadline:
@@ -275,12 +277,12 @@ def test_unwritable_log_turns_predictions_into_503_and_recovers(tmp_path, mlflow
 def test_protocols_tokens_and_sticky_canary(tmp_path, mlflow_server, server):
     base, rt, _ = server
     client = rt.client()
-    champ = registry.get_alias(client, rt.model_name, registry.CHAMPION)
+    champ = registry.get_alias(client, rt.model_name, Alias.CHAMPION)
     tags = client.get_run(champ.run_id).data.tags
-    mv = client.create_model_version(rt.model_name, tags[registry.TAG_MODEL_URI], run_id=champ.run_id,
-                                     model_id=tags[registry.TAG_MODEL_ID],
-                                     tags={registry.TAG_BUNDLE: champ.tags[registry.TAG_BUNDLE]})
-    client.set_registered_model_alias(rt.model_name, registry.CHALLENGER, str(mv.version))
+    mv = client.create_model_version(rt.model_name, tags[Tag.MODEL_URI], run_id=champ.run_id,
+                                     model_id=tags[Tag.MODEL_ID],
+                                     tags={Tag.BUNDLE: champ.tags[Tag.BUNDLE]})
+    client.set_registered_model_alias(rt.model_name, Alias.CHALLENGER, str(mv.version))
     s = make_settings(tmp_path / "home", mlflow_server[1], model_name=base.model_name, serving_port=free_port(),
                       canary_share=0.5, api_tokens=["client-token"])
     stack.start_server(s)
@@ -326,7 +328,7 @@ def test_protocols_tokens_and_sticky_canary(tmp_path, mlflow_server, server):
         assert set(canary.model_version) == {champ.version, str(mv.version)}
     finally:
         stack.stop_all(s)
-        client.delete_registered_model_alias(rt.model_name, registry.CHALLENGER)
+        client.delete_registered_model_alias(rt.model_name, Alias.CHALLENGER)
 
 
 def test_fuzzing_the_published_openapi_schema_yields_no_server_error(server):
@@ -349,7 +351,7 @@ def test_a_version_with_nan_weights_is_refused_and_the_old_one_kept(server, tmp_
 
     s, rt, url = server
     client = rt.client()
-    champ = registry.get_alias(client, rt.model_name, registry.CHAMPION)
+    champ = registry.get_alias(client, rt.model_name, Alias.CHAMPION)
     bundle = registry.load_version(client, rt.model_name, champ.version, rt.cache_dir)
     with torch.no_grad():
         for p in bundle.net.parameters():
@@ -357,7 +359,7 @@ def test_a_version_with_nan_weights_is_refused_and_the_old_one_kept(server, tmp_
     with mlflow.start_run(run_name="broken") as run:
         registry.log_bundle(bundle, rt.spec, tmp_path)
     broken = registry.register(client, rt.model_name, run.info.run_id, {"flywheel.gate_passed": "true"})
-    client.set_registered_model_alias(rt.model_name, registry.CHAMPION, broken.version)
+    client.set_registered_model_alias(rt.model_name, Alias.CHAMPION, broken.version)
     try:
         deadline = time.monotonic() + 20
         while "load_failed" not in httpx.get(f"{url}/metrics").text:
@@ -368,7 +370,7 @@ def test_a_version_with_nan_weights_is_refused_and_the_old_one_kept(server, tmp_
         assert "warm-up predictions invalid" in health["last_error"]
         assert httpx.post(f"{url}/predict", json={"rows": rows(2)}).json()["model_version"] == champ.version
     finally:
-        client.set_registered_model_alias(rt.model_name, registry.CHAMPION, champ.version)
+        client.set_registered_model_alias(rt.model_name, Alias.CHAMPION, champ.version)
 
 
 def test_several_workers_share_the_port_and_seal_together(tmp_path, mlflow_server, server):

@@ -16,15 +16,18 @@ import yaml
 
 from feature_store.offline import Lake
 from feature_store.spec import load_spec
-from pipeline import registry, replay
-from pipeline.bootstrap import bootstrap
-from pipeline.evaluate import evaluate
-from pipeline.model import ModelBundle
-from pipeline.register import register_candidate
-from pipeline.runtime import TIE_BREAKERS, runtime, split_by_time, split_positions
-from pipeline.train import TAG_MIGRATION, DayReader, train
-from pipeline.trainer import Encoded, encode_groups, fit_increment
-from pipeline.validate import VALIDATED
+from pipeline import registry
+from pipeline.learn import replay
+from pipeline.learn.holdout import TIE_BREAKERS, split_by_time, split_positions
+from pipeline.learn.model import ModelBundle
+from pipeline.learn.trainer import Encoded, encode_groups, fit_increment
+from pipeline.runtime import runtime
+from pipeline.stages.bootstrap import bootstrap
+from pipeline.stages.evaluate import evaluate
+from pipeline.stages.register import register_candidate
+from pipeline.stages.train import DayReader, train
+from pipeline.stages.validate import VALIDATED
+from pipeline.tags import Tag
 from tests.helpers import LOANS_SPEC, loans_frame, make_settings
 
 pytestmark = pytest.mark.integration
@@ -142,7 +145,7 @@ def test_nightly_train_streams_applies_the_declared_migration_and_logs_lineage(s
     assert out.expired_vocab == dict.fromkeys(rt.spec.categorical, 0)
     client = rt.client()
     run = client.get_run(out.run_id)
-    assert run.data.tags[TAG_MIGRATION] == out.migration and run.data.params["spec_digest"] == rt.spec.digest
+    assert run.data.tags[Tag.MIGRATION] == out.migration and run.data.params["spec_digest"] == rt.spec.digest
     artifacts = {f.path for f in client.list_artifacts(out.run_id, "validation")}
     assert artifacts == {"validation/suite.html"}
     vocab = {f.path for f in client.list_artifacts(out.run_id, "vocab")}
@@ -159,7 +162,7 @@ def test_nightly_train_streams_applies_the_declared_migration_and_logs_lineage(s
     assert version != boot.version
     registered = registry.load_version(client, rt.model_name, version, rt.cache_dir)
     assert registered.spec_digest == rt.spec.digest
-    assert client.get_model_version(rt.model_name, version).tags[TAG_MIGRATION] == out.migration
+    assert client.get_model_version(rt.model_name, version).tags[Tag.MIGRATION] == out.migration
     again = train(DAY, rt)
     assert again.reused and again.migration == out.migration
 
@@ -175,7 +178,7 @@ def test_undeclared_spec_change_stops_training_with_the_difference_named(setting
     rt = runtime(settings_factory(spec_path=tmp_path / "loans_v2.yaml", model_name=s.model_name, epochs=1))
     frame = validated(loans_frame(DAY + timedelta(days=1), 300, seed=5)).drop(columns=["product"])
     rt.lake.write_partition(VALIDATED, DAY + timedelta(days=1), pa.Table.from_pandas(frame, preserve_index=False))
-    from pipeline.runtime import StageError
+    from pipeline.errors import StageError
 
     with pytest.raises(StageError, match=r"removed \['product'\].*'migrations:'"):
         train(DAY + timedelta(days=1), rt)

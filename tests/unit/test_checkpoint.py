@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from feature_store.spec import load_spec
-from pipeline.checkpoint import Checkpointer
-from pipeline.model import ModelBundle
-from pipeline.trainer import fit
+from pipeline.learn.checkpoint import Checkpointer
+from pipeline.learn.model import ModelBundle
+from pipeline.learn.trainer import fit
 from tests.helpers import LOANS_SPEC, loans_frame
 
 SPEC = load_spec(LOANS_SPEC)
@@ -70,7 +70,7 @@ def test_anchor_keeps_a_warm_start_near_its_parent():
 
 def test_learning_rate_is_chosen_on_the_later_slice():
     from pipeline.config import Settings
-    from pipeline.trainer import fit_increment
+    from pipeline.learn.trainer import fit_increment
 
     s = Settings(lr_candidates=(1e-5, 1e-2), epochs=3, batch_size=32, validation_fraction=0.2)
     b = fresh()

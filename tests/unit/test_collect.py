@@ -14,8 +14,8 @@ import pyarrow as pa
 from feature_store.log_schema import FEEDBACK, PREDICTIONS, feedback_schema, prediction_schema
 from feature_store.offline import FAULT_ENV
 from feature_store.spec import load_spec
-from pipeline.collect import REJECTED, TRAINING, collect
 from pipeline.runtime import runtime
+from pipeline.stages.collect import REJECTED, TRAINING, collect
 from tests.helpers import LOANS_SPEC, make_settings
 
 DAY = date(2026, 3, 1)
@@ -129,7 +129,7 @@ FAULTS = ["collect.scanned_predictions", "collect.reason_written", "collect.scan
 def _crash(home: Path, point: str) -> subprocess.Popen:
     env = {**os.environ, "FLYWHEEL_HOME": str(home), "FLYWHEEL_SPEC_PATH": str(LOANS_SPEC),
            "FLYWHEEL_COLLECT_FLUSHES_SERVER": "false", FAULT_ENV: point}
-    return subprocess.Popen([sys.executable, "-c", f"from pipeline.collect import collect; collect('{DAY}')"],
+    return subprocess.Popen([sys.executable, "-c", f"from pipeline.stages.collect import collect; collect('{DAY}')"],
                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
@@ -172,7 +172,7 @@ def test_two_overlapping_runs_leave_one_partition(tmp_path):
     _lay_out_day(rt)
     env = {**os.environ, "FLYWHEEL_HOME": str(tmp_path / "home"), "FLYWHEEL_SPEC_PATH": str(LOANS_SPEC),
            "FLYWHEEL_COLLECT_FLUSHES_SERVER": "false"}
-    cmd = [sys.executable, "-c", f"from pipeline.collect import collect; print(collect('{DAY}').rows)"]
+    cmd = [sys.executable, "-c", f"from pipeline.stages.collect import collect; print(collect('{DAY}').rows)"]
     procs = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
              for _ in range(2)]
     outs = [p.communicate(timeout=60) for p in procs]
@@ -186,7 +186,7 @@ def test_two_overlapping_runs_leave_one_partition(tmp_path):
 def test_duplicate_finder_keeps_first_occurrence_across_spilled_partitions(tmp_path):
     import numpy as np
 
-    from pipeline.collect import DuplicateFinder
+    from pipeline.stages.collect import DuplicateFinder
 
     rng = np.random.default_rng(0)
     keys = rng.integers(0, 3000, 10_000).astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)

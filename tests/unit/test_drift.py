@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.drift import DRIFT, psi
-from pipeline.runtime import GateFailed
-from pipeline.validate import VALIDATED, validate
+from pipeline.checks.drift import DRIFT, psi
+from pipeline.errors import GateFailed
+from pipeline.stages.validate import VALIDATED, validate
 from tests.unit.test_validate import make_rt, sim_day, write_training, write_validated
 
 

@@ -10,7 +10,6 @@ import pyarrow as pa
 import pytest
 
 from feature_store.entity_tables import (
-    EntityTableError,
     as_of_join,
     entity_features,
     ingest,
@@ -22,6 +21,7 @@ from feature_store.entity_tables import (
 from feature_store.offline import Lake
 from feature_store.spec import FeatureSpec, load_spec
 from pipeline.config import DEFAULT_SPEC
+from pipeline.errors import EntityTableError
 from tests.helpers import LOANS_SPEC
 
 CTR = load_spec(DEFAULT_SPEC)

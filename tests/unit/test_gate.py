@@ -6,9 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from feature_store.spec import FeatureSpec, SpecError, load_spec
+from feature_store.spec import FeatureSpec, load_spec
 from feature_store.vocab import Vocabulary
-from pipeline.gate import (
+from pipeline.checks.gate import (
     GateConfig,
     Interval,
     decide,
@@ -19,7 +19,8 @@ from pipeline.gate import (
     summarize,
     verdict,
 )
-from pipeline.metrics import summary
+from pipeline.checks.metrics import summary
+from pipeline.errors import SpecError
 from tests.helpers import LOANS_SPEC
 
 CFG = GateConfig(min_auc=0.55, max_auc_regression=0.01, max_logloss_regression=0.05, max_ece=0.1,

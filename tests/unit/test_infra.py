@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 
 from pipeline.config import Settings
-from pipeline.k8s import training_pod
+from pipeline.orchestration.k8s import training_pod
 
 INFRA = Path(__file__).resolve().parents[2] / "infra"
 VALIDATE = Path(sys.executable).parent / "kubernetes-validate"
@@ -121,7 +121,7 @@ def test_compose_has_no_password_literals_and_every_secret_is_required():
 def test_a_half_configured_production_profile_refuses_to_start_naming_the_missing_setting(tmp_path, monkeypatch):
     import pytest
 
-    from pipeline import stack
+    from pipeline.ops import stack
 
     with pytest.raises(ValueError, match="FLYWHEEL_AIRFLOW_BROKER_URL"):
         stack.full_env(Settings(home=tmp_path, airflow_executor="CeleryExecutor"))

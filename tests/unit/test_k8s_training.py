@@ -11,9 +11,9 @@ import sys
 import pytest
 import yaml
 
-from pipeline.k8s_train import with_xcom, write_xcom
-from pipeline.stack import REPO
-from pipeline.train import TrainResult
+from pipeline.ops.stack import REPO
+from pipeline.orchestration.k8s_train import with_xcom, write_xcom
+from pipeline.stages.train import TrainResult
 from tests.unit.test_infra import _validate
 
 PROBE = """

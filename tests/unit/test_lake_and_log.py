@@ -9,7 +9,8 @@ import pytest
 from feature_store.log_schema import PREDICTIONS, prediction_schema
 from feature_store.offline import Lake
 from feature_store.spec import load_spec
-from serving.log_sink import LogUnavailable, SegmentLog, read_spool
+from pipeline.errors import LogUnavailable
+from serving.log_sink import SegmentLog, read_spool
 from tests.helpers import LOANS_SPEC
 
 DAY = date(2026, 3, 1)

@@ -9,9 +9,10 @@ import pytest
 import torch
 import yaml
 
-from feature_store.spec import SpecError, load_spec
-from pipeline.model import ModelBundle
-from pipeline.trainer import fit
+from feature_store.spec import load_spec
+from pipeline.errors import SpecError
+from pipeline.learn.model import ModelBundle
+from pipeline.learn.trainer import fit
 from tests.helpers import LOANS_SPEC, loans_frame
 
 DAY = pd.Timestamp("2026-03-01").date()

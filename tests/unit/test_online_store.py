@@ -13,7 +13,8 @@ from feature_store.entity_tables import lookup_features
 from feature_store.online import OnlineStoreError, open_store
 from feature_store.online.base import OnlineStore, StoredValue, to_micros
 from feature_store.spec import FeatureSpec
-from serving.schema import RequestError, fill_from_store, parse_rows, plan_lookup
+from pipeline.errors import RequestError
+from serving.schema import fill_from_store, parse_rows, plan_lookup
 
 REDIS_URI = "redis://127.0.0.1:6379/13"
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)

@@ -8,10 +8,10 @@ import torch
 
 from feature_store.offline import Lake
 from feature_store.spec import load_spec
-from pipeline import replay
-from pipeline.model import ModelBundle
-from pipeline.replay import ReplayPolicy
-from pipeline.trainer import encode_parquet, fit, restore_optimizer
+from pipeline.learn import replay
+from pipeline.learn.model import ModelBundle
+from pipeline.learn.replay import ReplayPolicy
+from pipeline.learn.trainer import encode_parquet, fit, restore_optimizer
 from tests.helpers import LOANS_SPEC, loans_frame
 
 SPEC = load_spec(LOANS_SPEC)

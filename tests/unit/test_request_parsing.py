@@ -3,7 +3,8 @@ from __future__ import annotations
 import pytest
 
 from feature_store.spec import load_spec
-from serving.schema import RequestError, parse_feedback, parse_rows, warmup_frame
+from pipeline.errors import RequestError
+from serving.schema import parse_feedback, parse_rows, warmup_frame
 from tests.helpers import LOANS_SPEC
 
 SPEC = load_spec(LOANS_SPEC)

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.simulate import Simulator
+from pipeline.demo.simulate import Simulator
 
 
 def test_deterministic_under_seed_and_different_across_seeds():

@@ -5,8 +5,9 @@ from datetime import timedelta
 import pytest
 import yaml
 
-from feature_store.spec import SpecError, load_spec
+from feature_store.spec import load_spec
 from pipeline.config import DEFAULT_SPEC
+from pipeline.errors import SpecError
 from tests.helpers import LOANS_SPEC
 
 

@@ -13,10 +13,11 @@ import pyarrow as pa
 import pytest
 
 from feature_store.log_schema import TS, prediction_schema
-from pipeline.collect import TRAINING
-from pipeline.runtime import GateFailed, Runtime, StageError, runtime
-from pipeline.simulate import Simulator
-from pipeline.validate import QUARANTINE, VALIDATED, SuiteFileError, validate
+from pipeline.demo.simulate import Simulator
+from pipeline.errors import GateFailed, StageError, SuiteFileError
+from pipeline.runtime import Runtime, runtime
+from pipeline.stages.collect import TRAINING
+from pipeline.stages.validate import QUARANTINE, VALIDATED, validate
 from tests.helpers import make_settings
 
 SIM = Simulator(seed=3, rows_per_day=5000)
@@ -213,7 +214,7 @@ def test_demo_suite_file_passes_on_simulated_traffic(tmp_path):
 
 
 def test_running_aggregates_match_the_whole_column():
-    from pipeline.validate import _Aggregates
+    from pipeline.stages.validate import _Aggregates
 
     rng = np.random.default_rng(1)
     values = rng.normal(3.0, 2.0, 10_000)

@@ -8,8 +8,8 @@ import torch
 from feature_store.spec import load_spec
 from feature_store.vocab import OOV, Vocabulary
 from pipeline.config import DEFAULT_SPEC
-from pipeline.model import ModelBundle
-from pipeline.trainer import fit
+from pipeline.learn.model import ModelBundle
+from pipeline.learn.trainer import fit
 from tests.helpers import LOANS_SPEC, loans_frame
 
 

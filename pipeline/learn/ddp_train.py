@@ -1,0 +1,88 @@
+"""Training as its own process: one machine or many (torchrun), resumable after a kill.
+
+    python -m pipeline.learn.ddp_train --data day.parquet --out bundle/ [--init parent_bundle/]
+    torchrun --standalone --nproc_per_node=2 -m pipeline.learn.ddp_train --data day.parquet --out bundle/
+
+Under torchrun every rank reads the same rows and the trainer splits each global batch between ranks, so the
+loss curve is the single-process one (gloo on CPU, NCCL on GPUs). With --checkpoint-dir, a run killed mid-epoch
+(a preempted node) is restarted with the same command and continues from the last checkpoint to the same
+weights. Rank 0 writes the bundle and a `result.json` with the loss curve and the weights digest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+import torch.distributed as dist
+
+from feature_store.spec import load_spec
+from pipeline.config import get_settings
+from pipeline.learn.checkpoint import Checkpointer
+from pipeline.learn.model import ModelBundle, norm_stats
+from pipeline.learn.trainer import encode_parquet, fit, pick_device
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    s = get_settings()
+    ap = argparse.ArgumentParser(prog="python -m pipeline.learn.ddp_train", description=__doc__.splitlines()[0])
+    ap.add_argument("--data", type=Path, required=True, help="Parquet file with the spec's columns")
+    ap.add_argument("--out", type=Path, required=True, help="directory for the trained bundle and result.json")
+    ap.add_argument("--spec", type=Path, default=s.spec_path)
+    ap.add_argument("--init", type=Path, default=None, help="bundle to warm-start from (else a fresh model)")
+    ap.add_argument("--epochs", type=int, default=s.epochs)
+    ap.add_argument("--batch-size", type=int, default=s.batch_size)
+    ap.add_argument("--lr", type=float, default=s.learning_rate)
+    ap.add_argument("--seed", type=int, default=s.seed)
+    ap.add_argument("--checkpoint-dir", type=Path, default=None)
+    ap.add_argument("--checkpoint-every", type=int, default=s.checkpoint_every_steps)
+    ap.add_argument("--device", default=None, help="cpu, cuda, ... (default: automatic)")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse(argv)
+    s = get_settings()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = torch.device(args.device) if args.device else pick_device()
+    if world > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        spec = load_spec(args.spec)
+        if args.init is not None:  # warm start (across a declared spec migration): stream the file
+            bundle = ModelBundle.load(args.init)
+            added = [n for n in spec.numeric if n not in bundle.numeric]
+            stats = pq.read_table(args.data, columns=added)
+            bundle.migrate_to(spec, args.seed, {n: norm_stats(stats.column(n).to_numpy(zero_copy_only=False)
+                                                              .astype(np.float64)) for n in added})
+            batches = pq.ParquetFile(args.data).iter_batches(columns=bundle.categorical or None)
+            bundle.grow_vocab((b.to_pandas() for b in batches), s.vocab_min_count, args.seed)
+        else:  # a fresh model needs the whole file once anyway, for its vocabularies and normalisation
+            bundle = ModelBundle.create(spec, pq.read_table(args.data).to_pandas(), s.embedding_dim,
+                                        s.hidden_units, s.vocab_min_count, args.seed)
+        rows = encode_parquet(bundle, args.data, spec.label.name, pin=device.type == "cuda")
+        rank = dist.get_rank() if world > 1 else 0
+        ckpt = Checkpointer(args.checkpoint_dir, args.checkpoint_every) if args.checkpoint_dir else None
+        result = fit(bundle, rows, spec.label.name, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                     seed=args.seed, device=device, optimizer_state=bundle.optimizer_state, checkpointer=ckpt)
+        out = {"losses": result.losses, "steps": result.steps, "resumed_at_step": result.resumed_at_step,
+               "world_size": world, "device": result.device, "weights_digest": bundle.weights_digest()}
+        if rank == 0:
+            bundle.save(args.out)
+            (args.out / "result.json").write_text(json.dumps(out, indent=2))
+        return out
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

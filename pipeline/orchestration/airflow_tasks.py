@@ -1,0 +1,152 @@
+"""The bodies of the nightly DAG's tasks: each runs one stage and returns its small result as a dict (XCom).
+
+A `StageError` is a decision, not a glitch (no data, gate failed), so it fails the task without retries;
+anything else is left to Airflow's retry policy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+
+def _stage(fn: Callable[..., Any], *args: Any) -> dict:
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from pipeline.runtime import StageError  # imported here: DAG parsing must not pull in pandas
+
+    try:
+        return fn(*args).model_dump(mode="json")
+    except StageError as e:
+        raise AirflowFailException(str(e)) from e
+
+
+def _timetable(cron: str):
+    """A cron setting as a data-interval timetable (logical date = the interval's start), or None for
+    manual/backfill only."""
+    from airflow.sdk import CronDataIntervalTimetable
+
+    return None if cron.lower() in ("none", "") else CronDataIntervalTimetable(cron, timezone="UTC")
+
+
+def schedule():
+    """The nightly DAG's timetable: a daily data interval (logical date = the day), or manual only."""
+    from pipeline.config import get_settings
+
+    return _timetable(get_settings().schedule)
+
+
+def training_runner() -> str:
+    """Where the nightly `train` task runs (`training_runner`): read at parse time, so switching is config only."""
+    from pipeline.config import get_settings
+
+    return get_settings().training_runner
+
+
+def train_pod_operator(task_id: str = "train"):
+    """The `train` task as a KubernetesPodOperator launching the rendered training pod in the GPU pool."""
+    from pipeline.config import get_settings
+    from pipeline.orchestration.k8s import training_pod_operator
+
+    return training_pod_operator(get_settings(), task_id)
+
+
+def label_lag_s() -> int:
+    """How long after a day ends its labels may still arrive: the spec's attribution window plus lateness."""
+    from feature_store.spec import load_spec
+    from pipeline.config import get_settings
+
+    s = get_settings()  # the spec alone, not a Runtime: DAG parsing must not pull in pandas
+    return int(load_spec(s.spec_path).label.attribution_window.total_seconds() + s.label_lateness_s)
+
+
+def collect(ds: str) -> dict:
+    from pipeline.stages.collect import collect as stage
+
+    return _stage(stage, ds)
+
+
+def validate(ds: str) -> dict:
+    from pipeline.stages.validate import validate as stage
+
+    return _stage(stage, ds)
+
+
+def train(ds: str) -> dict:
+    from pipeline.stages.train import train as stage
+
+    return _stage(stage, ds)
+
+
+def evaluate(ds: str, trained: dict) -> dict:
+    from pipeline.stages.evaluate import evaluate as stage
+
+    return _stage(stage, ds, trained["run_id"])
+
+
+def register(ds: str, evaluation: dict) -> dict:
+    from pipeline.stages.register import register_candidate as stage
+
+    return _stage(stage, ds, evaluation)
+
+
+def promote(registered: dict, review: dict | None = None) -> dict:
+    """`review` only orders this after the reviewer's decision; promote re-reads the decision from the registry."""
+    from pipeline.stages.promote import promote as stage
+
+    return _stage(stage, registered["version"])
+
+
+def rollout(promoted: dict) -> dict:
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    from pipeline.stages.promote import rollout as stage
+
+    if not promoted["promoted"]:
+        raise AirflowSkipException(f"v{promoted['version']} was not promoted: {promoted['reason']}")
+    return _stage(stage)
+
+
+def materialize_schedule():
+    """The feature materialization DAG's timetable (`materialize_schedule`), or manual only."""
+    from pipeline.config import get_settings
+
+    return _timetable(get_settings().materialize_schedule)
+
+
+def materialize(data_interval_end=None, run_id: str | None = None) -> dict:
+    """A scheduled run loads values as of its interval's end; a manual run loads everything ingested."""
+    from pipeline.stages.materialize import materialize as stage
+
+    manual = run_id is not None and run_id.startswith("manual")
+    return _stage(stage, None if manual or data_interval_end is None else data_interval_end)
+
+
+def online_eval_schedule():
+    """The online evaluation DAG's timetable (`online_eval_schedule`), or manual only."""
+    from pipeline.config import get_settings
+
+    return _timetable(get_settings().online_eval_schedule)
+
+
+def online_eval(ds: str) -> dict:
+    import logging
+
+    from pipeline.release.online_eval import online_eval as stage
+
+    result = _stage(stage, ds)
+    if result["decision"] == "rolled_back":  # visible in the task log, beside the XCom and the registry tags
+        logging.getLogger("flywheel.online_eval").warning("AUTOMATIC ROLLBACK: %s", result["reason"])
+    return result
+
+
+def canary_eval(ds: str) -> dict:
+    from pipeline.release.canary import canary_eval as stage
+
+    return _stage(stage, ds)
+
+
+def rollback(reason: str, expected_champion: str | None = None) -> dict:
+    from pipeline.release.rollback import rollback as stage
+
+    return _stage(stage, reason, expected_champion or None, "airflow flywheel_rollback")

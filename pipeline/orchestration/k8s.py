@@ -1,0 +1,85 @@
+"""The Kubernetes pod that runs a night's training on a shared cluster, and the Airflow task that launches it.
+
+Rendered from `infra/k8s/training-pod-template.yaml` so operators review one YAML file, with the day, image,
+resources and priority filled in from settings. With `training_runner=kubernetes` the nightly DAG's `train` task
+is a `KubernetesPodOperator` built from this same rendered pod: it runs `flywheel train --day {{ ds }} --xcom`
+in the GPU pool, and the pod's XCom sidecar hands the `TrainResult` JSON to `evaluate` as the local task would.
+"""
+
+from __future__ import annotations
+
+import copy
+from datetime import date
+from functools import lru_cache
+from typing import Any
+
+import yaml
+
+from pipeline.config import REPO, Settings
+
+TEMPLATE = REPO / "infra" / "k8s" / "training-pod-template.yaml"
+CONTAINER = "train"
+DAY_TEMPLATE = "{{ ds }}"
+
+
+@lru_cache(maxsize=1)
+def _template() -> dict:
+    return yaml.safe_load(TEMPLATE.read_text())
+
+
+def train_args(day: str, xcom: bool = False) -> list[str]:
+    """The container's `flywheel` arguments; with `xcom` the result is also written where the sidecar reads it."""
+    return ["train", "--day", day, *(["--xcom"] if xcom else [])]
+
+
+def training_pod(s: Settings, day: date | str, xcom: bool = False) -> dict:
+    """The pod for one day; `day` may be a Jinja template (`{{ ds }}`) that Airflow renders per run."""
+    label = day.isoformat() if isinstance(day, date) else day
+    pod = copy.deepcopy(_template())
+    pod["metadata"]["name"] = f"flywheel-train-{label}"
+    pod["metadata"]["namespace"] = s.training_namespace
+    pod["metadata"]["labels"]["flywheel/day"] = label
+    pod["spec"]["priorityClassName"] = s.training_priority_class
+    container = pod["spec"]["containers"][0]
+    if container["name"] != CONTAINER:
+        raise ValueError(f"{TEMPLATE}: the first container must be named {CONTAINER!r}, got {container['name']!r}")
+    container["image"] = s.training_image
+    container["args"] = train_args(label, xcom)
+    resources = container["resources"]
+    resources["requests"]["cpu"] = str(s.training_cpus)
+    resources["requests"]["memory"] = resources["limits"]["memory"] = s.training_memory
+    if s.training_gpus:
+        resources["requests"]["nvidia.com/gpu"] = resources["limits"]["nvidia.com/gpu"] = str(s.training_gpus)
+    else:
+        resources["requests"].pop("nvidia.com/gpu", None)
+        resources["limits"].pop("nvidia.com/gpu", None)
+        pod["spec"].pop("tolerations", None)
+    return pod
+
+
+def training_pod_operator(s: Settings, task_id: str = "train", **kwargs: Any):
+    """The nightly `train` task as a KubernetesPodOperator in the GPU pool.
+
+    The provider is imported here, not by the DAG file, so parsing a DAG on the local runner never loads the
+    Kubernetes client. A finished pod is deleted only when it succeeded, so a failed night's pod stays for
+    `kubectl logs`; `reattach_on_restart` lets a retried task pick up a pod that is still running.
+    """
+    from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+
+    pod = training_pod(s, DAY_TEMPLATE, xcom=True)
+    return KubernetesPodOperator(
+        task_id=task_id,
+        pod_template_dict=pod,
+        namespace=s.training_namespace,
+        image=s.training_image,
+        arguments=train_args(DAY_TEMPLATE, xcom=True),
+        base_container_name=CONTAINER,
+        do_xcom_push=True,
+        pool=s.gpu_pool,
+        get_logs=True,
+        reattach_on_restart=True,
+        on_finish_action="delete_succeeded_pod",
+        xcom_sidecar_container_security_context={"allowPrivilegeEscalation": False,
+                                                 "capabilities": {"drop": ["ALL"]}},
+        **kwargs,
+    )

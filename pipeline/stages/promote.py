@@ -1,0 +1,99 @@
+"""Promote and roll out: move `champion` to a version that passed its gate, then make sure the model server
+actually serves it (the server also follows the alias on its own; this step waits and reports)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import httpx
+from pydantic import BaseModel
+
+from pipeline import registry
+from pipeline.errors import AliasConflict, StageError
+from pipeline.runtime import Runtime, runtime
+from pipeline.tags import Alias, Tag
+
+log = logging.getLogger("flywheel.promote")
+
+
+class PromoteResult(BaseModel):
+    version: str
+    promoted: bool
+    previous: str | None
+    reason: str
+
+
+class RolloutResult(BaseModel):
+    version: str
+    served_version: str | None
+    seconds: float
+
+
+def promote(version: str, rt: Runtime | None = None, owner: str | None = None) -> PromoteResult:
+    """Move `champion` to a version that passed its gate (and, in review mode, was approved). The move is a
+    compare-and-set against the champion the candidate was trained from, so of two runs racing to promote
+    candidates of the same parent, exactly one moves the alias and the other is refused."""
+    from pipeline.release.review import APPROVED, decision_of
+
+    rt = rt or runtime()
+    s = rt.settings
+    client = rt.client()
+    mv = registry.get_version(client, rt.model_name, version)
+    current = registry.get_alias(client, rt.model_name, Alias.CHAMPION)
+    if current is not None and current.version == version:
+        return PromoteResult(version=version, promoted=True, previous=current.tags.get(Tag.PARENT),
+                             reason="already champion")
+    if mv.tags.get(Tag.GATE_PASSED) != "true":
+        reason = mv.tags.get(Tag.GATE_REASON, "no gate decision recorded")
+        log.warning("not promoting v%s: %s", version, reason)
+        return PromoteResult(version=version, promoted=False, previous=None, reason=reason)
+    if mv.tags.get(Tag.ROLLED_BACK) == "true":
+        return PromoteResult(version=version, promoted=False, previous=None,
+                             reason=f"v{version} was rolled back ({mv.tags.get('flywheel.rollback_reason', '')})")
+    if s.promotion_mode == "review":
+        decision = decision_of(mv.tags)
+        if decision != APPROVED:
+            reason = f"review mode: {Tag.APPROVAL} is {decision or 'not set'}"
+            log.warning("not promoting v%s: %s", version, reason)
+            return PromoteResult(version=version, promoted=False, previous=None, reason=reason)
+    expected = mv.tags.get(Tag.PARENT)
+    try:
+        previous = registry.move_champion(client, rt.model_name, version, expected,
+                                          owner or f"promote v{version} (pid {os.getpid()})", s.alias_lock_stale_s)
+    except AliasConflict as e:
+        raise StageError(str(e)) from e
+    return PromoteResult(version=version, promoted=True, previous=previous, reason="passed the gate")
+
+
+def served_version(url: str) -> str | None:
+    r = httpx.get(f"{url}/health", timeout=5)
+    r.raise_for_status()
+    return r.json().get("model_version")
+
+
+def rollout(rt: Runtime | None = None) -> RolloutResult:
+    """Ask the server to reload now and wait until it serves the registry's champion."""
+    rt = rt or runtime()
+    s = rt.settings
+    champion = registry.get_alias(rt.client(), rt.model_name, Alias.CHAMPION)
+    if champion is None:
+        raise StageError(f"{rt.model_name} has no champion to roll out")
+    url = s.resolved_serving_url()
+    start = time.monotonic()
+    try:
+        httpx.post(f"{url}/admin/reload", headers={"Authorization": f"Bearer {s.resolved_admin_token()}"},
+                   timeout=30).raise_for_status()
+        while True:
+            current = served_version(url)
+            if current == champion.version:
+                break
+            if time.monotonic() - start > s.rollout_timeout_s:
+                raise StageError(f"server at {url} still serves v{current} {s.rollout_timeout_s}s after champion "
+                                 f"moved to v{champion.version}; see the server's /health and log")
+            time.sleep(0.5)
+    except httpx.HTTPError as e:
+        raise StageError(f"model server at {url} not reachable for rollout ({e}); the registry's champion is "
+                         f"v{champion.version} and the server loads it when it next polls the alias") from e
+    return RolloutResult(version=champion.version, served_version=current, seconds=round(time.monotonic() - start, 3))

@@ -1,0 +1,485 @@
+"""Validate: a great-expectations suite derived from the feature spec gates each collected day.
+
+Row-level expectations (nulls, ranges, label domain, score range, time inside the day, and the column-map
+expectations of the user's suite file) route failing rows to `quarantine/dt=D` with the expectations that caught
+them; nothing is dropped silently. Batch-level checks (row count, label rate, quarantined share, unseen-category
+share, the user's aggregate expectations, severe drift when `drift_action` is `block`) then decide whether the
+day may be trained on.
+
+The day is streamed in record batches of `validate_chunk_rows`: each chunk is validated by GE on its own and its
+good and bad rows go straight to streaming partition writers, while the batch-level checks read running
+aggregates. Memory is thus bounded by one chunk, whatever the size of the day.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import html
+import json
+import logging
+import math
+import os
+import shutil
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+from pathlib import Path
+from urllib.parse import urlparse
+from urllib.request import url2pathname
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import BaseModel
+
+from feature_store.log_schema import prediction_schema
+from feature_store.spec import FeatureSpec
+from pipeline.checks import drift
+from pipeline.config import Settings
+from pipeline.errors import GateFailed, StageError, SuiteFileError
+from pipeline.runtime import Runtime, day_bounds, file_lock, parse_day, runtime
+from pipeline.stages.collect import TRAINING
+
+log = logging.getLogger("flywheel.validate")
+VALIDATED, QUARANTINE = "validated", "quarantine"
+SUITE_ENTRY_KEYS = {"type", "kwargs", "meta", "notes", "id", "description", "severity", "rendered_content"}
+COLUMN_KWARGS = ("column", "column_A", "column_B", "column_list")
+# Aggregate expectations the streaming gate decides from running aggregates, by the statistic each bounds.
+AGGREGATES = {
+    "expect_table_row_count_to_be_between": "rows",
+    "expect_table_row_count_to_equal": "rows",
+    "expect_column_mean_to_be_between": "mean",
+    "expect_column_min_to_be_between": "min",
+    "expect_column_max_to_be_between": "max",
+    "expect_column_sum_to_be_between": "sum",
+    "expect_column_stdev_to_be_between": "stdev",
+}
+
+
+class ValidateResult(BaseModel):
+    day: str
+    rows: int
+    good: int
+    quarantined: int
+    bad_fraction: float
+    passed: bool
+    failures: list[str]
+    report: str
+    data_docs: str = ""
+    warnings: list[str] = []
+    unseen_category_share: dict[str, float] | None = None
+    suite_file: str | None = None
+    suite_sha256: str | None = None
+    drift: dict[str, object] = {}
+
+
+@dataclass
+class UserSuite:
+    path: Path
+    sha256: str
+    row: list = field(default_factory=list)
+    batch: list = field(default_factory=list)
+
+
+def suite_file(s: Settings) -> Path | None:
+    if s.validation_suite_path is not None:
+        if not s.validation_suite_path.is_file():
+            raise SuiteFileError(f"{s.validation_suite_path}: validation suite file not found "
+                                 "(FLYWHEEL_VALIDATION_SUITE_PATH)")
+        return s.validation_suite_path
+    default = s.spec_path.with_name(f"{s.spec_path.stem}.expectations.json")
+    return default if default.is_file() else None
+
+
+def day_columns(spec: FeatureSpec) -> list[str]:
+    return [*prediction_schema(spec).names, spec.label.name, "label_time"]
+
+
+def load_user_suite(path: Path, columns: list[str]) -> UserSuite:
+    """Parse a GE 1.x suite JSON into row-level (column-map) and batch-level (aggregate) expectations, refusing
+    anything the gate could not honour instead of ignoring it."""
+    from great_expectations.exceptions import ExpectationNotFoundError
+    from great_expectations.expectations.expectation import (
+        ColumnMapExpectation,
+        ColumnPairMapExpectation,
+        MulticolumnMapExpectation,
+    )
+    from great_expectations.expectations.registry import get_expectation_impl
+
+    data = path.read_bytes()
+    try:
+        raw = json.loads(data)
+    except json.JSONDecodeError as e:
+        raise SuiteFileError(f"{path}: not valid JSON: {e}") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("expectations"), list):
+        raise SuiteFileError(f"{path}: expected an object with an 'expectations' list")
+    out = UserSuite(path=path, sha256=hashlib.sha256(data).hexdigest())
+    for i, entry in enumerate(raw["expectations"]):
+        where = f"{path}: expectations[{i}]"
+        if not isinstance(entry, dict) or not isinstance(entry.get("type"), str):
+            raise SuiteFileError(f"{where}: expected an object with a 'type'")
+        where += f" ({entry['type']})"
+        if extra := sorted(set(entry) - SUITE_ENTRY_KEYS):
+            raise SuiteFileError(f"{where}: unknown keys {extra}")
+        kwargs = entry.get("kwargs", {})
+        if not isinstance(kwargs, dict):
+            raise SuiteFileError(f"{where}: 'kwargs' must be an object")
+        try:
+            cls = get_expectation_impl(entry["type"])
+        except ExpectationNotFoundError:
+            raise SuiteFileError(f"{where}: unknown expectation type") from None
+        for key in COLUMN_KWARGS:
+            named = kwargs.get(key)
+            for col in (named if isinstance(named, list) else [named] if named is not None else []):
+                if col not in columns:
+                    raise SuiteFileError(f"{where}: unknown column {col!r} (the day has {', '.join(columns)})")
+        try:
+            expectation = cls(**kwargs)
+        except (ValueError, TypeError) as e:
+            raise SuiteFileError(f"{where}: invalid kwargs: {e}".replace("\n", " ")) from None
+        if issubclass(cls, ColumnMapExpectation | ColumnPairMapExpectation | MulticolumnMapExpectation):
+            out.row.append(expectation)
+        elif entry["type"] in AGGREGATES:
+            out.batch.append(expectation)
+        else:
+            raise SuiteFileError(f"{where}: not a column-map expectation, and not an aggregate the streaming "
+                                 f"gate can compute (supported: {', '.join(sorted(AGGREGATES))})")
+    return out
+
+
+def _row_suite(spec: FeatureSpec, day: date) -> list:
+    import great_expectations.expectations as gxe
+
+    out = []
+    for name, f in spec.features.items():
+        if not f.nullable:
+            out.append(gxe.ExpectColumnValuesToNotBeNull(column=name))
+        if f.min is not None or f.max is not None:
+            out.append(gxe.ExpectColumnValuesToBeBetween(column=name, min_value=f.min, max_value=f.max))
+    start, end = day_bounds(day)
+    out += [
+        gxe.ExpectColumnValuesToBeInSet(column=spec.label.name, value_set=[0.0, 1.0]),
+        gxe.ExpectColumnValuesToBeBetween(column="score", min_value=0.0, max_value=1.0),
+        gxe.ExpectColumnValuesToNotBeNull(column=spec.event_time),
+        gxe.ExpectColumnValuesToBeBetween(column=spec.event_time, min_value=start, max_value=end,
+                                          strict_max=True),
+    ]
+    return out
+
+
+def _batch_suite(spec: FeatureSpec, s: Settings) -> list:
+    import great_expectations.expectations as gxe
+
+    return [
+        gxe.ExpectTableRowCountToBeBetween(min_value=s.min_rows),
+        gxe.ExpectColumnMeanToBeBetween(column=spec.label.name, min_value=s.label_rate_min,
+                                        max_value=s.label_rate_max),
+    ]
+
+
+def _describe(cfg) -> str:
+    kw = {k: v for k, v in cfg.kwargs.items() if k not in ("batch_id",) and v is not None}
+    return f"{cfg.type}({', '.join(f'{k}={v}' for k, v in kw.items())})"
+
+
+class _ChunkValidator:
+    """One GE ephemeral context, suite and batch definition, run once per chunk. Failing rows are read from
+    `unexpected_index_list` over the chunk's index (set to the rows' positions in the day), with unexpected
+    values and the index query left out: that keeps a chunk full of bad rows about as fast as a clean one."""
+
+    RESULT_FORMAT = {"result_format": "COMPLETE", "exclude_unexpected_values": True,
+                     "return_unexpected_index_query": False}
+
+    def __init__(self, name: str, expectations: list) -> None:
+        os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+        import great_expectations as gx
+        from great_expectations.data_context.types.base import ProgressBarsConfig
+
+        ctx = gx.get_context(mode="ephemeral")
+        ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
+        batch = ctx.data_sources.add_pandas("flywheel").add_dataframe_asset(name) \
+            .add_batch_definition_whole_dataframe("whole")
+        self.suite = ctx.suites.add(gx.ExpectationSuite(name=name))
+        for e in expectations:
+            self.suite.add_expectation(e)
+        self.batch = batch
+
+    def run(self, frame: pd.DataFrame) -> list:
+        # The Validator directly, not ValidationDefinition.run: that would also keep every chunk's result (and
+        # its failing row ids) in the context's result store until the day is done.
+        from great_expectations.validator.v1_validator import Validator
+
+        validator = Validator(batch_definition=self.batch, batch_parameters={"dataframe": frame},
+                              result_format=self.RESULT_FORMAT)
+        res = validator.validate_expectation_suite(self.suite)
+        for r in res.results:
+            if message := _exception(r.exception_info):
+                raise StageError(f"expectation {_describe(r.expectation_config)} could not run: {message}")
+        return list(res.results)
+
+
+def _exception(info: dict | None) -> str | None:
+    """GE reports a failed metric either at the top level or keyed by metric id; an expectation that could not
+    run must stop the gate, not pass with zero failing rows."""
+    for entry in [info or {}, *(v for v in (info or {}).values() if isinstance(v, dict))]:
+        if entry.get("raised_exception"):
+            return str(entry.get("exception_message"))
+    return None
+
+
+@dataclass
+class _RowTally:
+    """Per row-level expectation, summed over chunks: what the report and Data Docs show."""
+
+    config: object
+    element_count: int = 0
+    unexpected: int = 0
+    missing: int = 0
+    sample: list[int] = field(default_factory=list)
+
+    def add(self, r, bad: list[int]) -> None:
+        self.element_count += int(r.result.get("element_count") or 0)
+        self.missing += int(r.result.get("missing_count") or 0)
+        self.unexpected += len(bad)
+        self.sample += bad[: max(0, 20 - len(self.sample))]
+
+
+class _Aggregates:
+    """Running count/sum/sum of squares/min/max per column over the good rows, enough for the batch gate."""
+
+    def __init__(self, columns: set[str]) -> None:
+        self.rows = 0
+        self.stats = {c: {"n": 0, "sum": 0.0, "sumsq": 0.0, "min": math.inf, "max": -math.inf} for c in columns}
+
+    def update(self, batch: pa.RecordBatch) -> None:
+        self.rows += batch.num_rows
+        for c, st in self.stats.items():
+            v = pd.to_numeric(batch.column(c).to_pandas(), errors="coerce").to_numpy(dtype=float, na_value=np.nan)
+            v = v[~np.isnan(v)]
+            if len(v):
+                st["n"] += len(v)
+                st["sum"] += float(v.sum())
+                st["sumsq"] += float(np.square(v).sum())
+                st["min"], st["max"] = min(st["min"], float(v.min())), max(st["max"], float(v.max()))
+
+    def statistic(self, stat: str, column: str | None) -> float | None:
+        if stat == "rows":
+            return float(self.rows)
+        st = self.stats[column]
+        if st["n"] == 0:
+            return None
+        if stat == "mean":
+            return st["sum"] / st["n"]
+        if stat == "stdev":
+            if st["n"] < 2:
+                return None
+            return math.sqrt(max(0.0, (st["sumsq"] - st["sum"] ** 2 / st["n"]) / (st["n"] - 1)))
+        return st[stat]
+
+
+def _within(value: float | None, e) -> bool:
+    if value is None:
+        return False
+    if getattr(e, "value", None) is not None:
+        return value == e.value
+    lo, hi = getattr(e, "min_value", None), getattr(e, "max_value", None)
+    if lo is not None and (value <= lo if getattr(e, "strict_min", False) else value < lo):
+        return False
+    return not (hi is not None and (value >= hi if getattr(e, "strict_max", False) else value > hi))
+
+
+def _data_docs(s: Settings, day: date, tallies: list[_RowTally], batch_rows: list[dict], passed: bool,
+               directory: Path) -> str:
+    """The day's results as one GE validation result in a file context under home/gx, rendered to Data Docs.
+    The chunks' results are summed first, so the site shows one run per day, not one per chunk. Only this
+    run's page is rendered (the site does not get slower with every past day), and a copy of it lands in the
+    day's report directory, which the train step logs to MLflow."""
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    import great_expectations as gx
+    from great_expectations.core import ExpectationSuiteValidationResult, ExpectationValidationResult
+    from great_expectations.core.run_identifier import RunIdentifier
+    from great_expectations.data_context.types.resource_identifiers import (
+        ExpectationSuiteIdentifier,
+        ValidationResultIdentifier,
+    )
+
+    root = s.home_abs / "gx"  # the file context's own folder under its project root
+    results = []
+    for t in tallies:
+        n = max(t.element_count, 1)
+        results.append(ExpectationValidationResult(
+            success=t.unexpected == 0, expectation_config=t.config,
+            result={"element_count": t.element_count, "unexpected_count": t.unexpected,
+                    "unexpected_percent": 100.0 * t.unexpected / n, "missing_count": t.missing,
+                    "missing_percent": 100.0 * t.missing / n, "partial_unexpected_list": [],
+                    "partial_unexpected_index_list": t.sample}))
+    for b in batch_rows:
+        results.append(ExpectationValidationResult(success=b["success"], expectation_config=b["config"],
+                                                   result={"observed_value": b["observed"]}))
+    name = "flywheel-validation"
+    run_id = RunIdentifier(run_name=f"dt={day.isoformat()}", run_time=datetime.now(UTC))
+    evaluated = len(results)
+    ok = sum(r.success for r in results)
+    suite_result = ExpectationSuiteValidationResult(
+        success=passed, results=results, suite_name=name,
+        statistics={"evaluated_expectations": evaluated, "successful_expectations": ok,
+                    "unsuccessful_expectations": evaluated - ok,
+                    "success_percent": 100.0 * ok / max(evaluated, 1)},
+        meta={"run_id": run_id, "active_batch_definition": {"datasource_name": "lake",
+                                                            "data_asset_name": TRAINING,
+                                                            "batch_definition_name": f"dt={day.isoformat()}"}})
+    with file_lock(root / "flywheel.lock"):
+        ctx = gx.get_context(mode="file", project_root_dir=str(s.home_abs))
+        key = ValidationResultIdentifier(expectation_suite_identifier=ExpectationSuiteIdentifier(name=name),
+                                         run_id=run_id, batch_identifier=f"{TRAINING}-dt={day.isoformat()}")
+        ctx.validation_results_store.set(key, suite_result)
+        ctx.build_data_docs(resource_identifiers=[key])
+        page = ctx.get_docs_sites_urls(resource_identifier=key)[0]["site_url"]
+    directory.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(url2pathname(urlparse(page).path), directory / "data_docs.html")
+    return str(next(root.rglob("data_docs/local_site/index.html")))
+
+
+def _write_report(directory: Path, result: ValidateResult, rows: list[dict], drift_files: dict[str, str]) -> str:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "validation.json").write_text(json.dumps({"result": result.model_dump(), "expectations": rows},
+                                                          indent=2, default=str))
+    body = "".join(
+        f"<tr class={'ok' if r['success'] else 'bad'}><td>{html.escape(r['expectation'])}</td>"
+        f"<td>{'pass' if r['success'] else 'FAIL'}</td><td>{r['unexpected']}</td>"
+        f"<td>{html.escape(str(r['observed']))}</td></tr>" for r in rows)
+    links = " · ".join(f"<a href='{Path(p).name}'>drift {k}</a>" for k, p in drift_files.items())
+    docs = f" · <a href='file://{html.escape(result.data_docs)}'>Data Docs</a>" if result.data_docs else ""
+    page = (f"<html><head><meta charset=utf-8><title>Validation {result.day}</title><style>"
+            "body{font-family:sans-serif}td{padding:2px 8px}.bad{background:#fdd}.ok{background:#efe}</style>"
+            f"</head><body><h1>Validation of {result.day}: {'PASSED' if result.passed else 'FAILED'}</h1>"
+            f"<p>{result.rows} rows, {result.good} good, {result.quarantined} quarantined "
+            f"({result.bad_fraction:.2%}).</p><p>{html.escape('; '.join(result.failures))}</p>"
+            f"<p>{html.escape('; '.join(result.warnings))}</p><p>{links}{docs}</p>"
+            f"<p>suite file: {html.escape(str(result.suite_file))} (sha256 {result.suite_sha256})</p>"
+            "<table><tr><th>expectation</th><th>result</th><th>unexpected rows</th><th>observed</th></tr>"
+            f"{body}</table>{'<img src=drift.png>' if 'png' in drift_files else ''}</body></html>")
+    path = directory / "index.html"
+    path.write_text(page)
+    return str(path)
+
+
+def _chunk(batch: pa.RecordBatch, offset: int, checker: _ChunkValidator,
+           tallies: dict[str, _RowTally]) -> tuple[pd.DataFrame, np.ndarray, pa.Array | None]:
+    """Row-level suite on one chunk: the chunk as pandas, the mask of its bad rows and, for those, the
+    expectations that failed."""
+    frame = batch.to_pandas()
+    frame.index = pd.RangeIndex(offset, offset + len(frame))  # GE names failing rows by this index
+    reasons: dict[int, list[str]] = {}
+    for r in checker.run(frame):
+        what = _describe(r.expectation_config)
+        bad = [int(i) for i in (r.result.get("unexpected_index_list") or [])]
+        if len(bad) != int(r.result.get("unexpected_count") or 0):
+            raise StageError(f"{what}: GE reported {r.result.get('unexpected_count')} failing rows but named "
+                             f"{len(bad)}; refusing to guess which rows to quarantine")
+        tallies.setdefault(what, _RowTally(r.expectation_config)).add(r, bad)
+        for i in bad:
+            reasons.setdefault(i, []).append(what)
+    mask = np.zeros(len(frame), dtype=bool)
+    mask[np.fromiter(reasons, dtype=np.int64, count=len(reasons)) - offset] = True
+    why = [" | ".join(reasons[int(i)]) for i in np.flatnonzero(mask) + offset] if reasons else None
+    return frame, mask, (pa.array(why, pa.string()) if why else None)
+
+
+def _batch_gate(s: Settings, expectations: list, aggregates: _Aggregates, drifting: drift.DriftAccumulator,
+                report: drift.DriftReport, total: int, quarantined: int,
+                rows: list[dict]) -> tuple[list[str], list[str], list[dict]]:
+    """Day-level decision from the running aggregates: failures block the day, warnings are logged."""
+    failures: list[str] = []
+    warnings: list[str] = []
+    bad_fraction = quarantined / max(total, 1)
+    if bad_fraction > s.max_bad_fraction:
+        failures.append(f"{bad_fraction:.2%} of rows quarantined, above max_bad_fraction {s.max_bad_fraction:.2%}")
+    evaluated = []
+    for e in expectations:
+        cfg = e.configuration
+        observed = aggregates.statistic(AGGREGATES[cfg.type], getattr(e, "column", None))
+        ok = _within(observed, e)
+        evaluated.append({"config": cfg, "success": ok, "observed": observed})
+        rows.append({"expectation": _describe(cfg), "success": ok, "unexpected": 0, "observed": observed})
+        if not ok:
+            failures.append(f"{_describe(cfg)} failed (observed {observed})")
+    unseen = drifting.unseen_share()
+    if unseen is None:
+        rows.append({"expectation": f"unseen-category share <= {s.unseen_category_share}", "success": True,
+                     "unexpected": 0, "observed": "skipped: no validated reference day yet"})
+    for c, share in (unseen or {}).items():
+        ok = share <= s.unseen_category_share
+        rows.append({"expectation": f"unseen-category share of {c} <= {s.unseen_category_share}", "success": ok,
+                     "unexpected": drifting.unseen[c], "observed": round(share, 6)})
+        if not ok:
+            failures.append(f"{share:.2%} of rows have a {c} never seen in the reference days "
+                            f"{report.reference_days}, above unseen_category_share {s.unseen_category_share:.2%}")
+    for item in report.severe:
+        msg = f"severe drift in {item.name} ({item.kind}): PSI {item.psi:.3f} > {s.drift_psi_severe}"
+        (failures if s.drift_action == "block" else warnings).append(msg)
+    return failures, warnings, evaluated
+
+
+def validate(day: str | date, rt: Runtime | None = None) -> ValidateResult:
+    rt = rt or runtime()
+    day = parse_day(day)
+    spec, s = rt.spec, rt.settings
+    training = rt.lake.read_manifest(TRAINING, day)
+    if training is None:
+        raise StageError(f"no complete partition {TRAINING}/dt={day} in {rt.lake.root}: run collect first")
+    path = suite_file(s)
+    user = load_user_suite(path, day_columns(spec)) if path else None
+    batch_expectations = _batch_suite(spec, s) + (user.batch if user else [])
+    checker = _ChunkValidator(f"rows-{day}", _row_suite(spec, day) + (user.row if user else []))
+    aggregates = _Aggregates({e.column for e in batch_expectations if getattr(e, "column", None)})
+    drifting = drift.DriftAccumulator(spec, s, drift.load_reference(rt, day, VALIDATED))
+    inputs = {"training_manifest": training["files"], "suite_file": str(path) if path else None,
+              "suite_sha256": user.sha256 if user else None}
+    schema = pq.read_schema(f"{rt.lake.partition_path(TRAINING, day)}/{training['files'][0]['path']}",
+                            filesystem=rt.lake.fs)
+    good_writer = rt.lake.partition_writer(VALIDATED, day, schema)
+    bad_writer = rt.lake.partition_writer(QUARANTINE, day, schema.append(pa.field("reason", pa.string())))
+    open_writers = [good_writer, bad_writer]
+    tallies: dict[str, _RowTally] = {}
+    total = 0
+    try:
+        for batch in rt.lake.iter_batches(TRAINING, day, s.validate_chunk_rows):
+            frame, mask, why = _chunk(batch, total, checker, tallies)
+            good = batch.filter(pa.array(~mask))
+            good_writer.write(good)
+            if why is not None:
+                bad_writer.write(batch.filter(pa.array(mask)).append_column("reason", why))
+            aggregates.update(good)
+            drifting.update(frame[~mask])
+            total += batch.num_rows
+        report = drifting.report(day)
+        drift.store(rt, report, {"training_manifest": inputs["training_manifest"]})
+        rows = [{"expectation": what, "success": t.unexpected == 0, "unexpected": t.unexpected,
+                 "observed": f"{t.unexpected}/{t.element_count} unexpected"} for what, t in tallies.items()]
+        failures, warnings, evaluated = _batch_gate(s, batch_expectations, aggregates, drifting, report, total,
+                                                    bad_writer.rows, rows)
+        for w in warnings:
+            log.warning("%s: %s", day, w)
+        directory = s.reports_dir / "validation" / f"dt={day.isoformat()}"
+        result = ValidateResult(
+            day=day.isoformat(), rows=total, good=good_writer.rows, quarantined=bad_writer.rows,
+            bad_fraction=round(bad_writer.rows / max(total, 1), 6), passed=not failures, failures=failures,
+            report="", warnings=warnings, unseen_category_share=drifting.unseen_share(),
+            suite_file=inputs["suite_file"], suite_sha256=inputs["suite_sha256"], drift=report.summary())
+        result.data_docs = _data_docs(s, day, list(tallies.values()), evaluated, result.passed, directory)
+        result.report = _write_report(directory, result, rows, drift.render(report, directory, s))
+        bad_writer.commit(inputs)
+        open_writers.remove(bad_writer)
+        if failures:
+            log.error("validation gate failed for %s: %s (report: %s, data docs: %s)", day, "; ".join(failures),
+                      result.report, result.data_docs)
+            raise GateFailed(f"validation gate failed for {day}: {'; '.join(failures)}. {result.quarantined} rows "
+                             f"are in quarantine/dt={day}; report: {result.report}")
+        good_writer.commit({**inputs, "drift": report.summary()})
+        open_writers.remove(good_writer)
+    finally:
+        for w in open_writers:
+            w.abort()
+    log.info("validated %s (report: %s, data docs: %s)", result.model_dump_json(), result.report, result.data_docs)
+    return result

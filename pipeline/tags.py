@@ -1,0 +1,59 @@
+"""Every MLflow registry alias and `flywheel.*` tag name, in one place.
+
+Tags are how stages that never share memory talk through the registry: `register` writes `GATE_PASSED`,
+`promote` reads it hours later in another process. A misspelt string literal there would silently mean "never
+promote"; a misspelt enum member fails on import. Members are `str`, so they go straight into MLflow calls,
+filter strings and JSON. Imports nothing, so DAG parsing may use it.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class Alias(StrEnum):
+    CHAMPION = "champion"      # what the server answers with
+    CHALLENGER = "challenger"  # a candidate that passed its gate (canary traffic when canary_share > 0)
+    PREVIOUS = "previous"      # the champion before the last promotion: what a rollback restores
+
+
+class Tag(StrEnum):
+    # lineage, written at training and registration
+    KIND = "flywheel.kind"
+    DAY = "flywheel.data_day"
+    WINDOW = "flywheel.data_window"
+    DATA_DIGEST = "flywheel.data_digest"
+    PARENT = "flywheel.parent_version"
+    RUN = "flywheel.run_id"
+    WEIGHTS = "flywheel.weights_digest"
+    BUNDLE = "flywheel.bundle_digest"
+    MODEL_URI = "flywheel.model_uri"
+    MODEL_ID = "flywheel.model_id"
+    MIGRATION = "flywheel.migration"
+    METRICS = "flywheel.metrics"
+    # the promotion gate's decision, written by evaluate/register, read by promote and review
+    GATE_PASSED = "flywheel.gate_passed"
+    GATE_REASON = "flywheel.gate_reason"
+    GATE_CHECKS = "flywheel.gate_checks"
+    EVAL_REPORT = "flywheel.eval_report"
+    AUC_DIFF_CI = "flywheel.auc_diff_ci"
+    # review mode
+    APPROVAL = "flywheel.approval"
+    APPROVER = "flywheel.approver"
+    APPROVAL_AT = "flywheel.approval_at"
+    APPROVAL_NOTE = "flywheel.approval_note"
+    APPROVAL_OBSERVED_AT = "flywheel.approval_observed_at"
+    REVIEW_REQUESTED_AT = "flywheel.review_requested_at"
+    # champion moves
+    PROMOTED = "flywheel.promoted"
+    PROMOTED_AT = "flywheel.promoted_at"
+    PROMOTED_BY = "flywheel.promoted_by"
+    ROLLED_BACK = "flywheel.rolled_back"
+    ROLLBACK_REASON = "flywheel.rollback_reason"
+    ROLLBACK_AT = "flywheel.rollback_at"
+    ROLLBACK_BY = "flywheel.rollback_by"
+    RESTORED_FROM = "flywheel.restored_from"
+    # live evidence
+    CANARY = "flywheel.canary"
+    ONLINE_EVAL = "flywheel.online_eval"
+    ONLINE_EVAL_AT = "flywheel.online_eval_at"
