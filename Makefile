@@ -8,7 +8,7 @@ KEEP ?= 1
 export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
 export GX_ANALYTICS_ENABLED := false
 
-.PHONY: demo test test-fast lint down up clean venv
+.PHONY: demo test test-fast lint down up clean venv sysdeps bench
 
 venv: $(VENV)/.installed
 
@@ -27,12 +27,27 @@ up: venv
 down:
 	@if [ -x $(BIN)/flywheel ]; then $(BIN)/flywheel down; fi
 
-test: venv
+# Debian packages the tests and benches drive: headless Chromium (reports as a person sees them), wrk (load).
+SYSDEPS := chromium wrk
+sysdeps:
+	@missing=$$(for p in $(SYSDEPS); do command -v $$p >/dev/null || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages: $$missing"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+test: venv sysdeps
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -ra
 
-test-fast: venv
+test-fast: venv sysdeps
 	$(BIN)/python -m pytest -q -ra -m "not slow"
+
+bench: venv sysdeps
+	$(BIN)/python bench/serving.py
+	$(BIN)/python bench/collect.py --validate
+	$(BIN)/python bench/incremental.py
 
 lint: venv
 	$(BIN)/ruff check .

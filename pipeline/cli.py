@@ -20,7 +20,7 @@ simulate_app = typer.Typer(help="The bundled traffic simulator (demo and test ai
 app.add_typer(simulate_app, name="simulate")
 features_app = typer.Typer(help="Entity feature tables (offline store).", no_args_is_help=True)
 app.add_typer(features_app, name="features")
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 
 Day = Annotated[str, typer.Option("--day", help="Logical date YYYY-MM-DD.")]
 
@@ -29,14 +29,21 @@ Day = Annotated[str, typer.Option("--day", help="Logical date YYYY-MM-DD.")]
 def main(
     home: Annotated[Path | None, typer.Option(help="State root (FLYWHEEL_HOME).")] = None,
     spec: Annotated[Path | None, typer.Option(help="Feature spec YAML (FLYWHEEL_SPEC_PATH).")] = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Library logs and warnings too.")] = False,
+    log_format: Annotated[str | None, typer.Option(
+        "--log-format", help="Console log lines: human (default) or json (FLYWHEEL_LOG_FORMAT).")] = None,
 ) -> None:
     if home:
         os.environ["FLYWHEEL_HOME"] = str(home.resolve())
     if spec:
         os.environ["FLYWHEEL_SPEC_PATH"] = str(spec.resolve())
+    if log_format not in (None, "human", "json"):
+        raise typer.BadParameter("expected human or json", param_hint="--log-format")
+    if log_format:
+        os.environ["FLYWHEEL_LOG_FORMAT"] = log_format
     get_settings.cache_clear()
-    setup_logging(verbose)
+    s = get_settings()
+    setup_logging(verbose, s.log_format, s.home_abs / "logs")
     _client_env()
 
 

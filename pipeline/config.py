@@ -64,6 +64,9 @@ class Settings(BaseSettings):
     canary_share: float = Field(default=0.0, ge=0, le=1, description="Share of entities routed to `challenger`.")
     api_tokens: list[str] = Field(default_factory=list, description="Bearer tokens for predict/feedback; empty=open.")
     log_predictions: bool = Field(default=True, description="Off only for benchmarks: unlogged rows are lost data.")
+    log_format: Literal["human", "json"] = Field(
+        default="human", description="Console log lines: short human lines, or JSON (CI, log shippers); the log "
+        "file under the home is always JSON.")
 
     label_lateness_s: int = Field(default=900, ge=0, description="Extra wait for late feedback after the window.")
     min_rows: int = Field(default=200, ge=1, description="Validation gate: fewer labeled rows fail the day.")
