@@ -21,7 +21,7 @@ from datetime import timedelta
 
 import pendulum
 from airflow.providers.standard.sensors.date_time import DateTimeSensorAsync
-from airflow.sdk import Asset, dag, task
+from airflow.sdk import Asset, dag, task, teardown
 
 from pipeline.orchestration import airflow_tasks as t
 from pipeline.orchestration.review_trigger import AwaitApprovalOperator
@@ -47,33 +47,44 @@ def flywheel_nightly():
         ),
     )
 
-    @task(outlets=[TRAINING_DAY])
+    @task(outlets=[TRAINING_DAY], doc_md="Reads the sealed `logs/predictions` and `logs/feedback` segments of D; "
+          "writes `training/dt=D` (joined, labelled, deduplicated) and lists rejected and late segments.")
     def collect(ds: str | None = None) -> dict:
         return t.collect(ds)
 
-    @task
+    @task(doc_md="Reads `training/dt=D`; writes `validated/dt=D`, `quarantine/dt=D` (with the reason), "
+          "`drift/dt=D` and the report in `reports/validation/dt=D`. Fails the night when the gate fails.")
     def validate(collected: dict) -> dict:
         return t.validate(collected["day"])
 
-    @task
+    @task(doc_md="Reads `validated/dt=D`, the replay reservoir and the champion; writes one MLflow run "
+          "(warm-started weights, metrics, the day's validation report) and updates the reservoir.")
     def train(validated: dict) -> dict:
         return t.train(validated["day"])
 
-    @task
+    @task(doc_md="Reads the candidate run and the champion; scores both on D's held-out slice and logs the "
+          "evaluation report (paired CIs, calibration, slices) to the candidate's run.")
     def evaluate(trained: dict) -> dict:
         return t.evaluate(trained["day"], trained)
 
-    @task
+    @task(doc_md="Registers the candidate as a model version with its lineage and gate outcome (tags); "
+          "a passing candidate becomes `challenger`.")
     def register(evaluation: dict) -> dict:
         return t.register(evaluation["day"], evaluation)
 
-    @task
+    @task(doc_md="Moves `champion` to the candidate when it passed (and was approved in review mode), "
+          "keeping the replaced one as `previous`; compare-and-set under the registry lock.")
     def promote(registered: dict, review: dict) -> dict:
         return t.promote(registered, review)
 
-    @task
+    @task(doc_md="Asks the model server to reload and waits until it serves the new champion.")
     def rollout(promoted: dict) -> dict:
         return t.rollout(promoted)
+
+    @teardown
+    @task(doc_md="Writes the night's outcome as the DAG run's note (grid view); never changes the run's state.")
+    def note(ti=None, dag_run=None) -> str:
+        return t.run_note(ti, dag_run)
 
     collected = collect()
     wait_for_labels >> collected
@@ -86,7 +97,9 @@ def flywheel_nightly():
         trained = train(validated)
     registered = register(evaluate(trained))
     review = AwaitApprovalOperator(task_id="await_approval", registered=registered)
-    rollout(promote(registered, review.output))
+    promoted = promote(registered, review.output)
+    rolled_out = rollout(promoted)
+    [wait_for_labels, collected, validated, trained, registered, review.output, promoted, rolled_out] >> note()
 
 
 flywheel_nightly()

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import fcntl
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from functools import cached_property
 from pathlib import Path
+
+from filelock import FileLock
 
 from feature_store.offline import Lake
 from feature_store.spec import FeatureSpec, load_spec
@@ -21,12 +22,8 @@ def file_lock(path: Path) -> Iterator[None]:
     """An exclusive lock held for the block, shared by every process on this host: overlapping runs of one
     step (an Airflow retry racing its zombie) take turns instead of interleaving their writes."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    with FileLock(path):
+        yield
 
 
 @dataclass

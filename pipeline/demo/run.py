@@ -123,8 +123,8 @@ def run_demo(days: int, keep: bool, history_days: int, rows_per_day: int, seed: 
             all_ok = False
             console.print(f"[red]{day}: DAG run {run_id} {state}[/red]: {af.task_states(DAG_ID, run_id)}")
         else:
-            console.print(f"{day}: {traffic.rows} rows, {traffic.feedback} feedback, run {state}, "
-                          f"champion v{champ.version if champ else '-'}")
+            note = af.request("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}").json().get("note") or ""
+            console.print(f"{day}: {traffic.rows} rows, {traffic.feedback} feedback, run {state}: {note}")
     health = httpx.get(f"{url}/health", timeout=5).json()
     table = Table(title="Flywheel demo: loop vs frozen day-0 model on each day's live traffic")
     for col in ("day", "served", "rows", "AUC loop", "AUC frozen", "logloss loop", "logloss frozen", "DAG",

@@ -18,7 +18,31 @@ def _stage(fn: Callable[..., Any], *args: Any) -> dict:
     try:
         return fn(*args).model_dump(mode="json")
     except StageError as e:
+        _record_error(str(e))
         raise AirflowFailException(str(e)) from e
+
+
+def _record_error(message: str) -> None:
+    """Keep a stage's decision (why it stopped the night) where the run-note task can read it."""
+    from airflow.sdk import get_current_context
+
+    from pipeline.orchestration.run_note import ERROR_KEY
+
+    try:
+        get_current_context()["ti"].xcom_push(key=ERROR_KEY, value=message)
+    except RuntimeError:  # called outside a running task (CLI, tests): the exception carries the message
+        pass
+
+
+def run_note(ti, dag_run) -> str:
+    """Compose the night's one-line outcome from the stages' XComs and set it as the DAG run's note."""
+    from pipeline.orchestration.run_note import ERROR_KEY, STAGES, compose, publish
+
+    results = {s: ti.xcom_pull(task_ids=s) for s in STAGES}
+    errors = {s: ti.xcom_pull(task_ids=s, key=ERROR_KEY) for s in STAGES}
+    note = compose(results, errors)
+    publish(dag_run.dag_id, dag_run.run_id, note)
+    return note
 
 
 def _timetable(cron: str):

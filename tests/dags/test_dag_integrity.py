@@ -21,7 +21,9 @@ def _dagbag_probe(extra_env: dict[str, str], tmp_path, dag_id: str = "flywheel_n
         " 'tags': sorted(d.tags) if d else None, 'tasks': [t.task_id for t in d.tasks] if d else None,"
         " 'retries': sorted({t.retries for t in d.tasks}) if d else None,"
         " 'max_active_runs': d.max_active_runs if d else None, 'timetable': type(d.timetable).__name__ if d else None,"
-        " 'doc': bool(d.doc_md) if d else None}))\n"
+        " 'doc': bool(d.doc_md) if d else None,"
+        " 'undocumented': sorted(t.task_id for t in d.tasks if not t.doc_md) if d else None,"
+        " 'teardowns': sorted(t.task_id for t in d.tasks if t.is_teardown) if d else None}))\n"
     )
     env = {"AIRFLOW_HOME": str(tmp_path), "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "PATH": "/usr/bin:/bin",
            **extra_env}
@@ -38,7 +40,9 @@ def test_nightly_dag_imports_cleanly_without_heavy_modules(tmp_path):
     assert info["errors"] == {}
     assert info["heavy"] == [], "DAG parsing must not import torch/mlflow/great-expectations/pandas"
     assert info["tasks"] == ["wait_for_labels", "collect", "validate", "train", "evaluate", "register",
-                             "await_approval", "promote", "rollout"]
+                             "await_approval", "promote", "rollout", "note"]
+    assert info["teardowns"] == ["note"], "the run note must never decide the run's state"
+    assert set(info["undocumented"]) <= {"wait_for_labels", "await_approval"}
     assert info["tags"] == ["flywheel", "training"] and info["retries"] == [2]
     assert info["max_active_runs"] == 1 and info["doc"]
     assert info["timetable"] == "CronDataIntervalTimetable"

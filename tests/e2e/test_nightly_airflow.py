@@ -156,6 +156,8 @@ def test_nightly_dag_run_collects_quarantines_trains_promotes_and_rolls_out(loop
     health = httpx.get(f"{s.resolved_serving_url()}/health").json()
     assert health["model_version"] == "2"
     assert af.xcom(DAG, run_id, "rollout")["served_version"] == "2"
+    note = af.request("GET", f"/api/v2/dags/{DAG}/dagRuns/{run_id}").json()["note"]
+    assert note.startswith("v2 promoted: AUC ") and "serving v2" in note, note
     events = af.request("GET", "/api/v2/assets/events").json()["asset_events"]
     assert any(e["source_dag_id"] == DAG and e["source_run_id"] == run_id and e["name"] == "flywheel_training_day"
                for e in events)
@@ -181,6 +183,8 @@ def test_a_day_without_logs_fails_with_a_clear_message_and_trains_nothing(loop):
     log = af.request("GET", f"/api/v2/dags/{DAG}/dagRuns/{run_id}/taskInstances/collect/logs/1",
                      params={"full_content": True}, headers={"Accept": "application/x-ndjson"}).text
     assert f"no prediction log for {day}" in log
+    note = af.request("GET", f"/api/v2/dags/{DAG}/dagRuns/{run_id}").json()["note"]
+    assert note.startswith("collect stopped the night: no prediction log"), note
 
 
 def test_schema_upgrade_is_a_no_op_the_second_time(loop):
