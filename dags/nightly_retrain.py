@@ -26,7 +26,11 @@ from airflow.sdk import Asset, dag, task, teardown
 from pipeline.orchestration import airflow_tasks as t
 from pipeline.orchestration.review_trigger import AwaitApprovalOperator
 
+# Partitioned by day (the partition key is D): the asset view lists which days were collected, validated and
+# produced a registered candidate.
 TRAINING_DAY = Asset(name="flywheel_training_day", uri="file:///flywheel/lake/training")
+VALIDATED_DAY = Asset(name="flywheel_validated_day", uri="file:///flywheel/lake/validated")
+CANDIDATE = Asset(name="flywheel_candidate", uri="mlflow://flywheel/registered-candidate")
 
 
 @dag(
@@ -49,13 +53,13 @@ def flywheel_nightly():
 
     @task(outlets=[TRAINING_DAY], doc_md="Reads the sealed `logs/predictions` and `logs/feedback` segments of D; "
           "writes `training/dt=D` (joined, labelled, deduplicated) and lists rejected and late segments.")
-    def collect(ds: str | None = None) -> dict:
-        return t.collect(ds)
+    def collect(ds: str | None = None, outlet_events=None) -> dict:
+        return t.with_partition(t.collect(ds), outlet_events, TRAINING_DAY)
 
-    @task(doc_md="Reads `training/dt=D`; writes `validated/dt=D`, `quarantine/dt=D` (with the reason), "
+    @task(outlets=[VALIDATED_DAY], doc_md="Reads `training/dt=D`; writes `validated/dt=D`, `quarantine/dt=D` (with the reason), "
           "`drift/dt=D` and the report in `reports/validation/dt=D`. Fails the night when the gate fails.")
-    def validate(collected: dict) -> dict:
-        return t.validate(collected["day"])
+    def validate(collected: dict, outlet_events=None) -> dict:
+        return t.with_partition(t.validate(collected["day"]), outlet_events, VALIDATED_DAY)
 
     @task(doc_md="Reads `validated/dt=D`, the replay reservoir and the champion; writes one MLflow run "
           "(warm-started weights, metrics, the day's validation report) and updates the reservoir.")
@@ -67,10 +71,11 @@ def flywheel_nightly():
     def evaluate(trained: dict) -> dict:
         return t.evaluate(trained["day"], trained)
 
-    @task(doc_md="Registers the candidate as a model version with its lineage and gate outcome (tags); "
+    @task(outlets=[CANDIDATE], doc_md="Registers the candidate as a model version with its lineage and gate outcome (tags); "
           "a passing candidate becomes `challenger`.")
-    def register(evaluation: dict) -> dict:
-        return t.register(evaluation["day"], evaluation)
+    def register(evaluation: dict, outlet_events=None) -> dict:
+        return t.with_partition(t.register(evaluation["day"], evaluation), outlet_events, CANDIDATE,
+                                evaluation["day"])
 
     @task(doc_md="Moves `champion` to the candidate when it passed (and was approved in review mode), "
           "keeping the replaced one as `previous`; compare-and-set under the registry lock.")

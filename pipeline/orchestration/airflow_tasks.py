@@ -53,6 +53,13 @@ def _timetable(cron: str):
     return None if cron.lower() in ("none", "") else CronDataIntervalTimetable(cron, timezone="UTC")
 
 
+def with_partition(result: dict, outlet_events, asset, day: str | None = None) -> dict:
+    """Tag the task's asset event with the day it produced (partition key D)."""
+    if outlet_events is not None:
+        outlet_events[asset].add_partitions(day or result["day"])
+    return result
+
+
 def schedule():
     """The nightly DAG's timetable: a daily data interval (logical date = the day), or manual only."""
     from pipeline.config import get_settings

@@ -159,8 +159,10 @@ def test_nightly_dag_run_collects_quarantines_trains_promotes_and_rolls_out(loop
     note = af.request("GET", f"/api/v2/dags/{DAG}/dagRuns/{run_id}").json()["note"]
     assert note.startswith("v2 promoted: AUC ") and "serving v2" in note, note
     events = af.request("GET", "/api/v2/assets/events").json()["asset_events"]
-    assert any(e["source_dag_id"] == DAG and e["source_run_id"] == run_id and e["name"] == "flywheel_training_day"
-               for e in events)
+    partitions = {e["name"]: e.get("partition_key") for e in events
+                  if e["source_dag_id"] == DAG and e["source_run_id"] == run_id}
+    assert partitions == {name: day.isoformat() for name in
+                          ("flywheel_training_day", "flywheel_validated_day", "flywheel_candidate")}, partitions
 
     # Re-running the day through Airflow (clear + rerun) changes nothing: same rows, same version.
     r = af.request("POST", f"/api/v2/dags/{DAG}/clearTaskInstances",
