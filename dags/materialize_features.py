@@ -10,9 +10,6 @@ rewritten partitions are read, so a run with nothing new does nothing. Same code
 
 from __future__ import annotations
 
-from datetime import timedelta
-
-import pendulum
 from airflow.sdk import dag, task
 
 from pipeline.orchestration import airflow_tasks as t
@@ -21,12 +18,7 @@ from pipeline.orchestration import airflow_tasks as t
 @dag(
     dag_id="flywheel_materialize",
     schedule=t.materialize_schedule(),
-    start_date=pendulum.datetime(2024, 1, 1, tz="UTC"),
-    catchup=False,
-    max_active_runs=1,
-    tags=["flywheel", "features"],
-    doc_md=__doc__,
-    default_args={"retries": 2, "retry_delay": timedelta(seconds=30), "owner": "flywheel"},
+    **t.dag_defaults(__doc__, "features"),
 )
 def flywheel_materialize():
     @task

@@ -17,9 +17,6 @@ training in the worker; its result comes back through the pod's XCom sidecar. Ev
 
 from __future__ import annotations
 
-from datetime import timedelta
-
-import pendulum
 from airflow.providers.standard.sensors.date_time import DateTimeSensorAsync
 from airflow.sdk import Asset, dag, task, teardown
 
@@ -36,12 +33,8 @@ CANDIDATE = Asset(name="flywheel_candidate", uri="mlflow://flywheel/registered-c
 @dag(
     dag_id="flywheel_nightly",
     schedule=t.schedule(),
-    start_date=pendulum.datetime(1970, 1, 2, tz="UTC"),  # any historical day may be triggered or backfilled
-    catchup=False,
-    max_active_runs=1,
-    tags=["flywheel", "training"],
-    doc_md=__doc__,
-    default_args={"retries": 2, "retry_delay": timedelta(seconds=10), "owner": "flywheel"},
+    # any historical day may be triggered or backfilled
+    **t.dag_defaults(__doc__, "training", retry_delay_s=10, start=(1970, 1, 2)),
 )
 def flywheel_nightly():
     wait_for_labels = DateTimeSensorAsync(

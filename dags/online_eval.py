@@ -11,9 +11,6 @@ the champion on its own rows and promoted, retired, or left waiting for more lab
 
 from __future__ import annotations
 
-from datetime import timedelta
-
-import pendulum
 from airflow.sdk import dag, task
 
 from pipeline.orchestration import airflow_tasks as t
@@ -22,12 +19,7 @@ from pipeline.orchestration import airflow_tasks as t
 @dag(
     dag_id="flywheel_online_eval",
     schedule=t.online_eval_schedule(),
-    start_date=pendulum.datetime(2024, 1, 1, tz="UTC"),
-    catchup=False,
-    max_active_runs=1,
-    tags=["flywheel", "evaluation"],
-    doc_md=__doc__,
-    default_args={"retries": 2, "retry_delay": timedelta(seconds=30), "owner": "flywheel"},
+    **t.dag_defaults(__doc__, "evaluation"),
 )
 def flywheel_online_eval():
     @task

@@ -8,7 +8,6 @@ refused if the champion has moved since you decided. Same code as `flywheel roll
 
 from __future__ import annotations
 
-import pendulum
 from airflow.sdk import Param, dag, task
 
 from pipeline.orchestration import airflow_tasks as t
@@ -17,16 +16,11 @@ from pipeline.orchestration import airflow_tasks as t
 @dag(
     dag_id="flywheel_rollback",
     schedule=None,
-    start_date=pendulum.datetime(2024, 1, 1, tz="UTC"),
-    catchup=False,
-    max_active_runs=1,
-    tags=["flywheel", "rollback"],
-    doc_md=__doc__,
     params={
         "reason": Param("manual rollback from Airflow", type="string", minLength=1),
         "expected_champion": Param("", type="string", description="Refuse unless this is still the champion."),
     },
-    default_args={"retries": 0, "owner": "flywheel"},
+    **t.dag_defaults(__doc__, "rollback", retries=0),
 )
 def flywheel_rollback():
     @task

@@ -53,6 +53,21 @@ def _timetable(cron: str):
     return None if cron.lower() in ("none", "") else CronDataIntervalTimetable(cron, timezone="UTC")
 
 
+def dag_defaults(doc: str | None, *tags: str, retries: int = 2, retry_delay_s: float = 30,
+                 start: tuple[int, int, int] = (2024, 1, 1)) -> dict[str, Any]:
+    """What every Flywheel DAG declares alike: one active run (each night builds on the last), no catch-up
+    storm when a DAG is unpaused, the `flywheel` tag, the module docstring as the UI's documentation."""
+    from datetime import timedelta
+
+    import pendulum
+
+    default_args: dict[str, Any] = {"retries": retries, "owner": "flywheel"}
+    if retries:
+        default_args["retry_delay"] = timedelta(seconds=retry_delay_s)
+    return {"start_date": pendulum.datetime(*start, tz="UTC"), "catchup": False, "max_active_runs": 1,
+            "tags": ["flywheel", *tags], "doc_md": doc, "default_args": default_args}
+
+
 def with_partition(result: dict, outlet_events, asset, day: str | None = None) -> dict:
     """Tag the task's asset event with the day it produced (partition key D)."""
     if outlet_events is not None:
