@@ -16,7 +16,15 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    FiniteFloat,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from pipeline.errors import SpecError
 
@@ -55,8 +63,8 @@ class Entity(_Strict):
 class Feature(_Strict):
     type: FeatureType
     entity: str | None = Field(default=None, description="Entity this feature describes, if any.")
-    min: float | None = None
-    max: float | None = None
+    min: FiniteFloat | None = None
+    max: FiniteFloat | None = None
     nullable: bool = False
     description: str = ""
 
@@ -79,7 +87,10 @@ class Label(_Strict):
     @field_validator("attribution_window", mode="before")
     @classmethod
     def _duration(cls, v: object) -> timedelta:
-        return parse_duration(v)
+        window = parse_duration(v)
+        if not timedelta(0) < window < timedelta(days=3650):
+            raise ValueError(f"must be positive and finite (a window of {v!r} would never join a label)")
+        return window
 
 
 class Slice(_Strict):
@@ -263,18 +274,62 @@ def _format_loc(loc: tuple[object, ...]) -> str:
     return out or "<root>"
 
 
-def load_spec(path: str | Path) -> FeatureSpec:
-    path = Path(path)
+def _read_text(path: Path) -> str:
     try:
-        raw = yaml.safe_load(path.read_text())
+        data = path.read_bytes()
     except FileNotFoundError as e:
         raise SpecError(f"{path}: feature spec not found") from e
+    except IsADirectoryError as e:
+        raise SpecError(f"{path}: is a directory, not a feature spec YAML file") from e
+    except OSError as e:
+        raise SpecError(f"{path}: cannot be read: {e.strerror}") from e
+    if b"\0" in data:
+        raise SpecError(f"{path}: a binary file, not a feature spec YAML (text) file")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SpecError(f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
+                        "save the spec as UTF-8") from None
+
+
+def _duplicate_keys(node: yaml.Node, where: str = "") -> list[str]:
+    """Keys written twice in one mapping, as dotted paths: YAML loaders keep the last silently, which turns a
+    copy-paste slip into a feature that quietly lost its first declaration."""
+    found: list[str] = []
+    if isinstance(node, yaml.MappingNode):
+        seen: set[str] = set()
+        for key, value in node.value:
+            name = str(key.value) if isinstance(key, yaml.ScalarNode) else "?"
+            path = f"{where}.{name}" if where else name
+            if name in seen:
+                found.append(f"{path} (line {key.start_mark.line + 1})")
+            seen.add(name)
+            found += _duplicate_keys(value, path)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            found += _duplicate_keys(item, f"{where}[{i}]")
+    return found
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+def load_spec(path: str | Path) -> FeatureSpec:
+    """The spec at `path`, or a SpecError whose one-line message names the file and the offending key."""
+    path = Path(path)
+    text = _read_text(path)
+    try:
+        twice = _duplicate_keys(yaml.compose(text, Loader=yaml.SafeLoader))
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise SpecError(f"{path}: not valid YAML: {e}") from e
+        raise SpecError(f"{path}: not valid YAML: {_one_line(e)}") from None
+    if twice:
+        raise SpecError(f"{path}: key written twice (only one may stay): {', '.join(twice)}")
     if not isinstance(raw, dict):
         raise SpecError(f"{path}: expected a mapping at the top level")
     try:
         return FeatureSpec.model_validate(raw)
     except ValidationError as e:
-        problems = "; ".join(f"key '{_format_loc(err['loc'])}': {err['msg']}" for err in e.errors())
+        problems = "; ".join(f"key '{_format_loc(err['loc'])}': {_one_line(err['msg'])}" for err in e.errors())
         raise SpecError(f"{path}: {problems}") from None

@@ -4,18 +4,38 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from pydantic import BaseModel
 from rich.console import Console
+from rich.markup import escape
 
 from pipeline.config import get_settings
-from pipeline.errors import StageError
+from pipeline.errors import FlywheelError
 from pipeline.logs import setup_logging
 
-app = typer.Typer(help="Flywheel: keep a production model fresh, one night at a time.", no_args_is_help=True)
+_TRACEBACK = False
+
+
+class _Flywheel(typer.Typer):
+    """Every error Flywheel raises on purpose ends the command with its one-line message and exit status 2
+    (whichever command raised it, inside a stage or while loading the spec); `--verbose` keeps the traceback
+    for a bug report."""
+
+    def __call__(self, *args, **kwargs):
+        try:
+            return super().__call__(*args, **kwargs)
+        except FlywheelError as e:
+            if _TRACEBACK:
+                raise
+            Console(stderr=True, soft_wrap=True).print(f"[red]error:[/red] {escape(str(e))}", highlight=False)
+            sys.exit(2)
+
+
+app = _Flywheel(help="Flywheel: keep a production model fresh, one night at a time.", no_args_is_help=True)
 simulate_app = typer.Typer(help="The bundled traffic simulator (demo and test aid).", no_args_is_help=True)
 app.add_typer(simulate_app, name="simulate")
 features_app = typer.Typer(help="Entity feature tables (offline store).", no_args_is_help=True)
@@ -37,6 +57,8 @@ def main(
         os.environ["FLYWHEEL_SPEC_PATH"] = str(spec.resolve())
     get_settings.cache_clear()
     setup_logging(verbose)
+    global _TRACEBACK
+    _TRACEBACK = verbose
     _client_env()
 
 
@@ -56,11 +78,7 @@ def _emit(result: BaseModel | dict) -> None:
 
 
 def _run(fn, *args) -> None:
-    try:
-        _emit(fn(*args))
-    except StageError as e:
-        console.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(2) from None
+    _emit(fn(*args))
 
 
 @app.command()
