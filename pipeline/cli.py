@@ -81,6 +81,13 @@ def _run(fn, *args) -> None:
     _emit(fn(*args))
 
 
+def _needs_mlflow(command: str) -> None:
+    """Fail in seconds, naming the fix, when MLflow is down: not after minutes of work and client retries."""
+    from pipeline.preflight import require_mlflow
+
+    require_mlflow(get_settings(), command)
+
+
 @app.command()
 def serve() -> None:
     """Run the model server (follows the registry's champion alias)."""
@@ -131,12 +138,15 @@ def train(
     from pipeline.orchestration.k8s_train import with_xcom
     from pipeline.stages.train import train as stage
 
+    if not xcom:  # a training pod leaves a passing MLflow outage to its own client retries
+        _needs_mlflow("train")
     _run(with_xcom(stage) if xcom else stage, day)
 
 
 @app.command()
 def evaluate(day: Day, run_id: Annotated[str, typer.Option(help="Training run to evaluate.")]) -> None:
     """Score candidate and champion on D's held-out slice and apply the gate."""
+    _needs_mlflow("evaluate")
     from pipeline.stages.evaluate import evaluate as stage
 
     _run(stage, day, run_id)
@@ -145,6 +155,7 @@ def evaluate(day: Day, run_id: Annotated[str, typer.Option(help="Training run to
 @app.command()
 def promote(version: Annotated[str, typer.Option(help="Model version that passed its gate.")]) -> None:
     """Move the champion alias to VERSION (the old champion becomes 'previous')."""
+    _needs_mlflow("promote")
     from pipeline.stages.promote import promote as stage
 
     _run(stage, version)
@@ -153,6 +164,7 @@ def promote(version: Annotated[str, typer.Option(help="Model version that passed
 @app.command()
 def rollout() -> None:
     """Make the model server load the champion now and wait until it serves it."""
+    _needs_mlflow("rollout")
     from pipeline.stages.promote import rollout as stage
 
     _run(stage)
@@ -165,6 +177,7 @@ def rollback(
     = None,
 ) -> None:
     """Restore the 'previous' champion as 'champion' in one step (the server follows the alias)."""
+    _needs_mlflow("rollback")
     from pipeline.release.rollback import rollback as stage
 
     _run(stage, reason, expected_champion)
@@ -179,6 +192,8 @@ def approve(
     """Review mode: approve VERSION; the waiting nightly run then promotes it."""
     from pipeline.release.review import APPROVED, decide
 
+    _needs_mlflow("approve")
+
     _run(decide, version, APPROVED, by, note)
 
 
@@ -191,12 +206,15 @@ def reject(
     """Review mode: reject VERSION; the waiting nightly run then leaves the champion as it is."""
     from pipeline.release.review import REJECTED, decide
 
+    _needs_mlflow("reject")
+
     _run(decide, version, REJECTED, by, note)
 
 
 @app.command("online-eval")
 def online_eval(day: Day) -> None:
     """Compare the champion with 'previous' on the live rows it served up to D; roll back if worse."""
+    _needs_mlflow("online-eval")
     from pipeline.release.online_eval import online_eval as stage
 
     _run(stage, day)
@@ -250,6 +268,7 @@ def up(airflow: bool = True, server: bool = True) -> None:
 @app.command("canary-eval")
 def canary_eval(day: Day) -> None:
     """Decide the canary: promote, retire or keep waiting on the challenger, from its labeled live rows."""
+    _needs_mlflow("canary-eval")
     from pipeline.release.canary import canary_eval as stage
 
     _run(stage, day)
