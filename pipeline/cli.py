@@ -107,9 +107,18 @@ def serve() -> None:
 @app.command()
 def bootstrap(history: Annotated[Path, typer.Option(help="Historical Parquet file with spec columns + label.")]) -> None:
     """Train and register the first champion from history."""
+    from pipeline.runtime import runtime
     from pipeline.stages.bootstrap import bootstrap as stage
 
-    _run(stage, history)
+    rt = runtime()
+    out = stage(history, rt)
+    _emit(out)
+    s = rt.settings
+    kept = f", {out.rejected} rejected rows kept in {out.quarantine}" if out.quarantine else ""
+    console.print(
+        f"bootstrap: {rt.model_name} v{out.version} is champion ({out.rows} rows {out.first_day}..{out.last_day}"
+        f"{kept}{f', {out.duplicates} duplicated rows' if out.duplicates else ''}). Undo: delete the registered "
+        f"model {rt.model_name} at {s.mlflow_tracking_uri} and the home {s.home_abs}", highlight=False)
 
 
 @app.command()
@@ -248,21 +257,31 @@ def nightly(day: Day) -> None:
     """All of the nightly DAG's stages for day D, in-process, without Airflow."""
     from pipeline.stages.nightly import run_nightly
 
-    _run(run_nightly, day)
+    out = run_nightly(day, rollout=True)
+    _emit(out)
+    promoted, home = out["promote"], get_settings().home_abs
+    if promoted["promoted"]:
+        console.print(f"nightly {day}: promoted v{promoted['version']} (previous champion "
+                      f"v{promoted['previous']}); rollout: {out['rollout'].get('skipped', 'served')}. "
+                      f"Undo: flywheel --home {home} rollback")
+    else:
+        console.print(f"nightly {day}: champion unchanged ({promoted['reason']})")
 
 
 @app.command()
 def up(airflow: bool = True, server: bool = True) -> None:
     """Start MLflow, Airflow and the model server on embedded defaults."""
+    from feature_store.spec import load_spec
     from pipeline.ops import stack
 
     s = get_settings()
+    load_spec(s.spec_path)  # a bad spec stops here, before any process starts
     stack.start_mlflow(s)
     if server:
         stack.start_server(s)
     if airflow:
         stack.start_airflow(s)
-    console.print(stack.describe(s))
+    console.print(stack.describe(s, airflow=airflow, server=server), highlight=False)
 
 
 @app.command("canary-eval")
@@ -287,8 +306,10 @@ def down() -> None:
     """Stop everything `up` or `demo` started for this home."""
     from pipeline.ops import stack
 
-    stopped = stack.stop_all(get_settings())
-    console.print(f"stopped: {', '.join(stopped) or 'nothing was running'}")
+    s = get_settings()
+    stopped = stack.stop_all(s)
+    console.print(f"stopped: {', '.join(stopped) or 'nothing was running'} (home {s.home_abs}); start again "
+                  f"with: flywheel --home {s.home_abs} up", highlight=False)
 
 
 @app.command()

@@ -323,12 +323,25 @@ def stop_all(s: Settings, timeout: float = 20) -> list[str]:
     return stopped
 
 
-def describe(s: Settings) -> str:
-    return (
-        f"Airflow UI   http://127.0.0.1:{s.airflow_port}  user {s.airflow_user} / password {airflow_password(s)}\n"
-        f"MLflow UI    http://127.0.0.1:{s.mlflow_port}  (registry: Models -> {s.resolved_model_name('<spec>')})"
-        + (f"  user {mlflow_user(s)} / password in FLYWHEEL_MLFLOW_PASSWORD or "
-           f"{s.home_abs / 'secrets' / 'mlflow_admin_password'}\n" if s.mlflow_auth else "\n") +
-        f"Model server {s.resolved_serving_url()}  (/docs, /health, /metrics)\n"
-        f"Logs         {s.run_dir}/*.log   Stop with: make down"
-    )
+def describe(s: Settings, airflow: bool = True, server: bool = True) -> str:
+    """What `up` started, with the real model name and the stop command that works for this home: nothing
+    about a service that was not started."""
+    from feature_store.spec import load_spec
+
+    model = s.resolved_model_name(load_spec(s.spec_path).name)
+    lines = []
+    if airflow:
+        lines.append(f"Airflow UI   http://127.0.0.1:{s.airflow_port}  user {s.airflow_user} / password "
+                     f"{airflow_password(s)}")
+    auth = (f"  user {mlflow_user(s)} / password in FLYWHEEL_MLFLOW_PASSWORD or "
+            f"{s.home_abs / 'secrets' / 'mlflow_admin_password'}" if s.mlflow_auth else "")
+    lines.append(f"MLflow UI    http://127.0.0.1:{s.mlflow_port}  (registry: Models -> {model}){auth}")
+    if server:
+        lines.append(f"Model server {s.resolved_serving_url()}  (/docs, /health, /metrics)")
+    lines.append(f"Logs         {s.run_dir}/*.log")
+    lines.append(f"Stop with    {stop_command(s)}")
+    return "\n".join(lines)
+
+
+def stop_command(s: Settings) -> str:
+    return f"flywheel --home {s.home_abs} down"
