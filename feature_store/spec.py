@@ -66,6 +66,9 @@ class Feature(_Strict):
     min: FiniteFloat | None = None
     max: FiniteFloat | None = None
     nullable: bool = False
+    source: str | None = Field(default=None, min_length=1, description="Column of the user's files (history, "
+                               "entity tables) this feature is read from, when its name there differs: lets a "
+                               "column named like one of Flywheel's log columns keep its name at the source.")
     description: str = ""
 
     @model_validator(mode="after")
@@ -79,6 +82,8 @@ class Feature(_Strict):
 
 class Label(_Strict):
     name: str
+    source: str | None = Field(default=None, min_length=1, description="Column of the history file holding "
+                               "the label, when it differs from `name` (e.g. a column called 'label').")
     attribution_window: timedelta = Field(description="How long after a prediction its feedback still counts.")
     missing: Literal["negative", "drop"] = Field(
         default="negative", description="Rows whose feedback never arrives: a negative example, or dropped."
@@ -173,7 +178,13 @@ class FeatureSpec(_Strict):
                 raise ValueError(f"{n!r} is not a valid column name (letters, digits, underscore)")
         for n in [self.event_time, self.label.name, *self.features]:
             if n in RESERVED:
-                raise ValueError(f"{n!r} is reserved for Flywheel's own log columns")
+                where = "label.name" if n == self.label.name else "event_time" if n == self.event_time else \
+                    f"features.{n}"
+                raise ValueError(f"{where}: {n!r} is reserved for Flywheel's own log columns; keep the column as "
+                                 f"it is and give it another name that reads it, e.g. {_rename_hint(where, n)}")
+        columns = list(self.source_columns.values())
+        if twice := sorted({c for c in columns if columns.count(c) > 1}):
+            raise ValueError(f"source column(s) {twice} read by more than one of features/label/event_time")
         if not self.features:
             raise ValueError("at least one feature is required")
         if self.label.name in self.features or self.event_time in self.features:
@@ -244,6 +255,14 @@ class FeatureSpec(_Strict):
         return MigrationPlan(steps=steps, added=added, removed=removed, renamed=renamed)
 
     @cached_property
+    def source_columns(self) -> dict[str, str]:
+        """Spec name -> the column of the user's files it is read from (the same name unless `source` says)."""
+        out = {n: f.source or n for n, f in self.features.items()}
+        out[self.event_time] = self.event_time
+        out[self.label.name] = self.label.source or self.label.name
+        return out
+
+    @cached_property
     def feature_names(self) -> list[str]:
         return list(self.features)
 
@@ -265,6 +284,14 @@ class FeatureSpec(_Strict):
     def sticky_key(self) -> str | None:
         """The first entity's key: what canary routing and per-entity analysis key on."""
         return next(iter(self.entities.values())).key if self.entities else None
+
+
+def _rename_hint(where: str, name: str) -> str:
+    if where == "label.name":
+        return f"label: {{name: {name}_value, source: {name}, ...}}"
+    if where == "event_time":
+        return f"rename the column; {name!r} cannot be an event time"
+    return f"features: {{{name}_value: {{source: {name}, ...}}}}"
 
 
 def _format_loc(loc: tuple[object, ...]) -> str:
@@ -331,5 +358,6 @@ def load_spec(path: str | Path) -> FeatureSpec:
     try:
         return FeatureSpec.model_validate(raw)
     except ValidationError as e:
-        problems = "; ".join(f"key '{_format_loc(err['loc'])}': {_one_line(err['msg'])}" for err in e.errors())
+        problems = "; ".join(f"key '{_format_loc(err['loc'])}': {_one_line(err['msg'])}" if err["loc"] else
+                             _one_line(err["msg"]).removeprefix("Value error, ") for err in e.errors())
         raise SpecError(f"{path}: {problems}") from None

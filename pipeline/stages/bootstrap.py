@@ -67,12 +67,12 @@ def read_history(path: Path, spec: FeatureSpec) -> tuple[pd.DataFrame, pd.DataFr
         table = pq.read_table(path)
     except (pa.ArrowInvalid, OSError) as e:
         raise StageError(f"{path} is not a readable Parquet file: {e}") from e
-    need = [*spec.feature_names, spec.event_time, spec.label.name]
-    missing = [c for c in need if c not in table.column_names]
+    columns = spec.source_columns  # spec name -> the file's column (`source:` in the spec)
+    missing = [c for c in columns.values() if c not in table.column_names]
     if missing:
         raise StageError(f"{path} lacks columns the feature spec declares: {', '.join(missing)} "
                          f"(has: {', '.join(table.column_names)})")
-    df = table.select(need).to_pandas()
+    df = table.select(list(columns.values())).rename_columns(list(columns)).to_pandas()
     out = _coerce(df, spec)
     reasons = row_problems(out, spec)
     bad = reasons != ""

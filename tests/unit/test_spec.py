@@ -128,3 +128,22 @@ def test_cli_spec_error_is_one_line_exit_2(tmp_path, text, key):
     lines = out.stderr.strip().splitlines()
     assert out.returncode == 2, out.stderr
     assert len(lines) == 1 and str(path) in lines[0] and key in lines[0], out.stderr
+
+
+def test_reserved_names_are_one_line_errors_that_show_the_mapping(tmp_path):
+    text = LOANS_TEXT.replace("name: defaulted", "name: label")
+    with pytest.raises(SpecError) as e:
+        load_spec(_text(tmp_path, text))
+    msg = str(e.value)
+    assert "\n" not in msg and "label.name: 'label' is reserved" in msg and "source: label" in msg
+
+
+def test_source_maps_a_files_column_to_a_spec_name(tmp_path):
+    text = (LOANS_TEXT.replace("name: defaulted", "name: outcome\n  source: label")
+            .replace("income_ratio: {type: numeric}", "score_value: {type: numeric, source: score}"))
+    spec = load_spec(_text(tmp_path, text))
+    assert spec.source_columns["outcome"] == "label" and spec.source_columns["score_value"] == "score"
+    assert spec.source_columns["amount"] == "amount" and "score" not in spec.features
+    clash = text.replace("product: {type: categorical}", "product: {type: categorical, source: region}")
+    with pytest.raises(SpecError, match=r"\['region'\] read by more than one"):
+        load_spec(_text(tmp_path, clash))
