@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Annotated
 
@@ -40,7 +42,7 @@ simulate_app = typer.Typer(help="The bundled traffic simulator (demo and test ai
 app.add_typer(simulate_app, name="simulate")
 features_app = typer.Typer(help="Entity feature tables (offline store).", no_args_is_help=True)
 app.add_typer(features_app, name="features")
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # one line per message: commands stay copyable
 
 Day = Annotated[str, typer.Option("--day", help="Logical date YYYY-MM-DD.")]
 
@@ -77,8 +79,15 @@ def _emit(result: BaseModel | dict) -> None:
     typer.echo(json.dumps(data, indent=2, default=str))
 
 
+def _call(fn, *args):
+    """Run a stage with library chatter (MLflow prints run links to stdout) sent to stderr: stdout carries the
+    result's JSON alone, so it can be piped."""
+    with contextlib.redirect_stdout(sys.stderr):
+        return fn(*args)
+
+
 def _run(fn, *args) -> None:
-    _emit(fn(*args))
+    _emit(_call(fn, *args))
 
 
 def _needs_mlflow(command: str) -> None:
@@ -111,7 +120,7 @@ def bootstrap(history: Annotated[Path, typer.Option(help="Historical Parquet fil
     from pipeline.stages.bootstrap import bootstrap as stage
 
     rt = runtime()
-    out = stage(history, rt)
+    out = _call(stage, history, rt)
     _emit(out)
     s = rt.settings
     kept = f", {out.rejected} rejected rows kept in {out.quarantine}" if out.quarantine else ""
@@ -119,6 +128,47 @@ def bootstrap(history: Annotated[Path, typer.Option(help="Historical Parquet fil
         f"bootstrap: {rt.model_name} v{out.version} is champion ({out.rows} rows {out.first_day}..{out.last_day}"
         f"{kept}{f', {out.duplicates} duplicated rows' if out.duplicates else ''}). Undo: delete the registered "
         f"model {rt.model_name} at {s.mlflow_tracking_uri} and the home {s.home_abs}", highlight=False)
+
+
+@app.command()
+def init(
+    history: Annotated[Path, typer.Option(help="Historical Parquet file to draft the spec from.")],
+    label: Annotated[str | None, typer.Option(help="Label column (default: guessed binary 0/1 column).")] = None,
+    event_time: Annotated[str | None, typer.Option(help="Event-time column (default: first timestamp column).")]
+    = None,
+    out: Annotated[Path | None, typer.Option(help="Write the draft here (default: print it).")] = None,
+    name: Annotated[str | None, typer.Option(help="Spec name (default: the history file's name).")] = None,
+    force: Annotated[bool, typer.Option(help="Overwrite --out if it exists.")] = False,
+) -> None:
+    """Draft a feature spec from a history file: prints every guess and why; the draft loads and bootstraps."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from feature_store.infer import draft_spec, render
+    from pipeline.errors import StageError
+
+    if out is not None and out.exists() and not force:
+        raise StageError(f"{out} exists: pass --force to overwrite it, or another --out")
+    try:
+        table = pq.read_table(history)
+    except FileNotFoundError:
+        raise StageError(f"history file {history} not found") from None
+    except (pa.ArrowInvalid, OSError) as e:
+        raise StageError(f"{history} is not a readable Parquet file: {' '.join(str(e).split())}") from None
+    draft = draft_spec(table, name or history.stem, label=label, event_time=event_time)
+    for note in draft.notes:
+        console.print(f"guess: {note}", highlight=False, markup=False)
+    text = render(draft, history.name)
+    if out is None:
+        typer.echo(text)
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(out)
+    console.print(f"wrote {out} ({len(draft.spec['features'])} features, label {draft.spec['label']['name']!r}, "
+                  f"event time {draft.spec['event_time']!r}). Next: flywheel --spec {out} bootstrap --history "
+                  f"{history}. Undo: delete {out}", highlight=False, markup=False)
 
 
 @app.command()
@@ -257,7 +307,7 @@ def nightly(day: Day) -> None:
     """All of the nightly DAG's stages for day D, in-process, without Airflow."""
     from pipeline.stages.nightly import run_nightly
 
-    out = run_nightly(day, rollout=True)
+    out = _call(partial(run_nightly, day, rollout=True))
     _emit(out)
     promoted, home = out["promote"], get_settings().home_abs
     if promoted["promoted"]:
