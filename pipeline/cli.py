@@ -217,7 +217,13 @@ def promote(version: Annotated[str, typer.Option(help="Model version that passed
     _needs_mlflow("promote")
     from pipeline.stages.promote import promote as stage
 
-    _run(stage, version)
+    out = _call(stage, version)
+    _emit(out)
+    if out.promoted:
+        console.print(f"promoted v{out.version} (previous champion v{out.previous}). Undo: flywheel --home "
+                      f"{get_settings().home_abs} rollback", highlight=False)
+    else:
+        console.print(f"not promoted: {out.reason}", highlight=False, markup=False)
 
 
 @app.command()
