@@ -16,7 +16,15 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    FiniteFloat,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from pipeline.errors import SpecError
 
@@ -55,9 +63,12 @@ class Entity(_Strict):
 class Feature(_Strict):
     type: FeatureType
     entity: str | None = Field(default=None, description="Entity this feature describes, if any.")
-    min: float | None = None
-    max: float | None = None
+    min: FiniteFloat | None = None
+    max: FiniteFloat | None = None
     nullable: bool = False
+    source: str | None = Field(default=None, min_length=1, description="Column of the user's files (history, "
+                               "entity tables) this feature is read from, when its name there differs: lets a "
+                               "column named like one of Flywheel's log columns keep its name at the source.")
     description: str = ""
 
     @model_validator(mode="after")
@@ -71,6 +82,8 @@ class Feature(_Strict):
 
 class Label(_Strict):
     name: str
+    source: str | None = Field(default=None, min_length=1, description="Column of the history file holding "
+                               "the label, when it differs from `name` (e.g. a column called 'label').")
     attribution_window: timedelta = Field(description="How long after a prediction its feedback still counts.")
     missing: Literal["negative", "drop"] = Field(
         default="negative", description="Rows whose feedback never arrives: a negative example, or dropped."
@@ -79,7 +92,10 @@ class Label(_Strict):
     @field_validator("attribution_window", mode="before")
     @classmethod
     def _duration(cls, v: object) -> timedelta:
-        return parse_duration(v)
+        window = parse_duration(v)
+        if not timedelta(0) < window < timedelta(days=3650):
+            raise ValueError(f"must be positive and finite (a window of {v!r} would never join a label)")
+        return window
 
 
 class Slice(_Strict):
@@ -162,7 +178,13 @@ class FeatureSpec(_Strict):
                 raise ValueError(f"{n!r} is not a valid column name (letters, digits, underscore)")
         for n in [self.event_time, self.label.name, *self.features]:
             if n in RESERVED:
-                raise ValueError(f"{n!r} is reserved for Flywheel's own log columns")
+                where = "label.name" if n == self.label.name else "event_time" if n == self.event_time else \
+                    f"features.{n}"
+                raise ValueError(f"{where}: {n!r} is reserved for Flywheel's own log columns; keep the column as "
+                                 f"it is and give it another name that reads it, e.g. {_rename_hint(where, n)}")
+        columns = list(self.source_columns.values())
+        if twice := sorted({c for c in columns if columns.count(c) > 1}):
+            raise ValueError(f"source column(s) {twice} read by more than one of features/label/event_time")
         if not self.features:
             raise ValueError("at least one feature is required")
         if self.label.name in self.features or self.event_time in self.features:
@@ -233,6 +255,14 @@ class FeatureSpec(_Strict):
         return MigrationPlan(steps=steps, added=added, removed=removed, renamed=renamed)
 
     @cached_property
+    def source_columns(self) -> dict[str, str]:
+        """Spec name -> the column of the user's files it is read from (the same name unless `source` says)."""
+        out = {n: f.source or n for n, f in self.features.items()}
+        out[self.event_time] = self.event_time
+        out[self.label.name] = self.label.source or self.label.name
+        return out
+
+    @cached_property
     def feature_names(self) -> list[str]:
         return list(self.features)
 
@@ -256,6 +286,14 @@ class FeatureSpec(_Strict):
         return next(iter(self.entities.values())).key if self.entities else None
 
 
+def _rename_hint(where: str, name: str) -> str:
+    if where == "label.name":
+        return f"label: {{name: {name}_value, source: {name}, ...}}"
+    if where == "event_time":
+        return f"rename the column; {name!r} cannot be an event time"
+    return f"features: {{{name}_value: {{source: {name}, ...}}}}"
+
+
 def _format_loc(loc: tuple[object, ...]) -> str:
     out = ""
     for part in loc:
@@ -263,18 +301,63 @@ def _format_loc(loc: tuple[object, ...]) -> str:
     return out or "<root>"
 
 
-def load_spec(path: str | Path) -> FeatureSpec:
-    path = Path(path)
+def _read_text(path: Path) -> str:
     try:
-        raw = yaml.safe_load(path.read_text())
+        data = path.read_bytes()
     except FileNotFoundError as e:
         raise SpecError(f"{path}: feature spec not found") from e
+    except IsADirectoryError as e:
+        raise SpecError(f"{path}: is a directory, not a feature spec YAML file") from e
+    except OSError as e:
+        raise SpecError(f"{path}: cannot be read: {e.strerror}") from e
+    if b"\0" in data:
+        raise SpecError(f"{path}: a binary file, not a feature spec YAML (text) file")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SpecError(f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
+                        "save the spec as UTF-8") from None
+
+
+def _duplicate_keys(node: yaml.Node, where: str = "") -> list[str]:
+    """Keys written twice in one mapping, as dotted paths: YAML loaders keep the last silently, which turns a
+    copy-paste slip into a feature that quietly lost its first declaration."""
+    found: list[str] = []
+    if isinstance(node, yaml.MappingNode):
+        seen: set[str] = set()
+        for key, value in node.value:
+            name = str(key.value) if isinstance(key, yaml.ScalarNode) else "?"
+            path = f"{where}.{name}" if where else name
+            if name in seen:
+                found.append(f"{path} (line {key.start_mark.line + 1})")
+            seen.add(name)
+            found += _duplicate_keys(value, path)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            found += _duplicate_keys(item, f"{where}[{i}]")
+    return found
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+def load_spec(path: str | Path) -> FeatureSpec:
+    """The spec at `path`, or a SpecError whose one-line message names the file and the offending key."""
+    path = Path(path)
+    text = _read_text(path)
+    try:
+        twice = _duplicate_keys(yaml.compose(text, Loader=yaml.SafeLoader))
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise SpecError(f"{path}: not valid YAML: {e}") from e
+        raise SpecError(f"{path}: not valid YAML: {_one_line(e)}") from None
+    if twice:
+        raise SpecError(f"{path}: key written twice (only one may stay): {', '.join(twice)}")
     if not isinstance(raw, dict):
         raise SpecError(f"{path}: expected a mapping at the top level")
     try:
         return FeatureSpec.model_validate(raw)
     except ValidationError as e:
-        problems = "; ".join(f"key '{_format_loc(err['loc'])}': {err['msg']}" for err in e.errors())
+        problems = "; ".join(f"key '{_format_loc(err['loc'])}': {_one_line(err['msg'])}" if err["loc"] else
+                             _one_line(err["msg"]).removeprefix("Value error, ") for err in e.errors())
         raise SpecError(f"{path}: {problems}") from None

@@ -2,25 +2,47 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
+from functools import partial
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from pydantic import BaseModel
 from rich.console import Console
+from rich.markup import escape
 
 from pipeline.config import get_settings
-from pipeline.errors import StageError
+from pipeline.errors import FlywheelError
 from pipeline.logs import setup_logging
 
-app = typer.Typer(help="Flywheel: keep a production model fresh, one night at a time.", no_args_is_help=True)
+_TRACEBACK = False
+
+
+class _Flywheel(typer.Typer):
+    """Every error Flywheel raises on purpose ends the command with its one-line message and exit status 2
+    (whichever command raised it, inside a stage or while loading the spec); `--verbose` keeps the traceback
+    for a bug report."""
+
+    def __call__(self, *args, **kwargs):
+        try:
+            return super().__call__(*args, **kwargs)
+        except FlywheelError as e:
+            if _TRACEBACK:
+                raise
+            Console(stderr=True, soft_wrap=True).print(f"[red]error:[/red] {escape(str(e))}", highlight=False)
+            sys.exit(2)
+
+
+app = _Flywheel(help="Flywheel: keep a production model fresh, one night at a time.", no_args_is_help=True)
 simulate_app = typer.Typer(help="The bundled traffic simulator (demo and test aid).", no_args_is_help=True)
 app.add_typer(simulate_app, name="simulate")
 features_app = typer.Typer(help="Entity feature tables (offline store).", no_args_is_help=True)
 app.add_typer(features_app, name="features")
-console = Console(stderr=True, soft_wrap=True)
+console = Console(stderr=True, soft_wrap=True)  # one line per message: commands stay copyable
 
 Day = Annotated[str, typer.Option("--day", help="Logical date YYYY-MM-DD.")]
 
@@ -44,6 +66,8 @@ def main(
     get_settings.cache_clear()
     s = get_settings()
     setup_logging(verbose, s.log_format, s.home_abs / "logs")
+    global _TRACEBACK
+    _TRACEBACK = verbose
     _client_env()
 
 
@@ -62,12 +86,22 @@ def _emit(result: BaseModel | dict) -> None:
     typer.echo(json.dumps(data, indent=2, default=str))
 
 
+def _call(fn, *args):
+    """Run a stage with library chatter (MLflow prints run links to stdout) sent to stderr: stdout carries the
+    result's JSON alone, so it can be piped."""
+    with contextlib.redirect_stdout(sys.stderr):
+        return fn(*args)
+
+
 def _run(fn, *args) -> None:
-    try:
-        _emit(fn(*args))
-    except StageError as e:
-        console.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(2) from None
+    _emit(_call(fn, *args))
+
+
+def _needs_mlflow(command: str) -> None:
+    """Fail in seconds, naming the fix, when MLflow is down: not after minutes of work and client retries."""
+    from pipeline.preflight import require_mlflow
+
+    require_mlflow(get_settings(), command)
 
 
 @app.command()
@@ -89,9 +123,59 @@ def serve() -> None:
 @app.command()
 def bootstrap(history: Annotated[Path, typer.Option(help="Historical Parquet file with spec columns + label.")]) -> None:
     """Train and register the first champion from history."""
+    from pipeline.runtime import runtime
     from pipeline.stages.bootstrap import bootstrap as stage
 
-    _run(stage, history)
+    rt = runtime()
+    out = _call(stage, history, rt)
+    _emit(out)
+    s = rt.settings
+    kept = f", {out.rejected} rejected rows kept in {out.quarantine}" if out.quarantine else ""
+    console.print(
+        f"bootstrap: {rt.model_name} v{out.version} is champion ({out.rows} rows {out.first_day}..{out.last_day}"
+        f"{kept}{f', {out.duplicates} duplicated rows' if out.duplicates else ''}). Undo: delete the registered "
+        f"model {rt.model_name} at {s.mlflow_tracking_uri} and the home {s.home_abs}", highlight=False)
+
+
+@app.command()
+def init(
+    history: Annotated[Path, typer.Option(help="Historical Parquet file to draft the spec from.")],
+    label: Annotated[str | None, typer.Option(help="Label column (default: guessed binary 0/1 column).")] = None,
+    event_time: Annotated[str | None, typer.Option(help="Event-time column (default: first timestamp column).")]
+    = None,
+    out: Annotated[Path | None, typer.Option(help="Write the draft here (default: print it).")] = None,
+    name: Annotated[str | None, typer.Option(help="Spec name (default: the history file's name).")] = None,
+    force: Annotated[bool, typer.Option(help="Overwrite --out if it exists.")] = False,
+) -> None:
+    """Draft a feature spec from a history file: prints every guess and why; the draft loads and bootstraps."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from feature_store.infer import draft_spec, render
+    from pipeline.errors import StageError
+
+    if out is not None and out.exists() and not force:
+        raise StageError(f"{out} exists: pass --force to overwrite it, or another --out")
+    try:
+        table = pq.read_table(history)
+    except FileNotFoundError:
+        raise StageError(f"history file {history} not found") from None
+    except (pa.ArrowInvalid, OSError) as e:
+        raise StageError(f"{history} is not a readable Parquet file: {' '.join(str(e).split())}") from None
+    draft = draft_spec(table, name or history.stem, label=label, event_time=event_time)
+    for note in draft.notes:
+        console.print(f"guess: {note}", highlight=False, markup=False)
+    text = render(draft, history.name)
+    if out is None:
+        typer.echo(text)
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(out)
+    console.print(f"wrote {out} ({len(draft.spec['features'])} features, label {draft.spec['label']['name']!r}, "
+                  f"event time {draft.spec['event_time']!r}). Next: flywheel --spec {out} bootstrap --history "
+                  f"{history}. Undo: delete {out}", highlight=False, markup=False)
 
 
 @app.command()
@@ -120,12 +204,15 @@ def train(
     from pipeline.orchestration.k8s_train import with_xcom
     from pipeline.stages.train import train as stage
 
+    if not xcom:  # a training pod leaves a passing MLflow outage to its own client retries
+        _needs_mlflow("train")
     _run(with_xcom(stage) if xcom else stage, day)
 
 
 @app.command()
 def evaluate(day: Day, run_id: Annotated[str, typer.Option(help="Training run to evaluate.")]) -> None:
     """Score candidate and champion on D's held-out slice and apply the gate."""
+    _needs_mlflow("evaluate")
     from pipeline.stages.evaluate import evaluate as stage
 
     _run(stage, day, run_id)
@@ -134,14 +221,22 @@ def evaluate(day: Day, run_id: Annotated[str, typer.Option(help="Training run to
 @app.command()
 def promote(version: Annotated[str, typer.Option(help="Model version that passed its gate.")]) -> None:
     """Move the champion alias to VERSION (the old champion becomes 'previous')."""
+    _needs_mlflow("promote")
     from pipeline.stages.promote import promote as stage
 
-    _run(stage, version)
+    out = _call(stage, version)
+    _emit(out)
+    if out.promoted:
+        console.print(f"promoted v{out.version} (previous champion v{out.previous}). Undo: flywheel --home "
+                      f"{get_settings().home_abs} rollback", highlight=False)
+    else:
+        console.print(f"not promoted: {out.reason}", highlight=False, markup=False)
 
 
 @app.command()
 def rollout() -> None:
     """Make the model server load the champion now and wait until it serves it."""
+    _needs_mlflow("rollout")
     from pipeline.stages.promote import rollout as stage
 
     _run(stage)
@@ -154,6 +249,7 @@ def rollback(
     = None,
 ) -> None:
     """Restore the 'previous' champion as 'champion' in one step (the server follows the alias)."""
+    _needs_mlflow("rollback")
     from pipeline.release.rollback import rollback as stage
 
     _run(stage, reason, expected_champion)
@@ -168,6 +264,8 @@ def approve(
     """Review mode: approve VERSION; the waiting nightly run then promotes it."""
     from pipeline.release.review import APPROVED, decide
 
+    _needs_mlflow("approve")
+
     _run(decide, version, APPROVED, by, note)
 
 
@@ -180,12 +278,15 @@ def reject(
     """Review mode: reject VERSION; the waiting nightly run then leaves the champion as it is."""
     from pipeline.release.review import REJECTED, decide
 
+    _needs_mlflow("reject")
+
     _run(decide, version, REJECTED, by, note)
 
 
 @app.command("online-eval")
 def online_eval(day: Day) -> None:
     """Compare the champion with 'previous' on the live rows it served up to D; roll back if worse."""
+    _needs_mlflow("online-eval")
     from pipeline.release.online_eval import online_eval as stage
 
     _run(stage, day)
@@ -219,26 +320,37 @@ def nightly(day: Day) -> None:
     """All of the nightly DAG's stages for day D, in-process, without Airflow."""
     from pipeline.stages.nightly import run_nightly
 
-    _run(run_nightly, day)
+    out = _call(partial(run_nightly, day, rollout=True))
+    _emit(out)
+    promoted, home = out["promote"], get_settings().home_abs
+    if promoted["promoted"]:
+        console.print(f"nightly {day}: promoted v{promoted['version']} (previous champion "
+                      f"v{promoted['previous']}); rollout: {out['rollout'].get('skipped', 'served')}. "
+                      f"Undo: flywheel --home {home} rollback")
+    else:
+        console.print(f"nightly {day}: champion unchanged ({promoted['reason']})")
 
 
 @app.command()
 def up(airflow: bool = True, server: bool = True) -> None:
     """Start MLflow, Airflow and the model server on embedded defaults."""
+    from feature_store.spec import load_spec
     from pipeline.ops import stack
 
     s = get_settings()
+    load_spec(s.spec_path)  # a bad spec stops here, before any process starts
     stack.start_mlflow(s)
     if server:
         stack.start_server(s)
     if airflow:
         stack.start_airflow(s)
-    console.print(stack.describe(s))
+    console.print(stack.describe(s, airflow=airflow, server=server), highlight=False)
 
 
 @app.command("canary-eval")
 def canary_eval(day: Day) -> None:
     """Decide the canary: promote, retire or keep waiting on the challenger, from its labeled live rows."""
+    _needs_mlflow("canary-eval")
     from pipeline.release.canary import canary_eval as stage
 
     _run(stage, day)
@@ -257,8 +369,10 @@ def down() -> None:
     """Stop everything `up` or `demo` started for this home."""
     from pipeline.ops import stack
 
-    stopped = stack.stop_all(get_settings())
-    console.print(f"stopped: {', '.join(stopped) or 'nothing was running'}")
+    s = get_settings()
+    stopped = stack.stop_all(s)
+    console.print(f"stopped: {', '.join(stopped) or 'nothing was running'} (home {s.home_abs}); start again "
+                  f"with: flywheel --home {s.home_abs} up", highlight=False)
 
 
 @app.command()

@@ -81,3 +81,7 @@ class LogUnavailable(Fault, RuntimeError):
 
 class OnlineStoreError(Fault, RuntimeError):
     """The online store is misconfigured or unreachable; the message names the URI."""
+
+
+class ServiceUnavailable(Fault, RuntimeError):
+    """A service a command needs (MLflow, the model server) does not answer; the message names the fix."""

@@ -275,15 +275,24 @@ def start_airflow(s: Settings) -> None:
 
 def ensure_gpu_pool(s: Settings) -> None:
     """Create (or resize) the pool that bounds concurrent training (`gpu_pool`, `gpu_pool_slots`): a task in a
-    pool that does not exist is never scheduled, so it must exist before the first night runs."""
+    pool that does not exist is never scheduled, so it must exist before the first night runs. Airflow 3
+    validates a PATCH body as a whole pool (name, slots and `include_deferred` required) even with an update
+    mask, so an existing pool is resized with its own `include_deferred` carried over, and only the masked
+    fields change."""
     from pipeline.ops.airflow_client import AirflowClient
 
     af = AirflowClient(f"http://127.0.0.1:{s.airflow_port}", s.airflow_user, airflow_password(s))
-    body = {"name": s.gpu_pool, "slots": s.gpu_pool_slots,
+    body = {"name": s.gpu_pool, "slots": s.gpu_pool_slots, "include_deferred": False,
             "description": "Flywheel: concurrent GPU training jobs (nights, backfills included)"}
-    r = af.request("PATCH", f"/api/v2/pools/{s.gpu_pool}", json=body)
-    if r.status_code == 404:
+    current = af.request("GET", f"/api/v2/pools/{s.gpu_pool}")
+    if current.status_code == 404:
         r = af.request("POST", "/api/v2/pools", json=body)
+    elif current.status_code == 200:
+        body["include_deferred"] = bool(current.json().get("include_deferred", False))
+        r = af.request("PATCH", f"/api/v2/pools/{s.gpu_pool}", json=body,
+                       params=[("update_mask", "slots"), ("update_mask", "description")])
+    else:
+        r = current
     if r.status_code >= 300:
         raise RuntimeError(f"could not create the Airflow pool {s.gpu_pool!r}: HTTP {r.status_code} {r.text[:300]}")
 
@@ -323,12 +332,25 @@ def stop_all(s: Settings, timeout: float = 20) -> list[str]:
     return stopped
 
 
-def describe(s: Settings) -> str:
-    return (
-        f"Airflow UI   http://127.0.0.1:{s.airflow_port}  user {s.airflow_user} / password {airflow_password(s)}\n"
-        f"MLflow UI    http://127.0.0.1:{s.mlflow_port}  (registry: Models -> {s.resolved_model_name('<spec>')})"
-        + (f"  user {mlflow_user(s)} / password in FLYWHEEL_MLFLOW_PASSWORD or "
-           f"{s.home_abs / 'secrets' / 'mlflow_admin_password'}\n" if s.mlflow_auth else "\n") +
-        f"Model server {s.resolved_serving_url()}  (/docs, /health, /metrics)\n"
-        f"Logs         {s.run_dir}/*.log   Stop with: make down"
-    )
+def describe(s: Settings, airflow: bool = True, server: bool = True) -> str:
+    """What `up` started, with the real model name and the stop command that works for this home: nothing
+    about a service that was not started."""
+    from feature_store.spec import load_spec
+
+    model = s.resolved_model_name(load_spec(s.spec_path).name)
+    lines = []
+    if airflow:
+        lines.append(f"Airflow UI   http://127.0.0.1:{s.airflow_port}  user {s.airflow_user} / password "
+                     f"{airflow_password(s)}")
+    auth = (f"  user {mlflow_user(s)} / password in FLYWHEEL_MLFLOW_PASSWORD or "
+            f"{s.home_abs / 'secrets' / 'mlflow_admin_password'}" if s.mlflow_auth else "")
+    lines.append(f"MLflow UI    http://127.0.0.1:{s.mlflow_port}  (registry: Models -> {model}){auth}")
+    if server:
+        lines.append(f"Model server {s.resolved_serving_url()}  (/docs, /health, /metrics)")
+    lines.append(f"Logs         {s.run_dir}/*.log")
+    lines.append(f"Stop with    {stop_command(s)}")
+    return "\n".join(lines)
+
+
+def stop_command(s: Settings) -> str:
+    return f"flywheel --home {s.home_abs} down"

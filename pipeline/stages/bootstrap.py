@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import tempfile
+from datetime import UTC, datetime
 from pathlib import Path
 
 import mlflow
@@ -28,11 +29,13 @@ from pipeline.learn import replay
 from pipeline.learn.holdout import split_by_time
 from pipeline.learn.model import ModelBundle
 from pipeline.learn.trainer import fit, pick_device
+from pipeline.preflight import require_mlflow
 from pipeline.runtime import Runtime, runtime
 from pipeline.stages.train import experiment
 from pipeline.tags import Alias, Tag
 
 log = logging.getLogger("flywheel.bootstrap")
+QUARANTINE_BOOTSTRAP = "quarantine_bootstrap"
 
 
 class BootstrapResult(BaseModel):
@@ -43,6 +46,8 @@ class BootstrapResult(BaseModel):
     last_day: str
     holdout: dict[str, float | None]
     reused: bool
+    duplicates: int = 0  # rows repeating an earlier row exactly: kept, but a file appended twice shows here
+    quarantine: str | None = None  # where the rejected rows and their reasons are
 
 
 def to_utc(values: pd.Series) -> pd.Series:
@@ -60,14 +65,22 @@ def read_history(path: Path, spec: FeatureSpec) -> tuple[pd.DataFrame, pd.DataFr
         raise StageError(f"history file {path} not found")
     try:
         table = pq.read_table(path)
-    except pa.ArrowInvalid as e:
+    except (pa.ArrowInvalid, OSError) as e:
         raise StageError(f"{path} is not a readable Parquet file: {e}") from e
-    need = [*spec.feature_names, spec.event_time, spec.label.name]
-    missing = [c for c in need if c not in table.column_names]
+    columns = spec.source_columns  # spec name -> the file's column (`source:` in the spec)
+    missing = [c for c in columns.values() if c not in table.column_names]
     if missing:
         raise StageError(f"{path} lacks columns the feature spec declares: {', '.join(missing)} "
                          f"(has: {', '.join(table.column_names)})")
-    df = table.select(need).to_pandas()
+    df = table.select(list(columns.values())).rename_columns(list(columns)).to_pandas()
+    out = _coerce(df, spec)
+    reasons = row_problems(out, spec)
+    bad = reasons != ""
+    rejected = df[bad].astype("string").assign(reason=reasons[bad].str.removesuffix("; "))
+    return out[~bad].reset_index(drop=True), rejected
+
+
+def _coerce(df: pd.DataFrame, spec: FeatureSpec) -> pd.DataFrame:
     out = pd.DataFrame(index=df.index)
     for name, f in spec.features.items():
         if f.type is FeatureType.NUMERIC:
@@ -76,29 +89,66 @@ def read_history(path: Path, spec: FeatureSpec) -> tuple[pd.DataFrame, pd.DataFr
             out[name] = canonical(df[name]).astype(object).where(df[name].notna(), None)
     out[spec.event_time] = to_utc(df[spec.event_time])
     out[spec.label.name] = pd.to_numeric(df[spec.label.name], errors="coerce").astype("float64")
-    reasons = pd.Series("", index=df.index)
+    return out
+
+
+def row_problems(out: pd.DataFrame, spec: FeatureSpec) -> pd.Series:
+    """Why each row cannot be trained on ('' when it can): the nightly gate's row rules (types, nulls, the
+    spec's min/max, finite numbers) applied to the history, so the first model never learns from a row a
+    later night would quarantine."""
+    reasons = pd.Series("", index=out.index)
     reasons[out[spec.event_time].isna()] += "event time missing or unparsable; "
     reasons[~out[spec.label.name].isin([0.0, 1.0])] += "label not 0/1; "
     for name, f in spec.features.items():
+        col = out[name]
         if not f.nullable:
-            reasons[out[name].isna()] += f"{name} missing or wrong type; "
-    bad = reasons != ""
-    rejected = df[bad].astype("string").assign(reason=reasons[bad])
-    return out[~bad].reset_index(drop=True), rejected
+            reasons[col.isna()] += f"{name} missing or wrong type; "
+        if f.type is not FeatureType.NUMERIC:
+            continue
+        reasons[np.isinf(col)] += f"{name} is infinite; "
+        if f.min is not None:
+            reasons[np.isfinite(col) & (col < f.min)] += f"{name} below min {f.min:g}; "
+        if f.max is not None:
+            reasons[np.isfinite(col) & (col > f.max)] += f"{name} above max {f.max:g}; "
+    return reasons
 
+
+def reasons_summary(rejected: pd.DataFrame, top: int = 8) -> str:
+    """'reason: rows' for the most common reasons, so a refused history says what to fix per column."""
+    counts = rejected["reason"].str.split("; ").explode().value_counts()
+    return ", ".join(f"{why}: {n} rows" for why, n in counts.head(top).items())
+
+
+def check_signal(frame: pd.DataFrame, label: str, parts: dict[str, pd.DataFrame]) -> None:
+    """A model trained or evaluated on one class has nothing to learn or no AUC to report: refuse instead of
+    registering a champion whose quality nobody can know."""
+    for what, part in parts.items():
+        classes = sorted(part[label].unique().tolist())
+        if len(classes) < 2:
+            raise StageError(
+                f"the {what} ({len(part)} of {len(frame)} usable rows) has only label {label}="
+                f"{', '.join(f'{c:g}' for c in classes) or 'nothing'}: there is no signal to "
+                + ("learn from; a history needs both classes" if what == "history" else
+                   "evaluate on; bring a longer history or change holdout_fraction"))
 
 def bootstrap(history: str | Path, rt: Runtime | None = None) -> BootstrapResult:
     rt = rt or runtime()
     s, spec = rt.settings, rt.spec
+    require_mlflow(s, "bootstrap")
     frame, rejected = read_history(Path(history), spec)
-    if len(frame) < s.min_rows:
-        raise StageError(f"history has {len(frame)} usable rows ({len(rejected)} rejected), fewer than "
-                         f"min_rows={s.min_rows}")
     et = spec.event_time
+    quarantined = _quarantine(rt, frame, rejected, et)
+    if len(frame) < s.min_rows:
+        why = f"; rejected rows by reason: {reasons_summary(rejected)} (kept in {quarantined})" if quarantined else ""
+        raise StageError(f"history {history} has {len(frame)} usable rows ({len(rejected)} rejected), fewer than "
+                         f"min_rows={s.min_rows}{why}")
+    duplicates = int(frame.duplicated().sum())
+    if duplicates:
+        log.warning("history %s: %d rows repeat an earlier row exactly (features, event time and label); they "
+                    "are kept and counted in the result's 'duplicates'", history, duplicates)
     first, last = frame[et].min().date(), frame[et].max().date()
-    if len(rejected):
-        rt.lake.write_partition("quarantine_bootstrap", last, pa.Table.from_pandas(rejected, preserve_index=False))
     train_df, holdout = split_by_time(frame, et, s.holdout_fraction)
+    check_signal(frame, spec.label.name, {"history": frame, "training split": train_df, "holdout": holdout})
     bundle = ModelBundle.create(spec, train_df, s.embedding_dim, s.hidden_units, s.vocab_min_count, s.seed,
                                 numeric_clip=s.numeric_clip)
     epochs = max(s.bootstrap_epochs, math.ceil(s.bootstrap_min_steps / math.ceil(len(train_df) / s.batch_size)))
@@ -136,4 +186,17 @@ def bootstrap(history: str | Path, rt: Runtime | None = None) -> BootstrapResult
         registry.move_champion(client, rt.model_name, existing.version, expected=None, owner="bootstrap",
                                stale_s=s.alias_lock_stale_s)
     return BootstrapResult(version=existing.version, rows=len(frame), rejected=len(rejected),
-                           first_day=first.isoformat(), last_day=last.isoformat(), holdout=metrics, reused=reused)
+                           first_day=first.isoformat(), last_day=last.isoformat(), holdout=metrics, reused=reused,
+                           duplicates=duplicates, quarantine=quarantined)
+
+
+def _quarantine(rt: Runtime, frame: pd.DataFrame, rejected: pd.DataFrame, et: str) -> str | None:
+    """Rejected rows go to quarantine_bootstrap/ (dated by the history's last day, or today when no row had a
+    usable time) before anything can refuse, so a refused history still leaves its rows and reasons behind."""
+    if not len(rejected):
+        return None
+    times = frame[et] if len(frame) else to_utc(rejected[et])
+    stamp = times.max()
+    day = stamp.date() if not pd.isna(stamp) else datetime.now(UTC).date()
+    rt.lake.write_partition(QUARANTINE_BOOTSTRAP, day, pa.Table.from_pandas(rejected, preserve_index=False))
+    return f"{QUARANTINE_BOOTSTRAP}/dt={day}"

@@ -1,0 +1,58 @@
+"""`flywheel init` on a real public dataset, through the CLI: the draft loads, and bootstraps as is against the
+real MLflow server. The dataset is river's bundled phishing websites table (1,250 labelled pages, shipped in
+the installed package: no download); an event time is added (the file has none) and its label column is
+renamed to `label`, the reserved name users most often bring."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from feature_store.spec import load_spec
+from pipeline.config import REPO
+
+pytestmark = pytest.mark.integration
+
+
+def _phishing(tmp_path) -> Path:
+    river = Path(importlib.util.find_spec("river").origin).parent
+    frame = pd.read_csv(river / "datasets" / "phishing.csv.gz").rename(columns={"is_phishing": "label"})
+    frame["seen_at"] = pd.date_range("2026-01-01", periods=len(frame), freq="6min", tz="UTC")
+    path = tmp_path / "phishing.parquet"
+    frame.to_parquet(path, index=False)
+    return path
+
+
+def test_init_drafts_a_spec_that_loads_and_bootstraps_as_is(tmp_path, mlflow_server):
+    url, _ = mlflow_server
+    history, out = _phishing(tmp_path), tmp_path / "spec.yaml"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "FLYWHEEL_MLFLOW_TRACKING_URI": url,
+           "FLYWHEEL_MODEL_NAME": f"phishing-{uuid.uuid4().hex[:8]}"}
+    flywheel = [str(Path(sys.executable).parent / "flywheel"), "--home", str(tmp_path / "home")]
+
+    init = subprocess.run([*flywheel, "init", "--history", str(history), "--out", str(out)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert init.returncode == 0, init.stderr
+    assert "guess: event time: 'seen_at', the first timestamp column" in init.stderr
+    assert "guess: label: 'label', its name reads like an outcome" in init.stderr
+    assert "calls it 'label_value' and reads it from 'label'" in init.stderr and f"wrote {out}" in init.stderr
+    spec = load_spec(out)
+    assert spec.label.name == "label_value" and spec.label.source == "label" and len(spec.numeric) == 9
+
+    boot = subprocess.run([*flywheel, "--spec", str(out), "bootstrap", "--history", str(history)],
+                          capture_output=True, text=True, env=env, timeout=900)
+    assert boot.returncode == 0, boot.stderr[-3000:]
+    result = json.loads(boot.stdout)
+    assert result["version"] == "1" and result["rows"] == 1250 and result["rejected"] == 0
+    assert result["holdout"]["auc"] > 0.8 and "is champion" in boot.stderr
+    again = subprocess.run([*flywheel, "init", "--history", str(history), "--out", str(out)],
+                           capture_output=True, text=True, env=env, timeout=300)
+    assert again.returncode == 2 and "exists: pass --force" in again.stderr
