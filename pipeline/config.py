@@ -70,7 +70,14 @@ class Settings(BaseSettings):
     max_bad_fraction: float = Field(default=0.05, ge=0, le=1, description="Validation gate: quarantined share.")
     label_rate_min: float = Field(default=0.0005, ge=0, le=1)
     label_rate_max: float = Field(default=0.9995, ge=0, le=1)
-    unseen_category_share: float = Field(default=0.5, ge=0, le=1, description="Allowed share of unseen values.")
+    unseen_category_share: float = Field(
+        default=0.5, ge=0, le=1, description="Validation gate: allowed share of rows with a category value that "
+        "neither the champion's vocabulary nor the recent collected days had (entity attributes: on rows of known "
+        "entities only; entity keys are exempt).")
+    unseen_reference_days: int = Field(default=7, ge=0, description="Unseen categories: past collected days "
+                                       "(whatever their gate outcome) whose values count as seen.")
+    unseen_min_rows: int = Field(default=100, ge=1, description="Unseen categories: a share over fewer rows "
+                                 "than this is reported, not gated.")
     # --- data path (issue 4) ---
     collect_lateness_s: float = Field(default=2 * 86400, ge=0,
                                       description="Segments sealed this long after a day's first collect still "
@@ -195,6 +202,14 @@ class Settings(BaseSettings):
     def resolved_admin_token(self) -> str:
         """Admin token from the env, else the home's generated one."""
         return self.admin_token or self.secret("admin_token")
+
+
+def knob(name: str) -> str:
+    """A setting as a gate message names it for the user: the field and its environment variable. Refuses a
+    name that is not a field, so a message can never point at a setting that does not exist."""
+    if name not in Settings.model_fields:
+        raise KeyError(f"{name!r} is not a Settings field")
+    return f"{name} (FLYWHEEL_{name.upper()})"
 
 
 @lru_cache(maxsize=1)
