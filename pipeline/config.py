@@ -143,6 +143,15 @@ class Settings(BaseSettings):
     max_ece: float = Field(default=0.1, ge=0, le=1, description="Gate: absolute ceiling on calibration error.")
     ece_bins: int = Field(default=10, ge=2, description="Equal-width score bins for ECE and the reliability plot.")
     max_logloss_regression: float = Field(default=0.05, ge=0, description="Gate: relative log-loss rise allowed.")
+    max_ece_regression: float = Field(default=0.01, ge=0, description="Gate: ECE rise over the champion allowed "
+                                      "(judged by its paired bootstrap CI) before calibration counts against a "
+                                      "candidate.")
+    ece_min_rows: int = Field(default=300, ge=1, description="Gate: fewer held-out rows than this and ECE is "
+                              "reported, not gated (a 10-bin ECE of a few dozen rows is noise).")
+    champion_collapse_auc_drop: float = Field(
+        default=0.1, ge=0, le=1, description="Gate: a champion whose holdout AUC is this far below the AUC it was "
+        "registered with (or below min_auc) is failing; a candidate not worse than it then replaces it, whatever "
+        "its calibration, log-loss or slices.")
     max_slice_auc_regression: float = Field(default=0.02, ge=0, description="Gate: AUC regression per slice.")
     min_slice_rows: int = Field(default=100, ge=1, description="Smaller slices are reported, not gated.")
     bootstrap_samples: int = Field(default=400, ge=50, description="Paired bootstrap resamples for the CIs.")
