@@ -169,6 +169,15 @@ class Settings(BaseSettings):
     online_max_logloss_regression: float = Field(default=0.05, ge=0, description="Online: relative log-loss rise.")
     online_eval_schedule: str = Field(default="@hourly", description="Online evaluation DAG cron; 'none' = manual.")
     rollout_timeout_s: float = Field(default=60.0, gt=0)
+    # --- loop health (issue 13) ---
+    loop_health_warn_nights: int = Field(default=2, ge=1, description="Nights without training or without a "
+                                         "promotion before each nightly result warns.")
+    loop_health_fail_nights: int = Field(default=5, ge=1, description="Nights without training or without a "
+                                         "promotion before the nightly fails its loop-health check and alerts.")
+    loop_health_callback: str = Field(
+        default="pipeline.checks.loop_health.log_alert", description="Dotted path of the alert hook called when "
+        "loop health fails: an Airflow on_failure_callback-style callable taking a context dict (its "
+        "'loop_health' key holds the counts and the message). Default: an ERROR in the log.")
 
     @property
     def home_abs(self) -> Path:

@@ -107,6 +107,36 @@ def rollout(promoted: dict) -> dict:
     return _stage(stage)
 
 
+def loop_health(ds: str) -> dict:
+    """The DAG run's last line: nights without training / promotion. Fails the task (and so the run) past
+    `loop_health_fail_nights`; the task's on_failure_callback (`loop_health_alert`) then calls the user's hook."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from pipeline.checks.loop_health import report
+    from pipeline.config import get_settings
+    from pipeline.stages.nightly import loop_health as stage
+
+    health = stage(ds)
+    report(health, get_settings(), alert=False)
+    if health.status == "fail":
+        raise AirflowFailException(health.message)
+    return health.model_dump(mode="json")
+
+
+def loop_health_alert(context: dict) -> None:
+    """on_failure_callback of the `loop_health` task: the Airflow context plus the counts (key `loop_health`),
+    handed to the callable named by `loop_health_callback`."""
+    from pipeline.checks.loop_health import callback
+    from pipeline.config import get_settings
+    from pipeline.stages.nightly import loop_health as stage
+
+    try:
+        health = stage(context["ds"]).model_dump(mode="json")
+    except Exception as e:  # the alert must still go out
+        health = {"message": f"{context.get('exception')} (loop health could not be re-read: {e})"}
+    callback(get_settings())({**context, "loop_health": health})
+
+
 def materialize_schedule():
     """The feature materialization DAG's timetable (`materialize_schedule`), or manual only."""
     from pipeline.config import get_settings

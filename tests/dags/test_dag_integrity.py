@@ -38,7 +38,7 @@ def test_nightly_dag_imports_cleanly_without_heavy_modules(tmp_path):
     assert info["errors"] == {}
     assert info["heavy"] == [], "DAG parsing must not import torch/mlflow/great-expectations/pandas"
     assert info["tasks"] == ["wait_for_labels", "collect", "validate", "train", "evaluate", "register",
-                             "await_approval", "promote", "rollout"]
+                             "await_approval", "promote", "rollout", "loop_health"]
     assert info["tags"] == ["flywheel", "training"] and info["retries"] == [2]
     assert info["max_active_runs"] == 1 and info["doc"]
     assert info["timetable"] == "CronDataIntervalTimetable"

@@ -16,7 +16,7 @@ from feature_store.log_schema import FEEDBACK, PREDICTIONS, feedback_schema, pre
 from pipeline import registry
 from pipeline.runtime import runtime
 from pipeline.stages.bootstrap import bootstrap
-from pipeline.stages.nightly import run_nightly
+from pipeline.stages.nightly import loop_health, run_nightly
 from pipeline.tags import Alias
 from serving.log_sink import SegmentLog
 from tests.churn_stream import CHURN_SPEC, START, churn_day
@@ -70,7 +70,11 @@ def test_entity_churn_does_not_freeze_the_loop(settings_factory, tmp_path):
             assert any(s.startswith("collected days") for s in v["unseen_reference"])
         trained.append(out["train"]["run_id"])
         versions.append(out["register"]["version"])
+        health = out["loop_health"]
+        assert health["nights_without_training"] == 0 and health["status"] in ("ok", "warn"), health
     assert len(set(trained)) == STREAM_DAYS  # a training run every day
     assert versions == [str(v) for v in range(2, 2 + STREAM_DAYS)]
     champion = registry.get_alias(rt.client(), rt.model_name, Alias.CHAMPION)
     assert champion is not None and int(champion.version) > 1
+    later = loop_health(START + timedelta(days=HISTORY_DAYS + STREAM_DAYS + 5), rt)  # five nights with no run
+    assert later.status == "fail" and later.nights_without_training == 6
