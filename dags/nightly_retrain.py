@@ -6,7 +6,9 @@ its feedback, validate it (bad rows to `quarantine/dt=D`), warm-start the champi
 champion on D's latest, held-out slice (report with plots on the training run), register the candidate with its
 lineage, wait for a reviewer if `promotion_mode=review` (deferred: no worker slot held; set the tag
 `flywheel.approval` = `approved` | `rejected` on the version in MLflow), promote it if it passed, and roll it out
-to the model server.
+to the model server. Whatever happened before, `loop_health` ends the run with the nights without training and
+without a promotion: it warns after `loop_health_warn_nights`, and after `loop_health_fail_nights` fails and calls
+the alert hook named by `loop_health_callback`.
 
 Trigger a past day with an explicit logical date (UI "Trigger DAG w/ config" or REST); backfills run days in
 order (one active run at a time, so each day warm-starts from the previous day's result). Re-running a day is
@@ -79,6 +81,14 @@ def flywheel_nightly():
     def rollout(promoted: dict) -> dict:
         return t.rollout(promoted)
 
+    # A teardown: it runs whatever the stages did, does not turn a failed night into a successful run, and
+    # fails the run itself when the loop has been stuck too long.
+    @teardown(on_failure_fail_dagrun=True)
+    @task(on_failure_callback=t.loop_health_alert, doc_md="Counts nights without training and without a "
+          "promotion (registry); warns, then fails the run and calls the alert hook when the loop is stuck.")
+    def loop_health(ds: str | None = None) -> dict:
+        return t.loop_health(ds)
+
     @teardown
     @task(doc_md="Writes the night's outcome as the DAG run's note (grid view); never changes the run's state.")
     def note(ti=None, dag_run=None) -> str:
@@ -97,7 +107,10 @@ def flywheel_nightly():
     review = AwaitApprovalOperator(task_id="await_approval", registered=registered)
     promoted = promote(registered, review.output)
     rolled_out = rollout(promoted)
-    [wait_for_labels, collected, validated, trained, registered, review.output, promoted, rolled_out] >> note()
+    health = loop_health()
+    rolled_out >> health
+    [wait_for_labels, collected, validated, trained, registered, review.output, promoted, rolled_out,
+     health] >> note()
 
 
 flywheel_nightly()

@@ -73,7 +73,14 @@ class Settings(BaseSettings):
     max_bad_fraction: float = Field(default=0.05, ge=0, le=1, description="Validation gate: quarantined share.")
     label_rate_min: float = Field(default=0.0005, ge=0, le=1)
     label_rate_max: float = Field(default=0.9995, ge=0, le=1)
-    unseen_category_share: float = Field(default=0.5, ge=0, le=1, description="Allowed share of unseen values.")
+    unseen_category_share: float = Field(
+        default=0.5, ge=0, le=1, description="Validation gate: allowed share of rows with a category value that "
+        "neither the champion's vocabulary nor the recent collected days had (entity attributes: on rows of known "
+        "entities only; entity keys are exempt).")
+    unseen_reference_days: int = Field(default=7, ge=0, description="Unseen categories: past collected days "
+                                       "(whatever their gate outcome) whose values count as seen.")
+    unseen_min_rows: int = Field(default=100, ge=1, description="Unseen categories: a share over fewer rows "
+                                 "than this is reported, not gated.")
     # --- data path (issue 4) ---
     collect_lateness_s: float = Field(default=2 * 86400, ge=0,
                                       description="Segments sealed this long after a day's first collect still "
@@ -139,6 +146,15 @@ class Settings(BaseSettings):
     max_ece: float = Field(default=0.1, ge=0, le=1, description="Gate: absolute ceiling on calibration error.")
     ece_bins: int = Field(default=10, ge=2, description="Equal-width score bins for ECE and the reliability plot.")
     max_logloss_regression: float = Field(default=0.05, ge=0, description="Gate: relative log-loss rise allowed.")
+    max_ece_regression: float = Field(default=0.01, ge=0, description="Gate: ECE rise over the champion allowed "
+                                      "(judged by its paired bootstrap CI) before calibration counts against a "
+                                      "candidate.")
+    ece_min_rows: int = Field(default=300, ge=1, description="Gate: fewer held-out rows than this and ECE is "
+                              "reported, not gated (a 10-bin ECE of a few dozen rows is noise).")
+    champion_collapse_auc_drop: float = Field(
+        default=0.1, ge=0, le=1, description="Gate: a champion whose holdout AUC is this far below the AUC it was "
+        "registered with (or below min_auc) is failing; a candidate not worse than it then replaces it, whatever "
+        "its calibration, log-loss or slices.")
     max_slice_auc_regression: float = Field(default=0.02, ge=0, description="Gate: AUC regression per slice.")
     min_slice_rows: int = Field(default=100, ge=1, description="Smaller slices are reported, not gated.")
     bootstrap_samples: int = Field(default=400, ge=50, description="Paired bootstrap resamples for the CIs.")
@@ -156,6 +172,15 @@ class Settings(BaseSettings):
     online_max_logloss_regression: float = Field(default=0.05, ge=0, description="Online: relative log-loss rise.")
     online_eval_schedule: str = Field(default="@hourly", description="Online evaluation DAG cron; 'none' = manual.")
     rollout_timeout_s: float = Field(default=60.0, gt=0)
+    # --- loop health (issue 13) ---
+    loop_health_warn_nights: int = Field(default=2, ge=1, description="Nights without training or without a "
+                                         "promotion before each nightly result warns.")
+    loop_health_fail_nights: int = Field(default=5, ge=1, description="Nights without training or without a "
+                                         "promotion before the nightly fails its loop-health check and alerts.")
+    loop_health_callback: str = Field(
+        default="pipeline.checks.loop_health.log_alert", description="Dotted path of the alert hook called when "
+        "loop health fails: an Airflow on_failure_callback-style callable taking a context dict (its "
+        "'loop_health' key holds the counts and the message). Default: an ERROR in the log.")
 
     @property
     def home_abs(self) -> Path:
@@ -198,6 +223,14 @@ class Settings(BaseSettings):
     def resolved_admin_token(self) -> str:
         """Admin token from the env, else the home's generated one."""
         return self.admin_token or self.secret("admin_token")
+
+
+def knob(name: str) -> str:
+    """A setting as a gate message names it for the user: the field and its environment variable. Refuses a
+    name that is not a field, so a message can never point at a setting that does not exist."""
+    if name not in Settings.model_fields:
+        raise KeyError(f"{name!r} is not a Settings field")
+    return f"{name} (FLYWHEEL_{name.upper()})"
 
 
 @lru_cache(maxsize=1)

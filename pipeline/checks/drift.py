@@ -4,7 +4,8 @@ One Population Stability Index per numeric feature (quantile bins of the referen
 is not an entity key (its most frequent reference values plus "other"), for the served score (prediction drift) and for the label (label
 drift, as the PSI of the click/no-click split). The reference is read column by column in record batches and
 kept as a bounded sample (numerics) and value counts (categoricals); the day is binned chunk by chunk, so neither
-the window nor the day is ever held whole. The same value counts tell validate which categories are unseen.
+the window nor the day is ever held whole. Unseen categories are a separate check (`checks.unseen`), measured
+against what the champion knows and the recent collected days, not against this validated-only window.
 """
 
 from __future__ import annotations
@@ -111,9 +112,6 @@ class Reference:
     numeric: dict[str, _NumericBins]
     label_sum: float
 
-    def seen(self, column: str) -> set:
-        return set(self.categories[column])
-
 
 def _floats(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
     return pd.to_numeric(col.to_pandas(), errors="coerce").to_numpy(dtype=float, na_value=np.nan)
@@ -162,17 +160,15 @@ def _distributional(spec: FeatureSpec) -> list[str]:
 
 
 class DriftAccumulator:
-    """Bins the day chunk by chunk against a fixed reference, and counts rows with unseen categories."""
+    """Bins the day chunk by chunk against a fixed reference."""
 
     def __init__(self, spec: FeatureSpec, settings: Settings, reference: Reference | None) -> None:
         self.spec, self.settings, self.reference = spec, settings, reference
         self.rows = 0
         self.label_sum = 0.0
-        self.unseen = {c: 0 for c in _distributional(spec)}
         self.numeric_counts: dict[str, np.ndarray] = {}
-        self.category_counts: dict[str, Counter] = {c: Counter() for c in self.unseen}
+        self.category_counts: dict[str, Counter] = {c: Counter() for c in _distributional(spec)}
         if reference is not None:
-            self._seen = {c: reference.seen(c) for c in self.unseen}
             self._top = {c: [v for v, _ in reference.categories[c].most_common(TOP_VALUES)]
                          for c in _distributional(spec)}
             self.numeric_counts = {c: np.zeros_like(b.reference) for c, b in reference.numeric.items()}
@@ -186,17 +182,10 @@ class DriftAccumulator:
         for c, b in self.reference.numeric.items():
             self.numeric_counts[c] += b.counts(pd.to_numeric(frame[c], errors="coerce").to_numpy(
                 dtype=float, na_value=np.nan))
-        for c in self.unseen:
+        for c, top_values in self._top.items():
             values = _cat_values(frame[c])
-            self.unseen[c] += int((~values.isin(self._seen[c])).sum())
-            if c in self._top:
-                top = values.where(values.isin(self._top[c]), OTHER)
-                self.category_counts[c].update(top.value_counts().to_dict())
-
-    def unseen_share(self) -> dict[str, float] | None:
-        if self.reference is None:
-            return None
-        return {c: n / self.rows if self.rows else 0.0 for c, n in self.unseen.items()}
+            top = values.where(values.isin(top_values), OTHER)
+            self.category_counts[c].update(top.value_counts().to_dict())
 
     def report(self, day: date) -> DriftReport:
         ref, s = self.reference, self.settings

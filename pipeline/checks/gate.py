@@ -4,7 +4,16 @@ small arrays and the same code judges the nightly candidate (offline) and the li
 Differences between candidate and champion are judged by a paired bootstrap confidence interval of
 candidate-minus-champion: a regression beyond the margin blocks only when the whole interval lies past it, and a
 noise-level difference (an interval that straddles the margin) is decided by `gate_on_inconclusive`, never by
-which side of the line one lucky sample fell on.
+which side of the line one lucky sample fell on. Every check is sized to its sample: ECE gets a paired CI too,
+and is only reported below `ece_min_rows`.
+
+The metrics are weighed, not each given a veto. AUC and log-loss are primary. A candidate clearly better on them
+(one confidently better, neither confidently worse) is not held back by calibration alone: that is fixed by
+calibrating, while keeping the champion keeps serving the worse ranker. A failing champion (holdout AUC below
+`min_auc`, or `champion_collapse_auc_drop` below the AUC it was registered with) is itself a reason to act: a
+candidate not confidently worse on AUC replaces it whatever its calibration, log-loss, floor or slices. A
+confident AUC regression always blocks. A rule that was outweighed stays in the checks as failed but not
+blocking, so the report shows what was overruled and why.
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ from scipy.stats import rankdata
 from feature_store.spec import FeatureSpec
 from feature_store.vocab import Vocabulary, canonical
 from pipeline.checks.metrics import scores_valid
+from pipeline.config import knob
 
 Verdict = Literal["better", "non_inferior", "inconclusive", "worse"]
 
@@ -36,6 +46,7 @@ class Check(BaseModel):
     name: str
     passed: bool
     detail: str
+    blocking: bool = True
 
 
 class SliceMetrics(BaseModel):
@@ -62,12 +73,16 @@ class GateConfig:
     on_inconclusive: Literal["pass", "fail"]
     ece_bins: int
     seed: int
+    max_ece_regression: float = 0.01
+    ece_min_rows: int = 300
+    champion_collapse_auc_drop: float = 0.1
 
     @classmethod
     def from_settings(cls, s) -> GateConfig:
         return cls(s.min_auc, s.max_auc_regression, s.max_logloss_regression, s.max_ece,
                    s.max_slice_auc_regression, s.min_slice_rows, s.bootstrap_samples, s.bootstrap_confidence,
-                   s.gate_on_inconclusive, s.ece_bins, s.seed)
+                   s.gate_on_inconclusive, s.ece_bins, s.seed, s.max_ece_regression, s.ece_min_rows,
+                   s.champion_collapse_auc_drop)
 
 
 def reliability(y: np.ndarray, p: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -137,6 +152,25 @@ def paired_logloss_diff(y: np.ndarray, pc: np.ndarray, pp: np.ndarray, samples: 
                     high=float(np.quantile(means, 1 - a)), samples=samples)
 
 
+def paired_ece_diff(y: np.ndarray, pc: np.ndarray, pp: np.ndarray, bins: int, samples: int, confidence: float,
+                    seed: int) -> tuple[Interval, Interval]:
+    """Bootstrap CIs of ECE(candidate) - ECE(champion) (paired, like AUC) and of the candidate's own ECE: a
+    binned calibration error is as noisy as its sample is small, so it is judged by an interval too."""
+    rng = np.random.default_rng(seed)
+    n = len(y)
+    diffs, own = np.empty(samples), np.empty(samples)
+    for i in range(samples):
+        idx = rng.integers(0, n, n)
+        own[i] = ece(y[idx], pc[idx], bins)
+        diffs[i] = own[i] - ece(y[idx], pp[idx], bins)
+    a = (1 - confidence) / 2
+    c_ece = ece(y, pc, bins)
+    return (Interval(estimate=c_ece - ece(y, pp, bins), low=float(np.quantile(diffs, a)),
+                     high=float(np.quantile(diffs, 1 - a)), samples=samples),
+            Interval(estimate=c_ece, low=float(np.quantile(own, a)), high=float(np.quantile(own, 1 - a)),
+                     samples=samples))
+
+
 def verdict(diff: Interval, margin: float, higher_is_better: bool = True) -> Verdict:
     """Where the CI of candidate-minus-champion lies relative to the allowed regression `margin`."""
     lo, hi = (diff.low, diff.high) if higher_is_better else (-diff.high, -diff.low)
@@ -149,9 +183,11 @@ def verdict(diff: Interval, margin: float, higher_is_better: bool = True) -> Ver
     return "inconclusive"
 
 
-def _judge(name: str, v: Verdict, detail: str, on_inconclusive: str) -> Check:
+def _judge(name: str, v: Verdict, detail: str, on_inconclusive: str, setting: str) -> Check:
     passed = v in ("better", "non_inferior") or (v == "inconclusive" and on_inconclusive == "pass")
-    return Check(name=name, passed=passed, detail=f"{v}: {detail}")
+    hint = "" if passed else f" (to allow more, raise {knob(setting)}" + (
+        f"; or set {knob('gate_on_inconclusive')}=pass" if v == "inconclusive" else "") + ")"
+    return Check(name=name, passed=passed, detail=f"{v}: {detail}{hint}")
 
 
 def slice_labels(spec: FeatureSpec, frame: pd.DataFrame, parent_vocabs: dict[str, Vocabulary]) -> dict[str, pd.Series]:
@@ -189,50 +225,107 @@ def slice_metrics(y: np.ndarray, pc: np.ndarray, pp: np.ndarray, labels: dict[st
     return rows
 
 
+def champion_failing(champ: dict, registered_auc: float | None, cfg: GateConfig) -> str | None:
+    """Why the champion itself is failing on this holdout, or None: its AUC below the floor, or collapsed far
+    below the AUC it was registered with (a data bug upstream, a concept drift it cannot follow)."""
+    auc = champ.get("auc")
+    if auc is None:
+        return None
+    if auc < cfg.min_auc:
+        return f"champion holdout AUC {auc:.4f} is below min_auc {cfg.min_auc}"
+    if registered_auc is not None and auc < registered_auc - cfg.champion_collapse_auc_drop:
+        return (f"champion holdout AUC {auc:.4f} collapsed from the {registered_auc:.4f} it was registered with "
+                f"(more than champion_collapse_auc_drop {cfg.champion_collapse_auc_drop})")
+    return None
+
+
+def _calibration(y: np.ndarray, pc: np.ndarray, pp: np.ndarray, eces: dict[str, float], cfg: GateConfig) -> Check:
+    """Fails only when the candidate is confidently above the ECE ceiling and confidently worse calibrated than
+    the champion (by more than `max_ece_regression`); below `ece_min_rows` it is only reported."""
+    c_ece, p_ece = eces["candidate"], eces["champion"]
+    if len(y) < cfg.ece_min_rows:
+        return Check(name="ece_ceiling", passed=True, blocking=False,
+                     detail=f"not gated: ECE {c_ece:.4f} vs champion {p_ece:.4f} on {len(y)} rows, fewer than "
+                            f"ece_min_rows {cfg.ece_min_rows}")
+    diff, own = paired_ece_diff(y, pc, pp, cfg.ece_bins, cfg.bootstrap_samples, cfg.confidence, cfg.seed)
+    above = own.low > cfg.max_ece
+    worse = verdict(diff, cfg.max_ece_regression, higher_is_better=False) == "worse"
+    detail = (f"ECE {c_ece:.4f} (CI [{own.low:.4f}, {own.high:.4f}]) vs champion {p_ece:.4f}, diff CI "
+              f"[{diff.low:+.4f}, {diff.high:+.4f}]; fails only if confidently above max_ece {cfg.max_ece} and "
+              f"worse than the champion by more than max_ece_regression {cfg.max_ece_regression}")
+    if above and worse:
+        detail += f" (raise {knob('max_ece')} or {knob('max_ece_regression')})"
+    return Check(name="ece_ceiling", passed=not (above and worse), detail=detail)
+
+
+def _outweigh(check: Check, why: str) -> Check:
+    return check if check.passed else check.model_copy(update={"blocking": False,
+                                                                "detail": f"{check.detail}; outweighed: {why}"})
+
+
 def decide(y: np.ndarray, pc: np.ndarray, pp: np.ndarray, cand: dict, champ: dict, eces: dict[str, float],
-           slices: list[SliceMetrics], cfg: GateConfig) -> tuple[list[Check], Interval | None, Interval | None]:
-    """Every rule as a named check; the gate passes only if all do. Returns the checks and the two CIs."""
+           slices: list[SliceMetrics], cfg: GateConfig, champion_registered_auc: float | None = None,
+           ) -> tuple[list[Check], Interval | None, Interval | None]:
+    """Every rule as a named check; the gate passes if no blocking check fails (see the module docstring for
+    how they are weighed). Returns the checks and the AUC and log-loss CIs."""
     if not scores_valid(pc):
         bad = int(np.sum(~np.isfinite(pc)) + np.sum(np.isfinite(pc) & ((pc < 0) | (pc > 1))))
         return [Check(name="valid_scores", passed=False,
                       detail=f"candidate produced {bad} NaN or out-of-range scores of {len(pc)}")], None, None
-    checks = [Check(name="valid_scores", passed=True, detail=f"{len(pc)} finite scores in [0, 1]")]
     if not scores_valid(pp):
         raise ValueError("the champion produced NaN or out-of-range scores on the holdout; it cannot be a baseline")
+    checks = [Check(name="valid_scores", passed=True, detail=f"{len(pc)} finite scores in [0, 1]")]
+    failing = champion_failing(champ, champion_registered_auc, cfg)
+    checks.append(Check(name="champion_health", passed=failing is None, blocking=False,
+                        detail=failing or f"champion holdout AUC {champ.get('auc')} (registered with "
+                                          f"{champion_registered_auc})"))
     ll = paired_logloss_diff(y, pc, pp, cfg.bootstrap_samples, cfg.confidence, cfg.seed)
     margin = cfg.max_logloss_regression * champ["logloss"]
-    checks.append(_judge("logloss_vs_champion", verdict(ll, margin, higher_is_better=False),
-                         f"log-loss {cand['logloss']:.4f} vs {champ['logloss']:.4f}, diff CI "
-                         f"[{ll.low:+.4f}, {ll.high:+.4f}], allowed +{margin:.4f}", cfg.on_inconclusive))
-    # Above the ceiling a candidate still passes if it is no worse calibrated than the champion it replaces:
-    # blocking it would keep serving the worse-calibrated model.
-    c_ece, p_ece = eces["candidate"], eces["champion"]
-    checks.append(Check(name="ece_ceiling", passed=c_ece <= cfg.max_ece or c_ece <= p_ece,
-                        detail=f"ECE {c_ece:.4f} vs champion {p_ece:.4f} (ceiling {cfg.max_ece}, or no worse "
-                               f"than the champion)"))
-    auc_ci = None
+    ll_v = verdict(ll, margin, higher_is_better=False)
+    ll_check = _judge("logloss_vs_champion", ll_v, f"log-loss {cand['logloss']:.4f} vs {champ['logloss']:.4f}, "
+                      f"diff CI [{ll.low:+.4f}, {ll.high:+.4f}], allowed +{margin:.4f}", cfg.on_inconclusive,
+                      "max_logloss_regression")
+    auc_ci, auc_v, auc_checks = None, None, []
     if cand["auc"] is None:
-        checks.append(Check(name="auc_floor", passed=True, detail="holdout has one class: AUC undefined"))
+        auc_checks.append(Check(name="auc_floor", passed=True, detail="holdout has one class: AUC undefined"))
     else:
-        checks.append(Check(name="auc_floor", passed=cand["auc"] >= cfg.min_auc,
-                            detail=f"AUC {cand['auc']:.4f} (floor {cfg.min_auc})"))
+        floor_ok = cand["auc"] >= cfg.min_auc
+        auc_checks.append(Check(name="auc_floor", passed=floor_ok, detail=f"AUC {cand['auc']:.4f} (floor min_auc "
+                                f"{cfg.min_auc}{'' if floor_ok else '; lower ' + knob('min_auc')})"))
         auc_ci = paired_auc_diff(y, pc, pp, cfg.bootstrap_samples, cfg.confidence, cfg.seed)
         if auc_ci is not None:
-            checks.append(_judge("auc_vs_champion", verdict(auc_ci, cfg.max_auc_regression),
-                                 f"AUC {cand['auc']:.4f} vs {champ['auc']:.4f}, diff CI [{auc_ci.low:+.4f}, "
-                                 f"{auc_ci.high:+.4f}], allowed -{cfg.max_auc_regression}", cfg.on_inconclusive))
-    for sm in slices:
-        if sm.gated and sm.auc_diff is not None:
-            checks.append(_judge(f"slice:{sm.slice}={sm.value}", verdict(sm.auc_diff, cfg.max_slice_auc_regression),
-                                 f"AUC {sm.candidate_auc:.4f} vs {sm.champion_auc:.4f} on {sm.rows} rows, diff CI "
-                                 f"[{sm.auc_diff.low:+.4f}, {sm.auc_diff.high:+.4f}], allowed "
-                                 f"-{cfg.max_slice_auc_regression}", cfg.on_inconclusive))
-    return checks, auc_ci, ll
+            auc_v = verdict(auc_ci, cfg.max_auc_regression)
+            auc_checks.append(_judge("auc_vs_champion", auc_v, f"AUC {cand['auc']:.4f} vs {champ['auc']:.4f}, diff "
+                                     f"CI [{auc_ci.low:+.4f}, {auc_ci.high:+.4f}], allowed "
+                                     f"-{cfg.max_auc_regression}", cfg.on_inconclusive, "max_auc_regression"))
+    calibration = _calibration(y, pc, pp, eces, cfg)
+    slice_checks = [_judge(f"slice:{sm.slice}={sm.value}", verdict(sm.auc_diff, cfg.max_slice_auc_regression),
+                           f"AUC {sm.candidate_auc:.4f} vs {sm.champion_auc:.4f} on {sm.rows} rows, diff CI "
+                           f"[{sm.auc_diff.low:+.4f}, {sm.auc_diff.high:+.4f}], allowed "
+                           f"-{cfg.max_slice_auc_regression}", cfg.on_inconclusive, "max_slice_auc_regression")
+                    for sm in slices if sm.gated and sm.auc_diff is not None]
+    clearly_better = "better" in (auc_v, ll_v) and "worse" not in (auc_v, ll_v)
+    if failing is not None and auc_v != "worse":
+        why = f"the champion is failing ({failing}) and the candidate is not worse on AUC"
+        if cand["auc"] is not None and cand["auc"] > champ["auc"]:
+            auc_checks[0] = _outweigh(auc_checks[0], why)
+        ll_check, calibration = _outweigh(ll_check, why), _outweigh(calibration, why)
+        slice_checks = [_outweigh(c, why) for c in slice_checks]
+        if auc_v == "inconclusive":
+            auc_checks[-1] = _outweigh(auc_checks[-1], why)
+    elif clearly_better:
+        calibration = _outweigh(calibration, f"clearly better on the primary metrics (AUC {auc_v}, log-loss "
+                                             f"{ll_v}); calibration alone does not keep the worse ranker")
+    return [*checks, ll_check, calibration, *auc_checks, *slice_checks], auc_ci, ll
 
 
 def summarize(checks: list[Check]) -> tuple[bool, str]:
-    failed = [c for c in checks if not c.passed]
+    failed = [c for c in checks if not c.passed and c.blocking]
     if failed:
         return False, "; ".join(f"{c.name} {c.detail}" for c in failed)
     headline = next((c for c in checks if c.name == "auc_vs_champion"), None) or checks[-1]
-    return True, f"all {len(checks)} checks passed ({headline.name} {headline.detail})"
+    overruled = [c.name for c in checks if not c.passed and c.name != "champion_health"]
+    sick = next((c.detail for c in checks if c.name == "champion_health" and not c.passed), None)
+    note = (f"; outweighed: {', '.join(overruled)}" if overruled else "") + (f"; {sick}" if sick else "")
+    lead = f"all {len(checks)} checks passed" if not overruled else f"passed on the weight of {len(checks)} checks"
+    return True, f"{lead} ({headline.name} {headline.detail}){note}"

@@ -40,7 +40,9 @@ def run_note(ti, dag_run) -> str:
 
     results = {s: ti.xcom_pull(task_ids=s) for s in STAGES}
     errors = {s: ti.xcom_pull(task_ids=s, key=ERROR_KEY) for s in STAGES}
-    note = compose(results, errors)
+    health = ti.xcom_pull(task_ids="loop_health") or {}
+    alarm = ti.xcom_pull(task_ids="loop_health", key=ERROR_KEY)
+    note = compose(results, errors, alarm or (health.get("message") if health.get("status") == "warn" else None))
     publish(dag_run.dag_id, dag_run.run_id, note)
     return note
 
@@ -151,6 +153,37 @@ def rollout(promoted: dict) -> dict:
     if not promoted["promoted"]:
         raise AirflowSkipException(f"v{promoted['version']} was not promoted: {promoted['reason']}")
     return _stage(stage)
+
+
+def loop_health(ds: str) -> dict:
+    """The DAG run's last line: nights without training / promotion. Fails the task (and so the run) past
+    `loop_health_fail_nights`; the task's on_failure_callback (`loop_health_alert`) then calls the user's hook."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from pipeline.checks.loop_health import report
+    from pipeline.config import get_settings
+    from pipeline.stages.nightly import loop_health as stage
+
+    health = stage(ds)
+    report(health, get_settings(), alert=False)
+    if health.status == "fail":
+        _record_error(health.message)
+        raise AirflowFailException(health.message)
+    return health.model_dump(mode="json")
+
+
+def loop_health_alert(context: dict) -> None:
+    """on_failure_callback of the `loop_health` task: the Airflow context plus the counts (key `loop_health`),
+    handed to the callable named by `loop_health_callback`."""
+    from pipeline.checks.loop_health import callback
+    from pipeline.config import get_settings
+    from pipeline.stages.nightly import loop_health as stage
+
+    try:
+        health = stage(context["ds"]).model_dump(mode="json")
+    except Exception as e:  # the alert must still go out
+        health = {"message": f"{context.get('exception')} (loop health could not be re-read: {e})"}
+    callback(get_settings())({**context, "loop_health": health})
 
 
 def materialize_schedule():

@@ -31,9 +31,15 @@ def _comparison(evaluation: dict) -> str:
     return text
 
 
-def compose(results: dict[str, dict | None], errors: dict[str, str | None]) -> str:
-    """The note for one run from its stages' results and errors: the first stage that stopped the night
-    explains it; otherwise the promotion decision with the comparison behind it."""
+def compose(results: dict[str, dict | None], errors: dict[str, str | None], health: str | None = None) -> str:
+    """The note for one run from its stages' results and errors, and the loop-health warning if any."""
+    line = _outcome(results, errors)
+    return (f"{line} | loop health: {health}" if health else line)[:1000]
+
+
+def _outcome(results: dict[str, dict | None], errors: dict[str, str | None]) -> str:
+    """The first stage that stopped the night explains it; otherwise the promotion decision with the
+    comparison behind it."""
     for stage in STAGES:
         if errors.get(stage):
             return f"{stage} stopped the night: {errors[stage]}"[:1000]

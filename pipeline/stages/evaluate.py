@@ -75,6 +75,16 @@ def tag_json(value: object, limit: int = 4900) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def registered_auc(tags: dict[str, str]) -> float | None:
+    """The holdout AUC a version was registered with (its own evaluation, or bootstrap's): the yardstick for
+    telling that a champion has collapsed."""
+    try:
+        auc = json.loads(tags.get(Tag.METRICS, "{}")).get("candidate", {}).get("auc")
+    except (ValueError, AttributeError):
+        return None
+    return float(auc) if isinstance(auc, int | float) else None
+
+
 def evaluate(day: str | date, run_id: str, rt: Runtime | None = None) -> EvalResult:
     import mlflow
 
@@ -109,7 +119,8 @@ def evaluate(day: str | date, run_id: str, rt: Runtime | None = None) -> EvalRes
     except ValueError as e:
         raise StageError(f"feature spec slices cannot be evaluated: {e}") from e
     slices = slice_metrics(y, pc, pp, labels, cfg) if scores_valid(pc) else []
-    checks, auc_ci, ll_ci = decide(y, pc, pp, cand, champ, eces, slices, cfg)
+    checks, auc_ci, ll_ci = decide(y, pc, pp, cand, champ, eces, slices, cfg,
+                                   registered_auc(registry.get_version(client, rt.model_name, parent).tags))
     passed, reason = summarize(checks)
     report = write_report(
         s.reports_dir / "evaluation" / f"{day.isoformat()}-{run_id}", title=f"{rt.model_name} candidate "

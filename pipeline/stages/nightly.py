@@ -1,25 +1,43 @@
 """The nightly sequence in-process, for `flywheel nightly` and for debugging a day without Airflow. The DAG
-wires exactly these stages, one task each."""
+wires exactly these stages, one task each, and ends, like this, with the loop-health line."""
 
 from __future__ import annotations
 
+import logging
 from datetime import date
 
 from pydantic import BaseModel
 
+from pipeline.checks.loop_health import LoopHealth, assess, report
 from pipeline.preflight import model_server_down, require_mlflow
-from pipeline.runtime import Runtime, runtime
+from pipeline.runtime import Runtime, parse_day, runtime
 from pipeline.stages.collect import collect
 from pipeline.stages.evaluate import evaluate
 from pipeline.stages.promote import PromoteResult, promote
 from pipeline.stages.register import register_candidate
 from pipeline.stages.train import train
 from pipeline.stages.validate import validate
+from pipeline.tags import Alias, Tag
+
+log = logging.getLogger("flywheel.nightly")
 
 
-def run_nightly(day: str | date, rt: Runtime | None = None, rollout: bool = False) -> dict:
+def loop_health(day: str | date, rt: Runtime | None = None) -> LoopHealth:
+    """Nights without training and without a promotion as of `day`, read from the registry: every registered
+    version carries the day it was trained on, the champion alias the one serving."""
+    from pipeline import registry
+
     rt = rt or runtime()
-    require_mlflow(rt.settings, "nightly")
+    day, s = parse_day(day), rt.settings
+    client = rt.client()
+    versions = client.search_model_versions(f"name = '{rt.model_name}'")
+    trained = [date.fromisoformat(v.tags[Tag.DAY]) for v in versions if Tag.DAY in (v.tags or {})]
+    champion = registry.get_alias(client, rt.model_name, Alias.CHAMPION)
+    return assess(day, trained, champion.version if champion else None, champion.data_day if champion else None,
+                  s.loop_health_warn_nights, s.loop_health_fail_nights)
+
+
+def _stages(day: str | date, rt: Runtime, rollout: bool) -> dict:
     out: dict = {"collect": collect(day, rt), "validate": validate(day, rt)}
     trained = train(day, rt)
     ev = evaluate(day, trained.run_id, rt)
@@ -41,3 +59,22 @@ def roll_out_if_served(promoted: PromoteResult, rt: Runtime) -> dict:
         return {"skipped": f"{why}; champion v{promoted.version} is in the registry and a model server "
                            "loads it when it starts"}
     return rollout(rt).model_dump()
+
+
+def run_nightly(day: str | date, rt: Runtime | None = None, rollout: bool = False) -> dict:
+    """The stages, then the loop-health line (logged, written as gauges, the alert hook called on failure),
+    also when a stage refused: a failed night is exactly when the count matters."""
+    rt = rt or runtime()
+    require_mlflow(rt.settings, "nightly")
+    try:
+        out = _stages(day, rt, rollout)
+    except Exception:
+        try:
+            report(loop_health(day, rt), rt.settings, {"day": str(day)})
+        except Exception as e:  # the stage's own error is the one to raise
+            log.error("loop health could not be read after the failed night %s: %s", day, e)
+        raise
+    health = loop_health(day, rt)
+    report(health, rt.settings, {"day": str(day)})
+    out["loop_health"] = health.model_dump()
+    return out

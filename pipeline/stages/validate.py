@@ -4,7 +4,11 @@ Row-level expectations (nulls, ranges, label domain, score range, time inside th
 expectations of the user's suite file) route failing rows to `quarantine/dt=D` with the expectations that caught
 them; nothing is dropped silently. Batch-level checks (row count, label rate, quarantined share, unseen-category
 share, the user's aggregate expectations, severe drift when `drift_action` is `block`) then decide whether the
-day may be trained on.
+day may be trained on. Every failure names its rule, the feature, the numbers and the setting a user can change.
+
+Unseen categories are measured against what the model to be trained already knows (the champion's
+vocabularies, read from the registry) and the recent collected days whatever their gate outcome (see
+`pipeline.checks.unseen`), so one failed day can never make every later day fail too.
 
 The day is streamed in record batches of `validate_chunk_rows`: each chunk is validated by GE on its own and its
 good and bad rows go straight to streaming partition writers, while the batch-level checks read running
@@ -34,8 +38,10 @@ from pydantic import BaseModel
 
 from feature_store.log_schema import prediction_schema
 from feature_store.spec import FeatureSpec
+from feature_store.vocab import Vocabulary
 from pipeline.checks import drift
-from pipeline.config import Settings
+from pipeline.checks.unseen import KnownCategories, UnseenCounter, describe_sources
+from pipeline.config import Settings, knob
 from pipeline.errors import GateFailed, StageError, SuiteFileError
 from pipeline.runtime import Runtime, day_bounds, file_lock, parse_day, runtime
 from pipeline.stages.collect import TRAINING
@@ -68,6 +74,7 @@ class ValidateResult(BaseModel):
     data_docs: str = ""
     warnings: list[str] = []
     unseen_category_share: dict[str, float] | None = None
+    unseen_reference: list[str] = []
     suite_file: str | None = None
     suite_sha256: str | None = None
     drift: dict[str, object] = {}
@@ -167,14 +174,83 @@ def _row_suite(spec: FeatureSpec, day: date) -> list:
     return out
 
 
-def _batch_suite(spec: FeatureSpec, s: Settings) -> list:
+def _batch_suite(spec: FeatureSpec, s: Settings) -> list[tuple[object, str]]:
+    """The spec-derived aggregate expectations, each with the settings that set its bounds."""
     import great_expectations.expectations as gxe
 
     return [
-        gxe.ExpectTableRowCountToBeBetween(min_value=s.min_rows),
-        gxe.ExpectColumnMeanToBeBetween(column=spec.label.name, min_value=s.label_rate_min,
-                                        max_value=s.label_rate_max),
+        (gxe.ExpectTableRowCountToBeBetween(min_value=s.min_rows), f"lower {knob('min_rows')}"),
+        (gxe.ExpectColumnMeanToBeBetween(column=spec.label.name, min_value=s.label_rate_min,
+                                         max_value=s.label_rate_max),
+         f"widen {knob('label_rate_min')} / {knob('label_rate_max')}"),
     ]
+
+
+def _registry_unreachable(uri: str) -> str | None:
+    """Why the tracking server does not answer, or None when it does (any HTTP status): asked first, because
+    the MLflow client would retry for minutes before saying so."""
+    if not uri.startswith(("http://", "https://")):
+        return None
+    from urllib.error import HTTPError, URLError
+    from urllib.request import urlopen
+
+    try:
+        urlopen(f"{uri.rstrip('/')}/health", timeout=5).close()
+    except HTTPError:
+        return None
+    except (URLError, OSError) as e:
+        return str(getattr(e, "reason", e))
+    return None
+
+
+def champion_vocabularies(rt: Runtime, day: date) -> tuple[str, dict[str, Vocabulary]] | None:
+    """The vocabularies of the model `day` will be trained from (the parent `train` picks), under the spec's
+    current feature names; None before the first model is registered. Only `vocab.json` is read, from the
+    bundle cache `train` then reuses."""
+    from pipeline import registry
+
+    client = rt.client()
+    parent = registry.parent_for_day(client, rt.model_name, day)
+    if parent is None:
+        return None
+    path = registry.download_bundle(client, rt.model_name, parent.version, rt.cache_dir)
+    vocabs = {c: Vocabulary.from_dict(d) for c, d in json.loads((path / "vocab.json").read_text()).items()}
+    for m in rt.spec.migrations:
+        for old, new in m.renamed.items():
+            if old in vocabs and new not in vocabs:
+                vocabs[new] = vocabs.pop(old)
+    return parent.version, vocabs
+
+
+def known_categories(rt: Runtime, day: date) -> tuple[KnownCategories | None, list[str]]:
+    """What counts as seen on `day` (None: nothing to compare with yet), and warnings on what could not be
+    read. Collected days count whatever their gate outcome: a failed day is still data the loop has met."""
+    s = rt.settings
+    known = KnownCategories(rt.spec)
+    if not known.rules:
+        return None, []
+    warnings = []
+    if (why := _registry_unreachable(s.mlflow_tracking_uri)) is None:
+        if (champion := champion_vocabularies(rt, day)) is not None:
+            known.add_vocabularies(champion[1], f"champion v{champion[0]}")
+    else:
+        warnings.append(f"unseen categories: the champion's vocabulary was not read (MLflow at "
+                        f"{s.mlflow_tracking_uri} unreachable: {why}); measured against the collected days only. "
+                        "Start MLflow (`flywheel up`) or set FLYWHEEL_MLFLOW_TRACKING_URI")
+    days = [d for d in rt.lake.partition_days(TRAINING) if d < day][-s.unseen_reference_days:] \
+        if s.unseen_reference_days else []
+    for d in days:
+        manifest = rt.lake.read_manifest(TRAINING, d)
+        if not manifest or not manifest["files"]:
+            continue
+        names = pq.read_schema(f"{rt.lake.partition_path(TRAINING, d)}/{manifest['files'][0]['path']}",
+                               filesystem=rt.lake.fs).names
+        columns = [c for c in known.columns if c in names]
+        for batch in rt.lake.iter_batches(TRAINING, d, s.validate_chunk_rows, columns):
+            known.add_frame(batch.to_pandas())
+    if days:
+        known.add_source(f"collected days {', '.join(d.isoformat() for d in days)}")
+    return (known if known.sources else None), warnings
 
 
 def _describe(cfg) -> str:
@@ -386,38 +462,70 @@ def _chunk(batch: pa.RecordBatch, offset: int, checker: _ChunkValidator,
     return frame, mask, (pa.array(why, pa.string()) if why else None)
 
 
-def _batch_gate(s: Settings, expectations: list, aggregates: _Aggregates, drifting: drift.DriftAccumulator,
-                report: drift.DriftReport, total: int, quarantined: int,
-                rows: list[dict]) -> tuple[list[str], list[str], list[dict]]:
-    """Day-level decision from the running aggregates: failures block the day, warnings are logged."""
+def _top_reasons(tallies: dict[str, _RowTally]) -> str:
+    top = sorted(((t.unexpected, what) for what, t in tallies.items() if t.unexpected), reverse=True)[:3]
+    return "; ".join(f"{what}: {n} rows" for n, what in top) or "none"
+
+
+def _unseen_failures(s: Settings, spec: FeatureSpec, unseen: UnseenCounter, rows: list[dict]) -> list[str]:
+    shares = unseen.shares()
+    if shares is None:
+        rows.append({"expectation": f"unseen-category share <= {s.unseen_category_share}", "success": True,
+                     "unexpected": 0, "observed": "skipped: no champion and no collected day before this one"})
+        return []
+    failures = []
+    sources = describe_sources(unseen.known.sources)
+    for c, share in shares.items():
+        eligible, key = unseen.eligible[c], unseen.known.rules[c]
+        gated = eligible >= s.unseen_min_rows
+        ok = share <= s.unseen_category_share or not gated
+        where = f"rows of known {spec.features[c].entity} entities ({key} seen before)" if key else "rows"
+        rows.append({"expectation": f"unseen-category share of {c} <= {s.unseen_category_share} (on {where})",
+                     "success": ok, "unexpected": unseen.unseen[c],
+                     "observed": f"{share:.6f} of {eligible} rows" + ("" if gated else
+                                                                     " (not gated: < unseen_min_rows)")})
+        if not ok:
+            failures.append(
+                f"rule unseen_category_share on feature {c}: {share:.2%} of {eligible} {where} "
+                f"({unseen.unseen[c]} rows) have a {c} never seen in the reference ({sources}), above "
+                f"{s.unseen_category_share:.2%}; e.g. {unseen.top_examples(c)}. If such values are normal for "
+                f"{c}, raise {knob('unseen_category_share')}"
+                + ("" if key else f", or declare {c} as an attribute of its entity (entity: ...) in the spec"))
+    return failures
+
+
+def _batch_gate(s: Settings, spec: FeatureSpec, expectations: list[tuple[object, str]], aggregates: _Aggregates,
+                unseen: UnseenCounter, report: drift.DriftReport, total: int, quarantined: int,
+                tallies: dict[str, _RowTally], rows: list[dict]) -> tuple[list[str], list[str], list[dict]]:
+    """Day-level decision from the running aggregates: failures block the day, warnings are logged. Each
+    failure says which rule, on what, with which numbers, and what to change."""
     failures: list[str] = []
     warnings: list[str] = []
     bad_fraction = quarantined / max(total, 1)
     if bad_fraction > s.max_bad_fraction:
-        failures.append(f"{bad_fraction:.2%} of rows quarantined, above max_bad_fraction {s.max_bad_fraction:.2%}")
+        failures.append(f"rule max_bad_fraction: {bad_fraction:.2%} of rows ({quarantined} of {total}) "
+                        f"quarantined, above max_bad_fraction {s.max_bad_fraction:.2%}; caught by "
+                        f"{_top_reasons(tallies)}. Fix the upstream data, widen the spec's min/max or nullable "
+                        f"for the feature, or raise {knob('max_bad_fraction')}")
     evaluated = []
-    for e in expectations:
+    for e, hint in expectations:
         cfg = e.configuration
         observed = aggregates.statistic(AGGREGATES[cfg.type], getattr(e, "column", None))
         ok = _within(observed, e)
         evaluated.append({"config": cfg, "success": ok, "observed": observed})
         rows.append({"expectation": _describe(cfg), "success": ok, "unexpected": 0, "observed": observed})
         if not ok:
-            failures.append(f"{_describe(cfg)} failed (observed {observed})")
-    unseen = drifting.unseen_share()
-    if unseen is None:
-        rows.append({"expectation": f"unseen-category share <= {s.unseen_category_share}", "success": True,
-                     "unexpected": 0, "observed": "skipped: no validated reference day yet"})
-    for c, share in (unseen or {}).items():
-        ok = share <= s.unseen_category_share
-        rows.append({"expectation": f"unseen-category share of {c} <= {s.unseen_category_share}", "success": ok,
-                     "unexpected": drifting.unseen[c], "observed": round(share, 6)})
-        if not ok:
-            failures.append(f"{share:.2%} of rows have a {c} never seen in the reference days "
-                            f"{report.reference_days}, above unseen_category_share {s.unseen_category_share:.2%}")
+            failures.append(f"rule {_describe(cfg)} failed (observed {observed} over {aggregates.rows} good "
+                            f"rows); {hint}")
+    failures += _unseen_failures(s, spec, unseen, rows)
     for item in report.severe:
-        msg = f"severe drift in {item.name} ({item.kind}): PSI {item.psi:.3f} > {s.drift_psi_severe}"
-        (failures if s.drift_action == "block" else warnings).append(msg)
+        msg = (f"rule drift_psi_severe: severe drift in {item.name} ({item.kind}): PSI {item.psi:.3f} > "
+               f"{s.drift_psi_severe} against the validated days {report.reference_days}")
+        if s.drift_action == "block":
+            failures.append(f"{msg}; with drift_action=block this fails the day: set {knob('drift_action')}=warn "
+                            f"or raise {knob('drift_psi_severe')}")
+        else:
+            warnings.append(msg)
     return failures, warnings, evaluated
 
 
@@ -430,10 +538,13 @@ def validate(day: str | date, rt: Runtime | None = None) -> ValidateResult:
         raise StageError(f"no complete partition {TRAINING}/dt={day} in {rt.lake.root}: run collect first")
     path = suite_file(s)
     user = load_user_suite(path, day_columns(spec)) if path else None
-    batch_expectations = _batch_suite(spec, s) + (user.batch if user else [])
+    batch_expectations = _batch_suite(spec, s) + [(e, f"edit or remove it in {path}") for e in
+                                                  (user.batch if user else [])]
     checker = _ChunkValidator(f"rows-{day}", _row_suite(spec, day) + (user.row if user else []))
-    aggregates = _Aggregates({e.column for e in batch_expectations if getattr(e, "column", None)})
+    aggregates = _Aggregates({e.column for e, _ in batch_expectations if getattr(e, "column", None)})
     drifting = drift.DriftAccumulator(spec, s, drift.load_reference(rt, day, VALIDATED))
+    known, reference_warnings = known_categories(rt, day)
+    unseen = UnseenCounter(known)
     inputs = {"training_manifest": training["files"], "suite_file": str(path) if path else None,
               "suite_sha256": user.sha256 if user else None}
     schema = pq.read_schema(f"{rt.lake.partition_path(TRAINING, day)}/{training['files'][0]['path']}",
@@ -452,20 +563,23 @@ def validate(day: str | date, rt: Runtime | None = None) -> ValidateResult:
                 bad_writer.write(batch.filter(pa.array(mask)).append_column("reason", why))
             aggregates.update(good)
             drifting.update(frame[~mask])
+            unseen.update(frame[~mask])
             total += batch.num_rows
         report = drifting.report(day)
         drift.store(rt, report, {"training_manifest": inputs["training_manifest"]})
         rows = [{"expectation": what, "success": t.unexpected == 0, "unexpected": t.unexpected,
                  "observed": f"{t.unexpected}/{t.element_count} unexpected"} for what, t in tallies.items()]
-        failures, warnings, evaluated = _batch_gate(s, batch_expectations, aggregates, drifting, report, total,
-                                                    bad_writer.rows, rows)
+        failures, warnings, evaluated = _batch_gate(s, spec, batch_expectations, aggregates, unseen, report, total,
+                                                    bad_writer.rows, tallies, rows)
+        warnings = reference_warnings + warnings
         for w in warnings:
             log.warning("%s: %s", day, w)
         directory = s.reports_dir / "validation" / f"dt={day.isoformat()}"
         result = ValidateResult(
             day=day.isoformat(), rows=total, good=good_writer.rows, quarantined=bad_writer.rows,
             bad_fraction=round(bad_writer.rows / max(total, 1), 6), passed=not failures, failures=failures,
-            report="", warnings=warnings, unseen_category_share=drifting.unseen_share(),
+            report="", warnings=warnings, unseen_category_share=unseen.shares(),
+            unseen_reference=known.sources if known else [],
             suite_file=inputs["suite_file"], suite_sha256=inputs["suite_sha256"], drift=report.summary())
         result.data_docs = _data_docs(s, day, list(tallies.values()), evaluated, result.passed, directory)
         result.report = _write_report(directory, result, rows, drift.render(report, directory, s))

@@ -40,8 +40,8 @@ def test_nightly_dag_imports_cleanly_without_heavy_modules(tmp_path):
     assert info["errors"] == {}
     assert info["heavy"] == [], "DAG parsing must not import torch/mlflow/great-expectations/pandas"
     assert info["tasks"] == ["wait_for_labels", "collect", "validate", "train", "evaluate", "register",
-                             "await_approval", "promote", "rollout", "note"]
-    assert info["teardowns"] == ["note"], "the run note must never decide the run's state"
+                             "await_approval", "promote", "rollout", "loop_health", "note"]
+    assert info["teardowns"] == ["loop_health", "note"], "a finished night's state is its stages' state"
     assert set(info["undocumented"]) <= {"wait_for_labels", "await_approval"}
     assert info["tags"] == ["flywheel", "training"] and info["retries"] == [2]
     assert info["max_active_runs"] == 1 and info["doc"]

@@ -84,8 +84,11 @@ def test_nightly_on_second_spec_collects_quarantines_trains_registers_idempotent
     assert out["validate"]["quarantined"] == len(q)
     report_dir = rt.settings.reports_dir / "validation" / f"dt={DAY}"
     assert out["validate"]["report"] == str(report_dir / "index.html") and Path(out["validate"]["data_docs"]).is_file()
-    assert rt.lake.read_manifest("drift", DAY) is not None and out["validate"]["unseen_category_share"] is None
+    assert rt.lake.read_manifest("drift", DAY) is not None
+    # no collected day before this one, but the champion's vocabulary (what bootstrap saw) is the reference
+    assert out["validate"]["unseen_reference"] == ["champion v1"]
     validated = rt.lake.read_partition(VALIDATED, DAY).to_pandas()
+    assert out["validate"]["unseen_category_share"]["region"] == pytest.approx(5 / len(validated), abs=0.01)
     assert (validated.amount >= 0).all() and len(validated) + len(q) == out["collect"]["rows"]
 
     client = rt.client()

@@ -139,3 +139,102 @@ def test_spec_slices_must_name_a_categorical_feature(tmp_path):
     path.write_text(base + "slices:\n  accounts: {feature: account_no, kind: new_vs_returning}\n")
     spec = load_spec(path)
     assert spec.slices["accounts"].kind == "new_vs_returning" and spec.digest == load_spec(LOANS_SPEC).digest
+
+
+# --- weighing the metrics (issue 13) ------------------------------------------------------------------------
+
+
+def _sig(z: np.ndarray) -> np.ndarray:
+    return 1 / (1 + np.exp(-z))
+
+
+def stream(n: int, seed: int = 0) -> tuple[np.random.Generator, np.ndarray, np.ndarray, np.ndarray]:
+    """Two signals x and w; the label follows both."""
+    rng = np.random.default_rng(seed)
+    x, w = rng.normal(size=n), rng.normal(size=n)
+    return rng, x, w, (rng.uniform(size=n) < _sig(2 * x + w - 0.3)).astype(float)
+
+
+def calibrated(feature: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """A well-calibrated score of one feature: logistic regression fit on the labels themselves."""
+    from sklearn.linear_model import LogisticRegression
+
+    return LogisticRegression().fit(feature[:, None], y).predict_proba(feature[:, None])[:, 1]
+
+
+def judge(y, pc, pp, registered_auc=None, cfg=CFG):
+    checks, _, _ = decide(y, pc, pp, summary(y, pc), summary(y, pp), eces(y, pc, pp), [], cfg, registered_auc)
+    return {c.name: c for c in checks}, summarize(checks)
+
+
+def test_a_clearly_better_candidate_is_not_held_back_by_calibration_alone():
+    rng, x, w, y = stream(2000)
+    champion = calibrated(x + rng.normal(0, 1.5, len(x)), y)  # weak ranker, calibrated
+    candidate = _sig(2 * x + w - 0.3 + 1.0)  # the right ranker, over-predicting
+    assert ece(y, candidate) > CFG.max_ece > ece(y, champion)  # the old rule vetoed exactly this
+    checks, (passed, reason) = judge(y, candidate, champion)
+    assert passed, reason
+    cal = checks["ece_ceiling"]
+    assert not cal.passed and not cal.blocking and "outweighed: clearly better on the primary metrics" in cal.detail
+    assert checks["auc_vs_champion"].detail.startswith("better") and "outweighed: ece_ceiling" in reason
+
+
+def test_noise_neither_promotes_nor_blocks():
+    # a 73-row holdout: ECE is reported, not gated, so a noisy point value cannot veto
+    rng, x, w, y = stream(73, seed=0)
+    champion = _sig(2 * x + w - 0.3)
+    candidate = _sig(2 * x + w - 0.3 + 0.5 + rng.normal(0, 0.1, len(x)))
+    assert ece(y, candidate) > max(CFG.max_ece, ece(y, champion))
+    checks, (passed, _) = judge(y, candidate, champion)
+    assert checks["ece_ceiling"].passed and "not gated" in checks["ece_ceiling"].detail and passed
+    # a large holdout where the candidate ranks exactly as well (noise-level AUC difference) but is confidently
+    # worse calibrated: noise on AUC is no reason to outweigh calibration, so the candidate is blocked
+    rng, x, w, y = stream(2000, seed=1)
+    champion = _sig(2 * x + w - 0.3)
+    candidate = _sig(2 * x + w - 0.3 + 1.0 + rng.normal(0, 0.05, len(x)))
+    checks, (passed, reason) = judge(y, candidate, champion)
+    assert checks["auc_vs_champion"].detail.split(":")[0] in ("non_inferior", "inconclusive")
+    assert not passed and checks["ece_ceiling"].blocking and not checks["ece_ceiling"].passed
+    assert "FLYWHEEL_MAX_ECE" in reason and "FLYWHEEL_MAX_LOGLOSS_REGRESSION" in reason
+
+
+def test_a_collapsed_champion_is_replaced():
+    rng, x, w, y = stream(2000, seed=2)
+    champion = _sig(0.15 * x + rng.normal(0, 1, len(x)))  # registered at 0.85, now near chance
+    candidate = _sig(0.6 * x + 1.2 + rng.normal(0, 1, len(x)))  # ranks better, badly calibrated
+    checks, (passed, reason) = judge(y, candidate, champion, registered_auc=0.85)
+    assert not checks["champion_health"].passed and "collapsed from the 0.8500" in checks["champion_health"].detail
+    assert passed, reason
+    assert not checks["logloss_vs_champion"].passed and not checks["logloss_vs_champion"].blocking
+    assert "outweighed: logloss_vs_champion, ece_ceiling; champion holdout AUC" in reason
+    # the same pair where the champion always was this weak: its confidently better log-loss blocks again
+    checks, (passed, reason) = judge(y, candidate, champion, registered_auc=0.6)
+    assert checks["champion_health"].passed and not passed and "logloss_vs_champion worse" in reason
+    # a champion below the AUC floor is failing too, and a candidate that beats it replaces it, floor or not
+    strict = GateConfig(**{**CFG.__dict__, "min_auc": 0.7})
+    checks, (passed, reason) = judge(y, candidate, champion, cfg=strict)
+    assert passed and not checks["auc_floor"].passed and not checks["auc_floor"].blocking, reason
+    assert "below min_auc 0.7" in checks["champion_health"].detail
+
+
+def test_a_regression_is_blocked_even_against_a_failing_champion():
+    rng, x, w, y = stream(2000, seed=3)
+    champion = _sig(2 * x + w - 0.3)
+    worse = _sig(0.3 * x + rng.normal(0, 2, len(x)))
+    checks, (passed, reason) = judge(y, worse, champion)
+    assert not passed and checks["auc_vs_champion"].detail.startswith("worse")
+    assert "auc_vs_champion worse" in reason and "FLYWHEEL_MAX_AUC_REGRESSION" in reason
+    checks, (passed, _) = judge(y, worse, champion, registered_auc=0.99)  # "collapsed" from 0.99, still better
+    assert not checks["champion_health"].passed and not passed and checks["auc_vs_champion"].blocking
+
+
+def test_ece_interval_is_paired_and_sized_to_the_sample():
+    from pipeline.checks.gate import paired_ece_diff
+
+    rng, x, w, y = stream(4000, seed=4)
+    p = _sig(2 * x + w - 0.3)
+    same, own = paired_ece_diff(y, p, p.copy(), 10, 200, 0.95, seed=0)
+    assert same.low == same.high == 0.0 and own.low <= ece(y, p) + 0.01
+    small, _ = paired_ece_diff(y[:100], np.clip(p[:100] + 0.05, 0, 1), p[:100], 10, 200, 0.95, seed=0)
+    large, _ = paired_ece_diff(y, np.clip(p + 0.05, 0, 1), p, 10, 200, 0.95, seed=0)
+    assert large.high - large.low < small.high - small.low

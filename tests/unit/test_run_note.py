@@ -29,3 +29,9 @@ def test_the_first_failed_stage_explains_the_night():
 def test_a_run_without_results_or_errors_says_how_far_it_got():
     assert compose({"collect": {"rows": 1}}, {}) == "incomplete: last finished stage collect"
     assert len(compose({}, {"collect": "x" * 5000})) == 1000
+
+
+def test_a_loop_health_alarm_is_appended_to_the_outcome():
+    note = compose({"evaluate": EVAL, "promote": {"version": "7", "promoted": False, "reason": "r"}}, {},
+                   "6 nights without a promotion")
+    assert note.startswith("v7 not promoted") and note.endswith(" | loop health: 6 nights without a promotion")

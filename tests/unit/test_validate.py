@@ -112,8 +112,10 @@ def test_unseen_category_share_around_threshold(tmp_path):
             result = validate(day, rt)
             assert result.unseen_category_share["device"] == pytest.approx(0.3, abs=0.01)
         else:
-            with pytest.raises(GateFailed, match="have a device never seen in the reference days"):
+            with pytest.raises(GateFailed, match="rule unseen_category_share on feature device: 30.00% of 2000 rows"
+                               r".*have a device never seen in the reference \(collected days 2026-") as err:
                 validate(day, rt)
+            assert "tablet" in str(err.value) and "FLYWHEEL_UNSEEN_CATEGORY_SHARE" in str(err.value)
             assert rt.lake.read_manifest(VALIDATED, day) is None
             assert rt.lake.read_partition(QUARANTINE, day).num_rows == 0  # new categories are not bad rows
 
@@ -122,6 +124,80 @@ def test_unseen_category_share_around_threshold(tmp_path):
     write_training(churn, day, frame.assign(user_id=[f"new-user-{i}" for i in range(len(frame))]))
     result = validate(day, churn)  # every user is new: normal for entity keys, neither gated nor tracked
     assert "user_id" not in result.unseen_category_share and "device" in result.unseen_category_share
+
+
+def _users(frame: pd.DataFrame, prefix: str, segments: list[str]) -> pd.DataFrame:
+    n = len(frame)
+    return frame.assign(user_id=[f"{prefix}{i % 200}" for i in range(n)],
+                        user_segment=[segments[i % len(segments)] for i in range(n)])
+
+
+def test_entity_attributes_count_only_on_known_entities(tmp_path):
+    """A new user arriving with a segment of its own is churn; a known user showing a never-seen segment is
+    what the check is for, and the failure names the rule, the feature, the numbers and the setting."""
+    ref_day, ref = sim_day(3, rows=2000)
+    day, frame = sim_day(4, rows=2000)
+    ref = _users(ref, "old", ["s1", "s2"])
+    rt = make_rt(tmp_path / "churn")
+    write_validated(rt, ref_day, ref)
+    churn = pd.concat([_users(frame.iloc[:1000], "new", ["fresh1", "fresh2"]),
+                       _users(frame.iloc[1000:], "old", ["s1", "s2"])])
+    write_training(rt, day, churn)
+    result = validate(day, rt)
+    assert result.unseen_category_share["user_segment"] == 0.0
+
+    moved = make_rt(tmp_path / "moved")
+    write_validated(moved, ref_day, ref)
+    write_training(moved, day, pd.concat([_users(frame.iloc[:1000], "new", ["s1"]),
+                                          _users(frame.iloc[1000:], "old", ["renamed"])]))
+    with pytest.raises(GateFailed, match=r"rule unseen_category_share on feature user_segment: 100.00% of 1000 "
+                                         r"rows of known user entities \(user_id seen before\) \(1000 rows\)"
+                                         r".*'renamed'.*FLYWHEEL_UNSEEN_CATEGORY_SHARE"):
+        validate(day, moved)
+
+
+def test_a_failed_day_still_counts_as_seen(tmp_path):
+    """The freeze: a day that failed its gate is still data the loop has met, so the next day with the same
+    new category is measured against it and passes."""
+    days = [sim_day(i, rows=1000) for i in (3, 4, 5)]
+    rt = make_rt(tmp_path / "home", unseen_category_share=0.25)
+    days[0][1]["device"] = np.where(days[0][1].index % 2, "mobile", "desktop")
+    write_validated(rt, *days[0])
+    for i, (day, frame) in enumerate(days[1:]):
+        frame["device"] = np.where(frame.index % 10 < 3, "tablet", "mobile")
+        write_training(rt, day, frame)
+        if i == 0:
+            with pytest.raises(GateFailed, match="feature device"):
+                validate(day, rt)
+        else:
+            result = validate(day, rt)
+            assert result.passed and result.unseen_category_share["device"] == 0.0
+            assert result.unseen_reference == [f"collected days {days[0][0]}, {days[1][0]}"]
+
+
+def test_churn_stream_passes_every_day(tmp_path):
+    """The churn stream, validate only, day after day: every day passes, though most rows carry a branch no
+    earlier day had (the old, validated-only reference failed day 2 onwards)."""
+    from tests.churn_stream import CHURN_SPEC, START, churn_day
+
+    rt = make_rt(tmp_path / "home", spec_path=CHURN_SPEC)
+    schema = pa.schema([*prediction_schema(rt.spec), pa.field("churned", pa.float64()), pa.field("label_time", TS)])
+    seen: set[str] = set()
+    for k in range(1, 5):
+        f = churn_day(k)
+        n = len(f)
+        f["ts"] = pd.to_datetime(f["ts"]).dt.floor("us")
+        f = f.assign(request_id=[f"d{k}-{i}" for i in range(n)], row=np.zeros(n, np.int32), served_at=f["ts"],
+                     model_version="1", score=0.5, churned=f["churned"].astype(float),
+                     label_time=f["ts"] + timedelta(minutes=1))
+        if k > 1:
+            assert (~f.branch.isin(seen)).mean() > rt.settings.unseen_category_share
+        seen |= set(f.branch)
+        day = START + timedelta(days=k)
+        rt.lake.write_partition(TRAINING, day, pa.Table.from_pandas(f[schema.names], schema=schema,
+                                                                    preserve_index=False))
+        result = validate(day, rt)
+        assert result.passed and (k == 1 or result.unseen_category_share["branch"] < 0.1)
 
 
 SUITE = {"name": "user", "expectations": [
