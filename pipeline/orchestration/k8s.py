@@ -71,12 +71,16 @@ def training_pod_operator(s: Settings, task_id: str = "train", **kwargs: Any):
     Kubernetes client. A finished pod is deleted only when it succeeded, so a failed night's pod stays for
     `kubectl logs`; `reattach_on_restart` lets a retried task pick up a pod that is still running.
     """
+    from pipeline.orchestration.k8s_jobs import queued_pod
     from pipeline.orchestration.k8s_operator import TrainingPodOperator
 
-    pod = training_pod(s, DAY_TEMPLATE, xcom=True)
+    pod = queued_pod(s, DAY_TEMPLATE, xcom=True)
+    if s.kueue_queue:  # a queued pod stays gated until admitted: wait for it as long as the night allows
+        kwargs.setdefault("schedule_timeout_seconds", int(s.training_deadline_h * 3600))
     return TrainingPodOperator(
         task_id=task_id,
         deadline_h=s.training_deadline_h,
+        queue_name=s.kueue_queue,
         retries=preemption_retries(s),
         retry_delay=timedelta(seconds=s.training_retry_delay_s),
         pod_template_dict=pod,

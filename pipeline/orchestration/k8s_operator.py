@@ -35,9 +35,10 @@ def night_deadline(context: dict, hours: float) -> datetime:
 
 
 class TrainingPodOperator(KubernetesPodOperator):
-    def __init__(self, *, deadline_h: float, **kwargs: Any) -> None:
+    def __init__(self, *, deadline_h: float, queue_name: str | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.deadline_h = deadline_h
+        self.queue_name = queue_name
 
     def execute(self, context: Any) -> Any:
         self._deadline = night_deadline(context, self.deadline_h)
@@ -47,6 +48,11 @@ class TrainingPodOperator(KubernetesPodOperator):
             raise AirflowFailException(str(e)) from e
         self.log.info("training attempt %s; the night's deadline is %s", context["ti"].try_number,
                       self._deadline.isoformat())
+        if self.queue_name:
+            self.log.info("submitting to Kueue LocalQueue %r: the pod stays Pending (scheduling gate "
+                          "kueue.x-k8s.io/admission) until its ClusterQueue has quota for it; waiting up to %s s, "
+                          "the night's deadline. `kubectl get workloads -n %s` shows why it waits.",
+                          self.queue_name, self.schedule_timeout_seconds, self.namespace)
         return super().execute(context)
 
     def cleanup(self, pod: Any, remote_pod: Any, xcom_result: dict | None = None, context: Any = None) -> None:

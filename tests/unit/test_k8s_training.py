@@ -30,6 +30,7 @@ if d:
                 upstream=sorted(op.upstream_task_ids), downstream=sorted(op.downstream_task_ids),
                 heavy=sorted(m for m in ("torch", "mlflow", "great_expectations") if m in sys.modules))
     if info["type"] == "TrainingPodOperator":
+        info.update(schedule_timeout=op.schedule_timeout_seconds, queue=op.queue_name)
         ti = SimpleNamespace(dag_id=d.dag_id, task_id=op.task_id, map_index=-1, try_number=1)
         ctx = {"ds": "2026-03-01", "ti": ti, "run_id": "scheduled__2026-03-01T00:00:00+00:00", "dag": d}
         op.render_template_fields(ctx)
@@ -52,7 +53,8 @@ def _parse(tmp_path, **env: str) -> dict:
 def k8s_dag(tmp_path_factory) -> dict:
     return _parse(tmp_path_factory.mktemp("af"), FLYWHEEL_TRAINING_RUNNER="kubernetes", FLYWHEEL_GPU_POOL="gpu-a100",
                   FLYWHEEL_TRAINING_IMAGE="registry.local/flywheel:1.2.3-cuda", FLYWHEEL_TRAINING_GPUS="2",
-                  FLYWHEEL_TRAINING_CPUS="8", FLYWHEEL_TRAINING_MEMORY="32Gi", FLYWHEEL_TRAINING_NAMESPACE="ml")
+                  FLYWHEEL_TRAINING_CPUS="8", FLYWHEEL_TRAINING_MEMORY="32Gi", FLYWHEEL_TRAINING_NAMESPACE="ml",
+                  FLYWHEEL_KUEUE_QUEUE="flywheel-training")
 
 
 def test_kubernetes_runner_makes_train_a_pod_operator_in_the_gpu_pool(k8s_dag, tmp_path):
@@ -68,6 +70,9 @@ def test_kubernetes_runner_makes_train_a_pod_operator_in_the_gpu_pool(k8s_dag, t
 def test_pod_request_runs_train_for_the_rendered_day_with_gpu_priority_and_secrets(k8s_dag):
     pod = k8s_dag["pod"]
     assert pod["metadata"]["namespace"] == "ml" and pod["metadata"]["labels"]["flywheel/day"] == "2026-03-01"
+    # queued through Kueue: the pod carries the LocalQueue label and the task waits for admission all night
+    assert pod["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "flywheel-training"
+    assert k8s_dag["queue"] == "flywheel-training" and k8s_dag["schedule_timeout"] == 8 * 3600
     assert pod["metadata"]["name"].startswith("flywheel-train-2026-03-01")
     train, sidecar = pod["spec"]["containers"]
     assert train["name"] == "train" and sidecar["name"] == "airflow-xcom-sidecar"
