@@ -41,6 +41,19 @@ class Settings(BaseSettings):
     training_memory: str = "16Gi"
     training_gpus: int = Field(default=1, ge=0)
     gpu_pool: str = Field(default="gpu", description="Airflow pool bounding concurrent GPU training jobs.")
+    # --- training on a shared cluster (issue 15) ---
+    training_job_kind: Literal["pod", "pytorchjob", "trainjob"] = Field(
+        default="pod", description="What the kubernetes runner submits: a single pod, a Kubeflow PyTorchJob "
+        "(elastic, torchrun) or a Kubeflow Trainer TrainJob.")
+    training_min_nodes: int = Field(default=1, ge=1, description="Elastic job: fewest workers it runs with.")
+    training_max_nodes: int = Field(default=2, ge=1, description="Elastic job: most workers it grows to.")
+    training_max_restarts: int = Field(default=100, ge=0, description="torchrun --max-restarts: membership "
+                                       "changes (preemptions, joins) one launch survives.")
+    kueue_queue: str | None = Field(default=None, description="Kueue LocalQueue the training job is submitted to "
+                                    "(it waits for quota instead of failing); none = submit directly.")
+    training_deadline_h: float = Field(default=8.0, gt=0, description="Hours after the data day ends by which its "
+                                       "training must be done: preemptions are retried until then.")
+    training_retry_delay_s: int = Field(default=60, ge=1, description="Wait before retrying a preempted training.")
     airflow_url: str = "http://127.0.0.1:8080"
     airflow_port: int = 8080
     airflow_user: str = "admin"
@@ -137,6 +150,9 @@ class Settings(BaseSettings):
         "above `epochs` (the default) every night runs a fixed budget and keeps its best epoch: nightly cost "
         "stays flat instead of following the day's difficulty (bench/results/incremental.md).")
     checkpoint_every_steps: int = Field(default=200, ge=0, description="Training checkpoint interval; 0 = off.")
+    checkpoint_uri: str | None = Field(default=None, description="Where training checkpoints live, e.g. "
+                                       "s3://bucket/flywheel/checkpoints (production: not the pod's disk); "
+                                       "default home/checkpoints.")
     lr_candidates: tuple[float, ...] = Field(default=(), description="Nightly learning rates tried on the "
                                              "validation slice, best kept; empty = learning_rate only.")
 

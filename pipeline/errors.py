@@ -74,6 +74,14 @@ class RequestError(Decision, ValueError):
         self.status = status
 
 
+class TrainingFailed(Decision, RuntimeError):
+    """The training job failed on its own (exit code, OOM, crash, bad input): a retry fails the same way."""
+
+
+class DeadlinePassed(Decision, RuntimeError):
+    """The night's training deadline has passed: the model stays as it is until the next night."""
+
+
 # --- faults ------------------------------------------------------------------------------------------------
 class LogUnavailable(Fault, RuntimeError):
     """The log cannot accept rows (unwritable spool or lake): predictions must not be served unlogged."""
@@ -85,3 +93,8 @@ class OnlineStoreError(Fault, RuntimeError):
 
 class ServiceUnavailable(Fault, RuntimeError):
     """A service a command needs (MLflow, the model server) does not answer; the message names the fix."""
+
+
+class Preempted(Fault, RuntimeError):
+    """The training pod or process was taken away (preempted, evicted, node drained): retry, it resumes from the
+    newest checkpoint of that day's run."""

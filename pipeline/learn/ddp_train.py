@@ -3,15 +3,26 @@
     python -m pipeline.learn.ddp_train --data day.parquet --out bundle/ [--init parent_bundle/]
     torchrun --standalone --nproc_per_node=2 -m pipeline.learn.ddp_train --data day.parquet --out bundle/
 
+    torchrun --nnodes=1:4 --nproc_per_node=1 --rdzv-backend=c10d --rdzv-endpoint=HOST:29400 --rdzv-id=DAY \
+        --max-restarts=100 -m pipeline.learn.ddp_train ... --checkpoint-dir s3://bucket/checkpoints/DAY
+
 Under torchrun every rank reads the same rows and the trainer splits each global batch between ranks, so the
-loss curve is the single-process one (gloo on CPU, NCCL on GPUs). With --checkpoint-dir, a run killed mid-epoch
-(a preempted node) is restarted with the same command and continues from the last checkpoint to the same
-weights. Rank 0 writes the bundle and a `result.json` with the loss curve and the weights digest.
+loss curve is the single-process one (gloo on CPU, NCCL on GPUs). With --checkpoint-dir (a directory or an
+object-storage URI, see `pipeline.learn.checkpoint`), a run killed mid-epoch (a preempted node) is restarted with
+the same command and continues from the newest checkpoint to the same weights; SIGTERM saves one first.
+
+Elastic (torchrun `--nnodes=MIN:MAX`): when a worker leaves or joins, torchrun restarts every worker with the new
+world size. The checkpoint is bound to the data and hyperparameters, not the world size, and the batch is global
+(`--batch-size` rows per step, split between ranks), so the restarted job resumes at the same step with the same
+effective batch and the same order of rows: the result stays the one-process result up to float summation order.
+Rank 0 writes the bundle and a `result.json` with the loss curve and the weights digest, and appends each start
+(torchrun restart count, world size) to `starts.jsonl` beside it, so a membership change is visible afterwards.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -23,9 +34,18 @@ import torch.distributed as dist
 
 from feature_store.spec import load_spec
 from pipeline.config import get_settings
-from pipeline.learn.checkpoint import Checkpointer
+from pipeline.learn.checkpoint import Checkpointer, fingerprint
 from pipeline.learn.model import ModelBundle, norm_stats
 from pipeline.learn.trainer import encode_parquet, fit, pick_device
+
+
+def file_digest(path: Path) -> str:
+    """The data file's content hash: a checkpoint is only resumed on the very rows it was trained on."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -39,7 +59,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--batch-size", type=int, default=s.batch_size)
     ap.add_argument("--lr", type=float, default=s.learning_rate)
     ap.add_argument("--seed", type=int, default=s.seed)
-    ap.add_argument("--checkpoint-dir", type=Path, default=None)
+    ap.add_argument("--checkpoint-dir", default=None, help="directory or URI (s3://...) for checkpoints")
     ap.add_argument("--checkpoint-every", type=int, default=s.checkpoint_every_steps)
     ap.add_argument("--device", default=None, help="cpu, cuda, ... (default: automatic)")
     return ap.parse_args(argv)
@@ -56,6 +76,11 @@ def main(argv: list[str] | None = None) -> dict:
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
+        if (dist.get_rank() if world > 1 else 0) == 0:
+            args.out.mkdir(parents=True, exist_ok=True)
+            with open(args.out / "starts.jsonl", "a") as f:
+                f.write(json.dumps({"restart": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
+                                    "world_size": world}) + "\n")
         spec = load_spec(args.spec)
         if args.init is not None:  # warm start (across a declared spec migration): stream the file
             bundle = ModelBundle.load(args.init)
@@ -70,11 +95,16 @@ def main(argv: list[str] | None = None) -> dict:
                                         s.hidden_units, s.vocab_min_count, args.seed)
         rows = encode_parquet(bundle, args.data, spec.label.name, pin=device.type == "cuda")
         rank = dist.get_rank() if world > 1 else 0
-        ckpt = Checkpointer(args.checkpoint_dir, args.checkpoint_every) if args.checkpoint_dir else None
+        ckpt = None
+        if args.checkpoint_dir:
+            key = fingerprint(start=bundle.weights_digest(), data=file_digest(args.data), epochs=args.epochs,
+                              batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+            ckpt = Checkpointer(args.checkpoint_dir, args.checkpoint_every, job_key=key, graceful=True)
         result = fit(bundle, rows, spec.label.name, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                      seed=args.seed, device=device, optimizer_state=bundle.optimizer_state, checkpointer=ckpt)
         out = {"losses": result.losses, "steps": result.steps, "resumed_at_step": result.resumed_at_step,
-               "world_size": world, "device": result.device, "weights_digest": bundle.weights_digest()}
+               "world_size": world, "device": result.device, "weights_digest": bundle.weights_digest(),
+               "restart": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))}
         if rank == 0:
             bundle.save(args.out)
             (args.out / "result.json").write_text(json.dumps(out, indent=2))

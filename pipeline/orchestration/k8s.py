@@ -9,7 +9,7 @@ in the GPU pool, and the pod's XCom sidecar hands the `TrainResult` JSON to `eva
 from __future__ import annotations
 
 import copy
-from datetime import date
+from datetime import date, timedelta
 from functools import lru_cache
 from typing import Any
 
@@ -57,18 +57,32 @@ def training_pod(s: Settings, day: date | str, xcom: bool = False) -> dict:
     return pod
 
 
+def preemption_retries(s: Settings) -> int:
+    """As many retries as fit before the night's deadline: preemptions are retried "without limit" within the night;
+    the operator fails at once on a real failure or past the deadline, so the number is only an upper bound."""
+    return max(1, int(s.training_deadline_h * 3600 // s.training_retry_delay_s))
+
+
 def training_pod_operator(s: Settings, task_id: str = "train", **kwargs: Any):
-    """The nightly `train` task as a KubernetesPodOperator in the GPU pool.
+    """The nightly `train` task as a KubernetesPodOperator in the GPU pool (`TrainingPodOperator`: retries a
+    preempted pod until the night's deadline, fails a failed one at once).
 
     The provider is imported here, not by the DAG file, so parsing a DAG on the local runner never loads the
     Kubernetes client. A finished pod is deleted only when it succeeded, so a failed night's pod stays for
     `kubectl logs`; `reattach_on_restart` lets a retried task pick up a pod that is still running.
     """
-    from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+    from pipeline.orchestration.k8s_jobs import queued_pod
+    from pipeline.orchestration.k8s_operator import TrainingPodOperator
 
-    pod = training_pod(s, DAY_TEMPLATE, xcom=True)
-    return KubernetesPodOperator(
+    pod = queued_pod(s, DAY_TEMPLATE, xcom=True)
+    if s.kueue_queue:  # a queued pod stays gated until admitted: wait for it as long as the night allows
+        kwargs.setdefault("schedule_timeout_seconds", int(s.training_deadline_h * 3600))
+    return TrainingPodOperator(
         task_id=task_id,
+        deadline_h=s.training_deadline_h,
+        queue_name=s.kueue_queue,
+        retries=preemption_retries(s),
+        retry_delay=timedelta(seconds=s.training_retry_delay_s),
         pod_template_dict=pod,
         namespace=s.training_namespace,
         image=s.training_image,

@@ -15,7 +15,7 @@ import pytest
 
 from feature_store.spec import load_spec
 from pipeline.learn.model import ModelBundle
-from tests.helpers import LOANS_SPEC, loans_frame
+from tests.helpers import LOANS_SPEC, free_port, loans_frame
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -69,3 +69,83 @@ def test_standalone_warm_start_applies_a_declared_migration(tmp_path):
     migrated = ModelBundle.load(tmp_path / "out")
     assert migrated.spec_digest == load_spec(tmp_path / "v2.yaml").digest and "score_v2" in migrated.numeric
     assert abs(migrated.norm["score_v2"][0] - 50) < 2 and np.isfinite(out["losses"]).all()
+
+
+def _agent(torchrun: str, port: int, host: bool, args: list[str], log: Path) -> subprocess.Popen:
+    """One torchrun agent (a 'node' with one CPU worker) of an elastic 1..2-node job on a c10d rendezvous."""
+    conf = f"is_host={'true' if host else 'false'},last_call_timeout=3,keep_alive_interval=1,keep_alive_max_attempt=3"
+    cmd = [torchrun, "--nnodes=1:2", "--nproc_per_node=1", "--rdzv-backend=c10d",
+           f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=flywheel-elastic-test", f"--rdzv-conf={conf}",
+           "--max-restarts=5", "--monitor-interval=1", "-m", "pipeline.learn.ddp_train", *args]
+    return subprocess.Popen(cmd, cwd=ROOT, start_new_session=True, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+
+
+def _wait(cond, what: str, procs: list[subprocess.Popen], timeout: float = 240) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        assert all(p.poll() in (None, 0) for p in procs), f"an agent failed while waiting for {what}"
+        time.sleep(0.05)
+
+
+def _kill_node(agent: subprocess.Popen) -> None:
+    """SIGKILL an agent and its workers (torchrun starts each worker in its own session, so not by group)."""
+    import psutil
+
+    try:
+        procs = [psutil.Process(agent.pid), *psutil.Process(agent.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+def _starts(out: Path) -> list[int]:
+    path = out / "starts.jsonl"
+    return [json.loads(line)["world_size"] for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _newest_step(ck: Path) -> int:
+    return max((int(p.stem.split("-")[1]) for p in ck.glob("ckpt-*.pt")), default=0)
+
+
+@pytest.mark.slow
+def test_elastic_job_survives_a_worker_leaving(tmp_path):
+    """torchrun --nnodes=1:2 (c10d): kill one of two nodes mid-epoch; the job restarts with world size 1 from the
+    last checkpoint and finishes; the loss curve is the uninterrupted one because the batch is global and the
+    split follows the world size. (A second node re-joining is not tested: on torch 2.13 here the re-join round
+    timed out in the c10d rendezvous, see the module report.)"""
+    data = tmp_path / "data.parquet"
+    loans_frame(date(2026, 3, 1), 6000, seed=9).to_parquet(data)
+    common = ["--data", str(data), "--spec", str(LOANS_SPEC), "--epochs", "4", "--batch-size", "32", "--lr", "0.01",
+              "--seed", "5", "--device", "cpu", "--checkpoint-every", "10"]
+    subprocess.run([sys.executable, "-m", "pipeline.learn.ddp_train", *common, "--out", str(tmp_path / "one")],
+                   check=True, cwd=ROOT, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+    single = json.loads((tmp_path / "one" / "result.json").read_text())
+
+    out, ck = tmp_path / "elastic", tmp_path / "ck"
+    args = [*common, "--out", str(out), "--checkpoint-dir", str(ck)]
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    port = free_port()
+    a = _agent(torchrun, port, True, args, tmp_path / "a.log")
+    b = _agent(torchrun, port, False, args, tmp_path / "b.log")
+    try:
+        _wait(lambda: _starts(out)[:1] == [2] and _newest_step(ck) > 0, "a 2-worker checkpoint", [a, b])
+        _kill_node(b)  # the node is gone: agent and worker, no goodbye
+        b.wait(timeout=30)
+        left_at = _newest_step(ck)
+        assert left_at < single["steps"] // 2, "the kill came too late to test anything"
+        assert a.wait(timeout=600) == 0, (tmp_path / "a.log").read_text()[-3000:]
+    finally:
+        _kill_node(a)
+        _kill_node(b)
+    assert _starts(out) == [2, 1]
+    elastic = json.loads((out / "result.json").read_text())
+    assert elastic["world_size"] == 1 and 0 < elastic["resumed_at_step"] and elastic["steps"] == single["steps"]
+    np.testing.assert_allclose(elastic["losses"], single["losses"], rtol=1e-3)

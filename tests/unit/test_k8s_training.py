@@ -29,7 +29,8 @@ if d:
     info.update(type=type(op).__name__, pool=op.pool, xcom=op.do_xcom_push, retries=op.retries,
                 upstream=sorted(op.upstream_task_ids), downstream=sorted(op.downstream_task_ids),
                 heavy=sorted(m for m in ("torch", "mlflow", "great_expectations") if m in sys.modules))
-    if info["type"] == "KubernetesPodOperator":
+    if info["type"] == "TrainingPodOperator":
+        info.update(schedule_timeout=op.schedule_timeout_seconds, queue=op.queue_name)
         ti = SimpleNamespace(dag_id=d.dag_id, task_id=op.task_id, map_index=-1, try_number=1)
         ctx = {"ds": "2026-03-01", "ti": ti, "run_id": "scheduled__2026-03-01T00:00:00+00:00", "dag": d}
         op.render_template_fields(ctx)
@@ -52,21 +53,26 @@ def _parse(tmp_path, **env: str) -> dict:
 def k8s_dag(tmp_path_factory) -> dict:
     return _parse(tmp_path_factory.mktemp("af"), FLYWHEEL_TRAINING_RUNNER="kubernetes", FLYWHEEL_GPU_POOL="gpu-a100",
                   FLYWHEEL_TRAINING_IMAGE="registry.local/flywheel:1.2.3-cuda", FLYWHEEL_TRAINING_GPUS="2",
-                  FLYWHEEL_TRAINING_CPUS="8", FLYWHEEL_TRAINING_MEMORY="32Gi", FLYWHEEL_TRAINING_NAMESPACE="ml")
+                  FLYWHEEL_TRAINING_CPUS="8", FLYWHEEL_TRAINING_MEMORY="32Gi", FLYWHEEL_TRAINING_NAMESPACE="ml",
+                  FLYWHEEL_KUEUE_QUEUE="flywheel-training")
 
 
 def test_kubernetes_runner_makes_train_a_pod_operator_in_the_gpu_pool(k8s_dag, tmp_path):
     info = k8s_dag
     assert info["errors"] == {} and info["heavy"] == []
-    assert info["type"] == "KubernetesPodOperator" and info["pool"] == "gpu-a100" and info["xcom"] is True
-    assert info["upstream"] == ["validate"] and info["downstream"] == ["evaluate"] and info["retries"] == 2
+    assert info["type"] == "TrainingPodOperator" and info["pool"] == "gpu-a100" and info["xcom"] is True
+    # preemptions retry for the whole night (8 h / 60 s); real failures fail fast (see the cleanup test below)
+    assert info["upstream"] == ["validate"] and info["downstream"] == ["evaluate"] and info["retries"] == 480
     local = _parse(tmp_path)
-    assert local["errors"] == {} and local["type"] != "KubernetesPodOperator" and local["pool"] == "default_pool"
+    assert local["errors"] == {} and local["type"] != "TrainingPodOperator" and local["pool"] == "default_pool"
 
 
 def test_pod_request_runs_train_for_the_rendered_day_with_gpu_priority_and_secrets(k8s_dag):
     pod = k8s_dag["pod"]
     assert pod["metadata"]["namespace"] == "ml" and pod["metadata"]["labels"]["flywheel/day"] == "2026-03-01"
+    # queued through Kueue: the pod carries the LocalQueue label and the task waits for admission all night
+    assert pod["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "flywheel-training"
+    assert k8s_dag["queue"] == "flywheel-training" and k8s_dag["schedule_timeout"] == 8 * 3600
     assert pod["metadata"]["name"].startswith("flywheel-train-2026-03-01")
     train, sidecar = pod["spec"]["containers"]
     assert train["name"] == "train" and sidecar["name"] == "airflow-xcom-sidecar"
@@ -116,3 +122,69 @@ def test_with_xcom_writes_only_a_result_that_exists(tmp_path):
     with pytest.raises(RuntimeError, match="no validated data"):
         with_xcom(failing, path)("2026-03-02")
     assert not path.exists()
+
+
+CLEANUP = """
+import json, sys
+from datetime import UTC, datetime, timedelta
+from kubernetes.client import V1ContainerState, V1ContainerStateTerminated, V1ContainerStatus, V1ObjectMeta, V1Pod, \\
+    V1PodCondition, V1PodStatus
+from airflow.providers.common.compat.sdk import AirflowException
+from airflow.sdk.exceptions import AirflowFailException
+from pipeline.orchestration.k8s_operator import TrainingPodOperator
+
+def pod(code, reason=None, condition=None, pod_reason=None):
+    term = V1ContainerStateTerminated(exit_code=code, reason=reason)
+    status = V1ContainerStatus(name="train", state=V1ContainerState(terminated=term), image="i", image_id="i",
+                               ready=False, restart_count=0)
+    conds = [V1PodCondition(type="DisruptionTarget", status="True", reason=condition)] if condition else None
+    return V1Pod(metadata=V1ObjectMeta(name="flywheel-train-x", namespace="ml"),
+                 status=V1PodStatus(phase="Failed", reason=pod_reason, container_statuses=[status], conditions=conds))
+
+op = TrainingPodOperator(task_id="train", deadline_h=8, name="x", image="i", base_container_name="train",
+                         namespace="ml", do_xcom_push=False, on_finish_action="keep_pod")
+out = {}
+cases = {"sigterm": pod(143), "sigkill": pod(137, "Error"), "evicted": pod(137, pod_reason="Evicted"),
+         "scheduler": pod(143, condition="PreemptionByScheduler"), "taint": pod(137, condition="DeletionByTaintManager"),
+         "oom": pod(137, "OOMKilled"), "crash": pod(1, "Error")}
+for late in (False, True):
+    op._deadline = datetime.now(UTC) + timedelta(hours=-1 if late else 1)
+    for name, p in cases.items():
+        try:
+            op.judge(p, AirflowException('Pod flywheel-train-x returned a failure.'))
+            out[f"{name}{'-late' if late else ''}"] = "ok"
+        except AirflowFailException as e:
+            out[f"{name}{'-late' if late else ''}"] = "fail: " + str(e)
+        except AirflowException as e:
+            out[f"{name}{'-late' if late else ''}"] = "retry: " + str(e)
+print(json.dumps(out))
+"""
+
+
+def test_preempted_pods_retry_and_failed_pods_fail_fast(tmp_path):
+    """What `TrainingPodOperator.cleanup` raises once the provider has found the pod failed (the provider's own
+    check needs a cluster, so the verdict is called with the exception it raises)."""
+    env = {"AIRFLOW_HOME": str(tmp_path), "PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, "-c", CLEANUP], env=env, capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    for name in ("sigterm", "sigkill", "evicted", "scheduler", "taint"):
+        assert got[name].startswith("retry: training was preempted"), (name, got[name])
+        assert got[f"{name}-late"].startswith("fail: ") and "deadline" in got[f"{name}-late"], got[f"{name}-late"]
+    assert "Evicted" in got["evicted"] and "PreemptionByScheduler" in got["scheduler"]
+    for name in ("oom", "crash", "oom-late", "crash-late"):
+        assert got[name].startswith("fail: training failed"), (name, got[name])
+    assert "OOMKilled" in got["oom"]
+
+
+def test_classify_reads_exit_codes_and_reasons():
+    from pipeline.errors import Preempted, TrainingFailed
+    from pipeline.orchestration.preemption import classify, classify_pod
+
+    assert isinstance(classify(-9, []), Preempted) and isinstance(classify(143, []), Preempted)
+    assert isinstance(classify(137, ["OOMKilled"]), TrainingFailed)
+    assert isinstance(classify(2, []), TrainingFailed) and isinstance(classify(0, ["Evicted"]), Preempted)
+    assert isinstance(classify_pod(None, "train"), Preempted)  # deleted under us
+    api = {"metadata": {"name": "p"}, "status": {"reason": "Evicted", "containerStatuses": [
+        {"name": "train", "state": {"terminated": {"exitCode": 137, "reason": "Error"}}}]}}
+    assert isinstance(classify_pod(api, "train"), Preempted)

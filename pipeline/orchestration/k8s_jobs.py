@@ -1,0 +1,118 @@
+"""The night's training as a Kubernetes job for a shared cluster: a single pod, an elastic Kubeflow `PyTorchJob`, or
+a Kubeflow Trainer `TrainJob` (`training_job_kind`), optionally queued through Kueue (`kueue_queue`).
+
+All three are built from the one reviewed pod template (`k8s.training_pod`): same image, secrets, security context,
+low `PriorityClass` and GPU tolerations. The distributed kinds run the pod's entry point under torchrun elastic:
+
+    torchrun --nnodes=MIN:MAX --nproc-per-node=GPUS --rdzv-backend=c10d --rdzv-endpoint=<job>-worker-0:29400
+             --max-restarts=N -m pipeline.learn.ddp_train --checkpoint-dir <checkpoint_uri>/<day> ...
+
+A worker that is preempted leaves the rendezvous, the others restart from the newest checkpoint in object storage
+with the smaller world size, and a worker that comes back joins at the next restart (`ddp_train`'s docstring says
+why the result stays the same). `restartPolicy: ExitCode` lets the training operator restart a pod killed by a
+signal (exit >= 128, preemption) and fail one whose trainer exited 1-127 (a real failure), the same split the
+Airflow task makes (`preemption.classify`).
+
+With `kueue_queue` set, the job carries the `kueue.x-k8s.io/queue-name` label: Kueue holds it (suspended job,
+gated pod) until its ClusterQueue has quota, instead of the API server refusing it, and `activeDeadlineSeconds`
+bounds the whole wait + run by the night's deadline.
+"""
+
+from __future__ import annotations
+
+import copy
+from datetime import date
+
+from pipeline.config import Settings
+from pipeline.orchestration.k8s import training_pod
+
+QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+PYTORCH_CONTAINER = "pytorch"  # the training operator finds the container by this name
+RDZV_PORT = 29400
+
+
+def job_name(day: date | str) -> str:
+    return f"flywheel-train-{day.isoformat() if isinstance(day, date) else day}"
+
+
+def ddp_args(s: Settings, day: str) -> list[str]:
+    """The pod entry point's arguments for one day: inputs staged on the shared volume, checkpoints in the store."""
+    base = f"/data/{day}"
+    ckpt = f"{s.checkpoint_uri.rstrip('/')}/{day}" if s.checkpoint_uri else f"{base}/checkpoints"
+    return ["-m", "pipeline.learn.ddp_train", "--data", f"{base}/train.parquet", "--init", f"{base}/parent",
+            "--out", f"{base}/bundle", "--checkpoint-dir", ckpt]
+
+
+def torchrun_command(s: Settings, name: str) -> list[str]:
+    return ["torchrun", f"--nnodes={s.training_min_nodes}:{s.training_max_nodes}",
+            f"--nproc-per-node={max(1, s.training_gpus)}", "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={name}-worker-0:{RDZV_PORT}", f"--rdzv-id={name}",
+            f"--max-restarts={s.training_max_restarts}"]
+
+
+def deadline_seconds(s: Settings) -> int:
+    return int(s.training_deadline_h * 3600)
+
+
+def _labels(s: Settings, day: str) -> dict[str, str]:
+    labels = {"app.kubernetes.io/name": "flywheel-train", "app.kubernetes.io/part-of": "flywheel", "flywheel/day": day}
+    if s.kueue_queue:
+        labels[QUEUE_LABEL] = s.kueue_queue
+    return labels
+
+
+def queued_pod(s: Settings, day: str, xcom: bool = False) -> dict:
+    """The single training pod, with the Kueue label when a queue is configured (Kueue's pod integration)."""
+    pod = training_pod(s, day, xcom)
+    pod["metadata"]["labels"].update(_labels(s, day))
+    return pod
+
+
+def pytorch_job(s: Settings, day: str) -> dict:
+    """A Kubeflow training-operator `PyTorchJob` (kubeflow.org/v1) with an elastic policy: MIN..MAX workers."""
+    name = job_name(day)
+    pod = training_pod(s, day)
+    spec = copy.deepcopy(pod["spec"])
+    spec.pop("restartPolicy", None)  # the replica spec's restartPolicy governs the pods
+    container = spec["containers"][0]
+    container["name"] = PYTORCH_CONTAINER
+    container["command"] = torchrun_command(s, name)
+    container["args"] = ddp_args(s, day)
+    return {
+        "apiVersion": "kubeflow.org/v1", "kind": "PyTorchJob",
+        "metadata": {"name": name, "namespace": s.training_namespace, "labels": _labels(s, day)},
+        "spec": {
+            "elasticPolicy": {"minReplicas": s.training_min_nodes, "maxReplicas": s.training_max_nodes,
+                              "rdzvBackend": "c10d", "rdzvPort": RDZV_PORT, "maxRestarts": s.training_max_restarts},
+            "runPolicy": {"cleanPodPolicy": "None", "activeDeadlineSeconds": deadline_seconds(s),
+                          "backoffLimit": s.training_max_restarts,
+                          "schedulingPolicy": {"priorityClass": s.training_priority_class}},
+            "pytorchReplicaSpecs": {"Worker": {
+                "replicas": s.training_max_nodes, "restartPolicy": "ExitCode",
+                "template": {"metadata": {"labels": _labels(s, day)}, "spec": spec}}},
+        },
+    }
+
+
+def train_job(s: Settings, day: str, runtime: str = "torch-distributed") -> dict:
+    """A Kubeflow Trainer `TrainJob` (trainer.kubeflow.org/v1alpha1) on a torch ClusterTrainingRuntime. Elasticity
+    and the pod's priority/tolerations come from the runtime (an admin object, see infra/README.md)."""
+    name = job_name(day)
+    container = training_pod(s, day)["spec"]["containers"][0]
+    resources = copy.deepcopy(container["resources"])
+    return {
+        "apiVersion": "trainer.kubeflow.org/v1alpha1", "kind": "TrainJob",
+        "metadata": {"name": name, "namespace": s.training_namespace, "labels": _labels(s, day)},
+        "spec": {
+            "runtimeRef": {"name": runtime, "apiGroup": "trainer.kubeflow.org", "kind": "ClusterTrainingRuntime"},
+            "activeDeadlineSeconds": deadline_seconds(s),
+            "trainer": {"image": s.training_image, "command": [*torchrun_command(s, name), *ddp_args(s, day)],
+                        "numNodes": s.training_max_nodes, "resourcesPerNode": resources,
+                        "env": [e for e in container.get("env", []) if "valueFrom" not in e]},
+        },
+    }
+
+
+def training_job(s: Settings, day: str) -> dict:
+    """What `training_job_kind` selects, for one day."""
+    return {"pod": queued_pod, "pytorchjob": pytorch_job, "trainjob": train_job}[s.training_job_kind](s, day)
