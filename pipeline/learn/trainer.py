@@ -9,6 +9,7 @@ single-process one: the loss curve does not depend on the number of processes.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import logging
 import math
@@ -24,6 +25,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from pipeline.learn import calibration
+from pipeline.learn.calibration import Calibration
 from pipeline.learn.checkpoint import Checkpointer, fingerprint
 from pipeline.learn.holdout import split_by_time
 from pipeline.learn.model import ModelBundle
@@ -58,6 +61,7 @@ class FitResult:
     resumed_at_step: int = 0
     optimizer_restored: bool = False
     lr: float | None = None
+    calibration: Calibration = field(default_factory=Calibration)
 
 
 def _distributed() -> tuple[int, int]:
@@ -217,6 +221,7 @@ def fit(bundle: ModelBundle, frame: pd.DataFrame | Encoded, label: str, *, epoch
         lr=lr, seed=seed, patience=patience, anchor=anchor_l2, world=world,
         valid=0 if valid is None else len(valid))
     torch.manual_seed(seed)
+    bundle.net.calibration = Calibration()  # the weights are about to move: the old map no longer describes them
     net = bundle.net.to(device)
     model: nn.Module = net
     if world > 1:
@@ -256,7 +261,7 @@ def fit(bundle: ModelBundle, frame: pd.DataFrame | Encoded, label: str, *, epoch
             c, x, t, sw = (v[mine].to(device, non_blocking=True) for v in (cat, num, y, w))
             with torch.autocast(device_type=device.type, dtype=amp_dtype or torch.bfloat16,
                                 enabled=amp_dtype is not None):
-                logits = model(c, x)
+                logits = model(c, x, calibrated=False)
             per_row = nn.functional.binary_cross_entropy_with_logits(logits.float(), t, reduction="none")
             data_loss = (per_row * sw).sum() / batch_weight
             loss = data_loss * world
@@ -318,7 +323,7 @@ def _encode_valid(bundle: ModelBundle, valid: pd.DataFrame | Encoded, label: str
 def _val_loss(net: nn.Module, data: tuple[torch.Tensor, ...], device: torch.device) -> float:
     net.eval()
     cat, num, y = (v.to(device) for v in data)
-    return float(nn.functional.binary_cross_entropy_with_logits(net(cat, num).float(), y))
+    return float(nn.functional.binary_cross_entropy_with_logits(net(cat, num, calibrated=False).float(), y))
 
 
 def wants_validation(settings, rows: int) -> bool:
@@ -359,7 +364,8 @@ def fit_increment(bundle: ModelBundle, new_rows: pd.DataFrame | Encoded, label: 
 
     candidates = list(dict.fromkeys(s.lr_candidates)) if valid is not None else []
     if len(candidates) < 2:
-        return attempt(bundle, candidates[0] if candidates else s.learning_rate)
+        result = attempt(bundle, candidates[0] if candidates else s.learning_rate)
+        return dataclasses.replace(result, calibration=calibrate(bundle, valid, label, s))
     # Each rate starts from the same parent; the one with the best validation loss is kept. Checkpoints are
     # bound to their rate, so a resumed night redoes finished candidates and resumes the interrupted one.
     tried = []
@@ -369,4 +375,33 @@ def fit_increment(bundle: ModelBundle, new_rows: pd.DataFrame | Encoded, label: 
     _, lr, best, result = min(tried, key=lambda t: (t[0], t[1]))
     bundle.net, bundle.optimizer_state = best.net, best.optimizer_state
     log.info("learning rate chosen on the validation slice", extra={"lr": lr, "tried": candidates})
-    return result
+    return dataclasses.replace(result, calibration=calibrate(bundle, valid, label, s))
+
+
+def calibrate(bundle: ModelBundle, rows: pd.DataFrame | Encoded | None, label: str, settings) -> Calibration:
+    """Fit and install the bundle's calibration on a time-later slice its weights did not train on (the
+    validation slice: never the evaluation holdout, so the gate's log-loss and ECE stay honest). Without a
+    slice the model keeps the identity: a parent's map describes the parent's logits, not these."""
+    cal = Calibration()
+    if rows is not None and len(rows):
+        v = rows if isinstance(rows, Encoded) else Encoded.of(bundle, rows, label)
+        cal = calibration.fit(bundle.raw_logits(v.cat, v.num), v.y.numpy(), settings.calibration,
+                              settings.calibration_min_rows)
+    bundle.net.calibration = cal
+    log.info("calibration fitted", extra={"scale": round(cal.scale, 4), "shift": round(cal.shift, 4),
+                                          "rows": cal.rows, "method": cal.method})
+    return cal
+
+
+def fit_first(bundle: ModelBundle, rows: pd.DataFrame, label: str, time_col: str, settings, *, epochs: int,
+              device: torch.device | None = None) -> FitResult:
+    """The first model (bootstrap): like a night, the time-latest `validation_fraction` of the training rows
+    is kept apart to keep the best epoch and to fit the calibration, so the first champion's scores mean
+    what they say instead of carrying the history's overfit into every later log-loss and ECE comparison."""
+    s = settings
+    fit_rows, valid = rows, None
+    if wants_validation(s, len(rows)):
+        fit_rows, valid = split_by_time(rows, time_col, s.validation_fraction)
+    result = fit(bundle, fit_rows, label, epochs=epochs, batch_size=s.batch_size, lr=s.learning_rate,
+                 seed=s.seed, device=device, valid=valid, patience=s.early_stopping_patience)
+    return dataclasses.replace(result, calibration=calibrate(bundle, valid, label, s))
