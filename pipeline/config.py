@@ -155,6 +155,24 @@ class Settings(BaseSettings):
                                        "default home/checkpoints.")
     lr_candidates: tuple[float, ...] = Field(default=(), description="Nightly learning rates tried on the "
                                              "validation slice, best kept; empty = learning_rate only.")
+    calibration: Literal["platt", "temperature", "none"] = Field(
+        default="platt", description="Post-hoc calibration fitted on the validation slice after every training.")
+    calibration_min_rows: int = Field(default=50, ge=2, description="Smaller slices keep the identity map.")
+    # --- drift-reactive challengers (issue 13) ---
+    drift_challengers: tuple[Literal["shrink", "fresh"], ...] = Field(
+        default=("shrink", "fresh"), description="Extra candidates trained on a drift night beside the warm "
+        "start (shrink-and-perturb, a fresh model on the recent window); the gate picks on the holdout. ()=off.")
+    drift_auc_drop: float = Field(default=0.05, ge=0, description="A drift night also when the champion's AUC on "
+                                  "the day's validation slice is this far below its holdout AUC; 0 = off.")
+    drift_auc_min_rows: int = Field(default=200, ge=2, description="Smaller validation slices do not judge the "
+                                    "champion's AUC (too noisy to call a drop).")
+    drift_window_days: int = Field(default=3, ge=1, description="Days (today included) the fresh model learns from.")
+    drift_window_max_rows: int = Field(default=500_000, ge=1, description="Cap on the fresh model's rows (newest kept).")
+    shrink_factor: float = Field(default=0.5, gt=0, le=1, description="Shrink-and-perturb: weight kept.")
+    perturb_scale: float = Field(default=0.1, ge=0, description="Shrink-and-perturb: share of a fresh init added.")
+    drift_lr_factor: float = Field(default=3.0, gt=0, description="Shrink policy: learning rate multiple, cold Adam.")
+    drift_budget_s: float = Field(default=0.0, ge=0, description="Extra challengers start only while the night's "
+                                  "training has taken less than this many seconds; 0 = no limit.")
 
     max_auc_regression: float = Field(default=0.005, ge=0, description="Promotion gate vs champion.")
     min_auc: float = Field(default=0.5, ge=0, le=1, description="Promotion gate: absolute floor.")

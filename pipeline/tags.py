@@ -31,6 +31,8 @@ class Tag(StrEnum):
     MODEL_ID = "flywheel.model_id"
     MIGRATION = "flywheel.migration"
     METRICS = "flywheel.metrics"
+    POLICY = "flywheel.policy"                # which training policy made the model (warm / shrink / fresh)
+    DRIFT_TRIGGER = "flywheel.drift_trigger"  # why a night trained drift challengers ("none" when it did not)
     # the promotion gate's decision, written by evaluate/register, read by promote and review
     GATE_PASSED = "flywheel.gate_passed"
     GATE_REASON = "flywheel.gate_reason"

@@ -24,12 +24,15 @@ from torch import nn
 
 from feature_store.spec import FeatureSpec, MigrationPlan
 from feature_store.vocab import Vocabulary, count
+from pipeline.learn.calibration import Calibration
 
 FORMAT_VERSION = 1
 
 
 class CTRNet(nn.Module):
-    """Per-feature embeddings (plus a scalar bias per category) and normalised numerics into an MLP."""
+    """Per-feature embeddings (plus a scalar bias per category) and normalised numerics into an MLP, whose
+    logit goes through the model's calibration (see `pipeline.learn.calibration`) unless `calibrated=False`:
+    the server calls the net directly, so the calibration has to live here to reach every scoring path."""
 
     def __init__(self, cardinalities: list[int], n_numeric: int, dim: int, hidden: tuple[int, ...]) -> None:
         super().__init__()
@@ -46,14 +49,15 @@ class CTRNet(nn.Module):
             nn.init.normal_(e.weight, std=0.05)
         for b in self.biases:
             nn.init.zeros_(b.weight)
+        self.calibration = Calibration()
 
-    def forward(self, cat: torch.Tensor, num: torch.Tensor) -> torch.Tensor:
+    def forward(self, cat: torch.Tensor, num: torch.Tensor, calibrated: bool = True) -> torch.Tensor:
         parts = [emb(cat[:, i]) for i, emb in enumerate(self.embeddings)]
         x = torch.cat([*parts, num], dim=1) if parts else num
         out = self.mlp(x).squeeze(1)
         for i, b in enumerate(self.biases):
             out = out + b(cat[:, i]).squeeze(1)
-        return out
+        return self.calibration.apply(out) if calibrated else out
 
     def grow(self, cardinalities: list[int], seed: int = 0) -> list[int]:
         """Enlarge embedding tables in place: old rows copied, new rows initialised (seeded, so a rerun of a
@@ -169,6 +173,7 @@ class ModelBundle:
         stats = numeric_stats or {}
         self.norm = {n: self.norm[p] if (p := parent_of[n]) is not None else stats.get(n, (0.0, 1.0))
                      for n in spec.numeric}
+        net.calibration = self.net.calibration  # the migrated twin scores exactly as the parent did
         self.vocabs, self.net, self.optimizer_state = vocabs, net, None
         self.categorical, self.numeric, self.spec_digest = list(spec.categorical), list(spec.numeric), spec.digest
         return plan
@@ -210,6 +215,19 @@ class ModelBundle:
             num = np.zeros((n, 0), dtype=np.float32)
         return torch.from_numpy(cat), torch.from_numpy(num)
 
+    @property
+    def calibration(self) -> Calibration:
+        return self.net.calibration
+
+    @torch.inference_mode()
+    def raw_logits(self, cat: torch.Tensor, num: torch.Tensor, batch_rows: int = 65_536) -> np.ndarray:
+        """The network's uncalibrated logits, in batches: what a calibration is fitted on."""
+        self.net.eval()
+        device = next(self.net.parameters()).device
+        out = [self.net(cat[i:i + batch_rows].to(device), num[i:i + batch_rows].to(device), calibrated=False)
+               .float().cpu().numpy() for i in range(0, len(cat), batch_rows)]
+        return np.concatenate(out).astype(np.float64) if out else np.zeros(0)
+
     @torch.inference_mode()
     def predict(self, data: pd.DataFrame | pa.Table) -> np.ndarray:
         frame = data.to_pandas() if isinstance(data, pa.Table) else data
@@ -229,6 +247,7 @@ class ModelBundle:
             "embedding_dim": self.embedding_dim,
             "hidden": list(self.hidden),
             "numeric_clip": self.numeric_clip,
+            "calibration": self.net.calibration.to_dict(),
         }
         (directory / "config.json").write_text(json.dumps(config, indent=2))
         (directory / "vocab.json").write_text(json.dumps({c: v.to_dict() for c, v in self.vocabs.items()}))
@@ -248,6 +267,7 @@ class ModelBundle:
         net = CTRNet([vocabs[c].size for c in config["categorical"]], len(config["numeric"]),
                      config["embedding_dim"], hidden)
         net.load_state_dict(load_file(str(directory / "weights.safetensors")))
+        net.calibration = Calibration.from_dict(config.get("calibration"))
         norm = {k: (float(v[0]), float(v[1])) for k, v in config["norm"].items()}
         return cls(config["spec_digest"], config["categorical"], config["numeric"], vocabs, norm,
                    config["embedding_dim"], hidden, net, load_optimizer(directory),
@@ -258,6 +278,8 @@ class ModelBundle:
         for k, v in sorted(self.net.state_dict().items()):
             h.update(k.encode())
             h.update(v.detach().cpu().numpy().tobytes())
+        if not self.net.calibration.identity:  # the scoring function, not only the weights
+            h.update(repr((self.net.calibration.scale, self.net.calibration.shift)).encode())
         return h.hexdigest()[:16]
 
 

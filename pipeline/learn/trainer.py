@@ -9,6 +9,7 @@ single-process one: the loss curve does not depend on the number of processes.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import logging
 import math
@@ -24,6 +25,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from pipeline.learn import calibration
+from pipeline.learn.calibration import Calibration
 from pipeline.learn.checkpoint import Checkpointer, fingerprint
 from pipeline.learn.holdout import split_by_time
 from pipeline.learn.model import ModelBundle
@@ -58,6 +61,7 @@ class FitResult:
     resumed_at_step: int = 0
     optimizer_restored: bool = False
     lr: float | None = None
+    calibration: Calibration = field(default_factory=Calibration)
 
 
 def _distributed() -> tuple[int, int]:
@@ -191,6 +195,121 @@ def encode_parquet(bundle: ModelBundle, path: str | Path, label: str, *, batch_r
     return Encoded(cat, num, y)
 
 
+@dataclass
+class LoopState:
+    """Where a fit stands: what a checkpoint saves and a resume restores, whole. `batch` is the next batch of
+    `epoch` to run and `total` the weighted loss of `epoch`'s batches so far; `best_state` holds the weights of
+    the best validated epoch (kept when a later one is worse)."""
+
+    epoch: int = 0
+    batch: int = 0
+    step: int = 0
+    total: float = 0.0
+    losses: list[float] = field(default_factory=list)
+    val_losses: list[float] = field(default_factory=list)
+    best_loss: float = math.inf
+    best_epoch: int | None = None
+    bad: int = 0
+    best_state: dict[str, torch.Tensor] | None = None
+
+    def as_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, saved: dict) -> LoopState:
+        return cls(**{f.name: saved[f.name] for f in dataclasses.fields(cls)})
+
+
+@dataclass
+class _Loop:
+    """The fixed parts of one fit: the rows as tensors, the network (and its DDP wrapper), the optimizer."""
+
+    net: nn.Module
+    model: nn.Module
+    opt: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    amp_dtype: torch.dtype | None
+    device: torch.device
+    rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+    anchor: dict[str, torch.Tensor]
+    anchor_l2: float
+    batch_size: int
+    seed: int
+    rank: int
+    world: int
+
+    def step(self, idx: torch.Tensor) -> float:
+        """One optimizer step on the global batch `idx` (this rank's stride of it); returns its weighted loss."""
+        w = self.rows[3]
+        batch_weight = float(w[idx].sum()) or 1.0
+        c, x, t, sw = (v[idx[self.rank::self.world]].to(self.device, non_blocking=True) for v in self.rows)
+        with torch.autocast(device_type=self.device.type, dtype=self.amp_dtype or torch.bfloat16,
+                            enabled=self.amp_dtype is not None):
+            logits = self.model(c, x, calibrated=False)
+        per_row = nn.functional.binary_cross_entropy_with_logits(logits.float(), t, reduction="none")
+        data_loss = (per_row * sw).sum() / batch_weight
+        loss = data_loss * self.world
+        if self.anchor:
+            loss = loss + 0.5 * self.anchor_l2 * sum(((p - self.anchor[k]) ** 2).sum()
+                                                     for k, p in self.net.named_parameters())
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        part = data_loss.detach()
+        if self.world > 1:
+            dist.all_reduce(part)
+        return float(part) * batch_weight
+
+    def epoch(self, state: LoopState, checkpointer: Checkpointer | None, job: str) -> None:
+        """Run `state.epoch` from `state.batch` on (the order is a function of seed and epoch, so a resumed
+        epoch continues with exactly the batches an uninterrupted one would have seen)."""
+        self.model.train()
+        n = len(self.rows[2])
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100_003 + state.epoch))
+        for b, begin in enumerate(range(0, n, self.batch_size)):
+            if b < state.batch:
+                continue
+            state.total += self.step(order[begin:begin + self.batch_size])
+            state.step, state.batch = state.step + 1, b + 1
+            if checkpointer is not None and self.rank == 0 and checkpointer.due(state.step):
+                checkpointer.save(job, {**state.as_dict(), "net": _state_cpu(self.net), "opt": _opt_cpu(self.opt)})
+
+    def close_epoch(self, state: LoopState, val_data: tuple[torch.Tensor, ...] | None, patience: int) -> bool:
+        """Book the finished epoch (its mean loss, validation loss, best weights); True when training stops."""
+        mean = state.total / float(self.rows[3].sum())
+        if not math.isfinite(mean):
+            raise FloatingPointError(f"training diverged at epoch {state.epoch}: loss {mean}")
+        state.losses.append(mean)
+        stop = False
+        if val_data is not None:
+            vl = _val_loss(self.net, val_data, self.device)
+            state.val_losses.append(vl)
+            if vl < state.best_loss - 1e-6:
+                state.best_loss, state.best_epoch, state.bad, state.best_state = vl, state.epoch, 0, _state_cpu(self.net)
+            else:
+                state.bad += 1
+                stop = patience > 0 and state.bad >= patience
+        log.info("epoch done", extra={"epoch": state.epoch, "loss": round(mean, 5), "rows": len(self.rows[2]),
+                                      "val_loss": round(state.val_losses[-1], 5) if state.val_losses else None})
+        state.epoch, state.batch, state.total = state.epoch + 1, 0, 0.0
+        return stop
+
+
+def _tensors(bundle: ModelBundle, frame: pd.DataFrame | Encoded, label: str,
+             sample_weight: np.ndarray | None) -> tuple[torch.Tensor, ...]:
+    n = len(frame)
+    weights = np.ones(n, dtype=np.float32) if sample_weight is None else np.asarray(sample_weight, np.float32)
+    if len(weights) != n:
+        raise ValueError(f"sample_weight has {len(weights)} entries for {n} rows")
+    if isinstance(frame, Encoded):
+        cat, num, y = frame.cat, frame.num, frame.y
+    else:
+        cat, num = bundle.encode(frame)
+        y = torch.from_numpy(frame[label].to_numpy(dtype=np.float32))
+    return cat, num, y, torch.from_numpy(weights)
+
+
 def fit(bundle: ModelBundle, frame: pd.DataFrame | Encoded, label: str, *, epochs: int, batch_size: int, lr: float,
         seed: int, device: torch.device | None = None, sample_weight: np.ndarray | None = None,
         valid: pd.DataFrame | Encoded | None = None, patience: int = 0, anchor_l2: float = 0.0,
@@ -202,104 +321,46 @@ def fit(bundle: ModelBundle, frame: pd.DataFrame | Encoded, label: str, *, epoch
         raise ValueError("refusing to train on zero rows")
     device = device or pick_device()
     rank, world = _distributed()
-    n = len(frame)
-    weights = np.ones(n, dtype=np.float32) if sample_weight is None else np.asarray(sample_weight, np.float32)
-    if len(weights) != n:
-        raise ValueError(f"sample_weight has {len(weights)} entries for {n} rows")
-    if isinstance(frame, Encoded):
-        cat, num, y = frame.cat, frame.num, frame.y
-    else:
-        cat, num = bundle.encode(frame)
-        y = torch.from_numpy(frame[label].to_numpy(dtype=np.float32))
-    w = torch.from_numpy(weights)
+    rows = _tensors(bundle, frame, label, sample_weight)
     job = "" if checkpointer is None else fingerprint(
-        start=bundle.weights_digest(), data=_data_digest(cat, num, y, w), epochs=epochs, batch_size=batch_size,
+        start=bundle.weights_digest(), data=_data_digest(*rows), epochs=epochs, batch_size=batch_size,
         lr=lr, seed=seed, patience=patience, anchor=anchor_l2, world=world,
         valid=0 if valid is None else len(valid))
     torch.manual_seed(seed)
+    bundle.net.calibration = Calibration()  # the weights are about to move: the old map no longer describes them
     net = bundle.net.to(device)
     model: nn.Module = net
     if world > 1:
         model = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
     if device.type == "cuda":
-        cat, num, y, w = (t if t.is_pinned() else t.pin_memory() for t in (cat, num, y, w))
+        rows = tuple(t if t.is_pinned() else t.pin_memory() for t in rows)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     restored = restore_optimizer(opt, optimizer_state)
     amp_dtype = autocast_dtype(device)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype is torch.float16)
-    anchor = {k: v.detach().clone() for k, v in net.named_parameters()} if anchor_l2 > 0 else {}
+    loop = _Loop(net, model, opt, torch.amp.GradScaler("cuda", enabled=amp_dtype is torch.float16), amp_dtype,
+                 device, rows, {k: v.detach().clone() for k, v in net.named_parameters()} if anchor_l2 > 0 else {},
+                 anchor_l2, batch_size, seed, rank, world)
     val_data = _encode_valid(bundle, valid, label) if valid is not None and len(valid) else None
-
-    start = {"epoch": 0, "batch": 0, "step": 0, "total": 0.0, "losses": [], "val_losses": [],
-             "best_loss": math.inf, "best_epoch": None, "bad": 0, "best_state": None}
+    state = LoopState()
     saved = checkpointer.load(job) if checkpointer is not None else None
     if saved is not None:
         net.load_state_dict(saved["net"])
         opt.load_state_dict(saved["opt"])
-        start = {k: saved[k] for k in start}
-    resumed_at = start["step"] if saved is not None else 0
-    losses, val_losses = list(start["losses"]), list(start["val_losses"])
-    best_loss, best_epoch, bad, best_state = start["best_loss"], start["best_epoch"], start["bad"], start["best_state"]
-    step = start["step"]
-    stopped = False
-    for epoch in range(start["epoch"], epochs):
-        model.train()
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-        first_batch = start["batch"] if epoch == start["epoch"] else 0
-        total = start["total"] if epoch == start["epoch"] else 0.0
-        for b, begin in enumerate(range(0, n, batch_size)):
-            if b < first_batch:
-                continue
-            idx = order[begin:begin + batch_size]
-            batch_weight = float(w[idx].sum()) or 1.0
-            mine = idx[rank::world]
-            c, x, t, sw = (v[mine].to(device, non_blocking=True) for v in (cat, num, y, w))
-            with torch.autocast(device_type=device.type, dtype=amp_dtype or torch.bfloat16,
-                                enabled=amp_dtype is not None):
-                logits = model(c, x)
-            per_row = nn.functional.binary_cross_entropy_with_logits(logits.float(), t, reduction="none")
-            data_loss = (per_row * sw).sum() / batch_weight
-            loss = data_loss * world
-            if anchor:
-                loss = loss + 0.5 * anchor_l2 * sum(((p - anchor[k]) ** 2).sum() for k, p in net.named_parameters())
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            step += 1
-            part = data_loss.detach()
-            if world > 1:
-                dist.all_reduce(part)
-            total += float(part) * batch_weight
-            if checkpointer is not None and rank == 0 and checkpointer.due(step):
-                checkpointer.save(job, {
-                    "epoch": epoch, "batch": b + 1, "step": step, "total": total, "losses": losses,
-                    "val_losses": val_losses, "best_loss": best_loss, "best_epoch": best_epoch, "bad": bad,
-                    "best_state": best_state, "net": _state_cpu(net), "opt": _opt_cpu(opt)})
-        mean = total / float(w.sum())
-        if not math.isfinite(mean):
-            raise FloatingPointError(f"training diverged at epoch {epoch}: loss {mean}")
-        losses.append(mean)
-        if val_data is not None:
-            vl = _val_loss(net, val_data, device)
-            val_losses.append(vl)
-            if vl < best_loss - 1e-6:
-                best_loss, best_epoch, bad, best_state = vl, epoch, 0, _state_cpu(net)
-            else:
-                bad += 1
-                stopped = patience > 0 and bad >= patience
-        log.info("epoch done", extra={"epoch": epoch, "loss": round(mean, 5), "rows": n,
-                                      "val_loss": round(val_losses[-1], 5) if val_losses else None})
-        if stopped:
+        state = LoopState.from_dict(saved)
+    resumed_at = state.step
+    while state.epoch < epochs:
+        loop.epoch(state, checkpointer, job)
+        if loop.close_epoch(state, val_data, patience):
             break
-    if best_state is not None and val_losses and val_losses[-1] > best_loss:
-        net.load_state_dict(best_state)
+    if state.best_state is not None and state.val_losses and state.val_losses[-1] > state.best_loss:
+        net.load_state_dict(state.best_state)
     net.to("cpu")
     bundle.optimizer_state = _opt_cpu(opt)
     if checkpointer is not None and rank == 0:
         checkpointer.clear()
-    return FitResult(len(losses), n * len(losses), losses, device.type, val_losses, best_epoch, step, resumed_at,
-                     restored, lr)
+    n = len(rows[2])
+    return FitResult(len(state.losses), n * len(state.losses), state.losses, device.type, state.val_losses,
+                     state.best_epoch, state.step, resumed_at, restored, lr)
 
 
 def _data_digest(*tensors: torch.Tensor) -> str:
@@ -318,7 +379,7 @@ def _encode_valid(bundle: ModelBundle, valid: pd.DataFrame | Encoded, label: str
 def _val_loss(net: nn.Module, data: tuple[torch.Tensor, ...], device: torch.device) -> float:
     net.eval()
     cat, num, y = (v.to(device) for v in data)
-    return float(nn.functional.binary_cross_entropy_with_logits(net(cat, num).float(), y))
+    return float(nn.functional.binary_cross_entropy_with_logits(net(cat, num, calibrated=False).float(), y))
 
 
 def wants_validation(settings, rows: int) -> bool:
@@ -359,7 +420,8 @@ def fit_increment(bundle: ModelBundle, new_rows: pd.DataFrame | Encoded, label: 
 
     candidates = list(dict.fromkeys(s.lr_candidates)) if valid is not None else []
     if len(candidates) < 2:
-        return attempt(bundle, candidates[0] if candidates else s.learning_rate)
+        result = attempt(bundle, candidates[0] if candidates else s.learning_rate)
+        return dataclasses.replace(result, calibration=calibrate(bundle, valid, label, s))
     # Each rate starts from the same parent; the one with the best validation loss is kept. Checkpoints are
     # bound to their rate, so a resumed night redoes finished candidates and resumes the interrupted one.
     tried = []
@@ -369,4 +431,33 @@ def fit_increment(bundle: ModelBundle, new_rows: pd.DataFrame | Encoded, label: 
     _, lr, best, result = min(tried, key=lambda t: (t[0], t[1]))
     bundle.net, bundle.optimizer_state = best.net, best.optimizer_state
     log.info("learning rate chosen on the validation slice", extra={"lr": lr, "tried": candidates})
-    return result
+    return dataclasses.replace(result, calibration=calibrate(bundle, valid, label, s))
+
+
+def calibrate(bundle: ModelBundle, rows: pd.DataFrame | Encoded | None, label: str, settings) -> Calibration:
+    """Fit and install the bundle's calibration on a time-later slice its weights did not train on (the
+    validation slice: never the evaluation holdout, so the gate's log-loss and ECE stay honest). Without a
+    slice the model keeps the identity: a parent's map describes the parent's logits, not these."""
+    cal = Calibration()
+    if rows is not None and len(rows):
+        v = rows if isinstance(rows, Encoded) else Encoded.of(bundle, rows, label)
+        cal = calibration.fit(bundle.raw_logits(v.cat, v.num), v.y.numpy(), settings.calibration,
+                              settings.calibration_min_rows)
+    bundle.net.calibration = cal
+    log.info("calibration fitted", extra={"scale": round(cal.scale, 4), "shift": round(cal.shift, 4),
+                                          "rows": cal.rows, "method": cal.method})
+    return cal
+
+
+def fit_first(bundle: ModelBundle, rows: pd.DataFrame, label: str, time_col: str, settings, *, epochs: int,
+              device: torch.device | None = None) -> FitResult:
+    """The first model (bootstrap): like a night, the time-latest `validation_fraction` of the training rows
+    is kept apart to keep the best epoch and to fit the calibration, so the first champion's scores mean
+    what they say instead of carrying the history's overfit into every later log-loss and ECE comparison."""
+    s = settings
+    fit_rows, valid = rows, None
+    if wants_validation(s, len(rows)):
+        fit_rows, valid = split_by_time(rows, time_col, s.validation_fraction)
+    result = fit(bundle, fit_rows, label, epochs=epochs, batch_size=s.batch_size, lr=s.learning_rate,
+                 seed=s.seed, device=device, valid=valid, patience=s.early_stopping_patience)
+    return dataclasses.replace(result, calibration=calibrate(bundle, valid, label, s))

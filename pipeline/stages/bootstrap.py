@@ -28,7 +28,7 @@ from pipeline.errors import StageError
 from pipeline.learn import replay
 from pipeline.learn.holdout import split_by_time
 from pipeline.learn.model import ModelBundle
-from pipeline.learn.trainer import fit, pick_device
+from pipeline.learn.trainer import fit_first, pick_device
 from pipeline.preflight import require_mlflow
 from pipeline.runtime import Runtime, runtime
 from pipeline.stages.train import experiment
@@ -152,8 +152,7 @@ def bootstrap(history: str | Path, rt: Runtime | None = None) -> BootstrapResult
     bundle = ModelBundle.create(spec, train_df, s.embedding_dim, s.hidden_units, s.vocab_min_count, s.seed,
                                 numeric_clip=s.numeric_clip)
     epochs = max(s.bootstrap_epochs, math.ceil(s.bootstrap_min_steps / math.ceil(len(train_df) / s.batch_size)))
-    result = fit(bundle, train_df, spec.label.name, epochs=epochs, batch_size=s.batch_size,
-                 lr=s.learning_rate, seed=s.seed, device=pick_device())
+    result = fit_first(bundle, train_df, spec.label.name, et, s, epochs=epochs, device=pick_device())
     replay.seed(rt.lake, frame, et, [*spec.feature_names, et, spec.label.name], spec.label.name,
                 replay.ReplayPolicy.from_settings(s))
     p = bundle.predict(holdout)

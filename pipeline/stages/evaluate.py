@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from datetime import date
 
 import numpy as np
+import pandas as pd
 from pydantic import BaseModel
 
+from feature_store.spec import FeatureSpec
 from pipeline import registry
 from pipeline.checks.gate import (
     Check,
@@ -25,8 +28,10 @@ from pipeline.checks.gate import (
     summarize,
 )
 from pipeline.checks.metrics import scores_valid, summary
+from pipeline.config import Settings
 from pipeline.errors import StageError
 from pipeline.learn.holdout import split_by_time
+from pipeline.learn.model import ModelBundle
 from pipeline.runtime import Runtime, parse_day, runtime
 from pipeline.stages.validate import VALIDATED
 from pipeline.tags import Tag
@@ -85,6 +90,51 @@ def registered_auc(tags: dict[str, str]) -> float | None:
     return float(auc) if isinstance(auc, int | float) else None
 
 
+@dataclass(frozen=True)
+class Judgement:
+    """The gate's verdict on one candidate against the champion over one holdout, with its evidence."""
+
+    cfg: GateConfig
+    cand: dict
+    champ: dict
+    eces: dict[str, float]
+    slices: list[SliceMetrics]
+    checks: list[Check]
+    auc_ci: Interval | None
+    ll_ci: Interval | None
+    passed: bool
+    reason: str
+    pc: np.ndarray
+    pp: np.ndarray
+
+    @property
+    def primary(self) -> float:
+        """What candidates are ranked by: holdout AUC, or minus the log-loss on a one-class holdout."""
+        return self.cand["auc"] if self.cand.get("auc") is not None else -self.cand["logloss"]
+
+
+def judge(s: Settings, spec: FeatureSpec, holdout: pd.DataFrame, candidate: ModelBundle, champion: ModelBundle,
+          baseline: str, champion_registered_auc: float | None = None) -> Judgement:
+    """Score both models on the holdout and apply the gate's rules: what `evaluate` records and what a drift
+    night uses to choose among its candidates."""
+    y = holdout[spec.label.name].to_numpy(dtype=np.float64)
+    pc, pp = candidate.predict(holdout), champion.predict(holdout)
+    if not scores_valid(pp):
+        raise StageError(f"{baseline} produced NaN or out-of-range scores; it cannot serve as the baseline "
+                         "(roll it back: `flywheel rollback`)")
+    cfg = GateConfig.from_settings(s)
+    cand, champ = summary(y, pc), summary(y, pp)
+    eces = {"candidate": ece(y, pc, cfg.ece_bins), "champion": ece(y, pp, cfg.ece_bins)}
+    try:
+        labels = slice_labels(spec, holdout, champion.vocabs)
+    except ValueError as e:
+        raise StageError(f"feature spec slices cannot be evaluated: {e}") from e
+    slices = slice_metrics(y, pc, pp, labels, cfg) if scores_valid(pc) else []
+    checks, auc_ci, ll_ci = decide(y, pc, pp, cand, champ, eces, slices, cfg, champion_registered_auc)
+    passed, reason = summarize(checks)
+    return Judgement(cfg, cand, champ, eces, slices, checks, auc_ci, ll_ci, passed, reason, pc, pp)
+
+
 def evaluate(day: str | date, run_id: str, rt: Runtime | None = None) -> EvalResult:
     import mlflow
 
@@ -107,38 +157,26 @@ def evaluate(day: str | date, run_id: str, rt: Runtime | None = None) -> EvalRes
     candidate = registry.load_run_bundle(run_id, rt.cache_dir)
     # A champion from before a declared spec migration scores the new holdout as its migrated twin.
     champion = registry.load_version(client, rt.model_name, parent, rt.cache_dir).for_spec(spec)
-    pc, pp = candidate.predict(holdout), champion.predict(holdout)
-    if not scores_valid(pp):
-        raise StageError(f"champion v{parent} produced NaN or out-of-range scores on {day}'s holdout; "
-                         "it cannot serve as the baseline (roll it back: `flywheel rollback`)")
-    cfg = GateConfig.from_settings(s)
-    cand, champ = summary(y, pc), summary(y, pp)
-    eces = {"candidate": ece(y, pc, cfg.ece_bins), "champion": ece(y, pp, cfg.ece_bins)}
-    try:
-        labels = slice_labels(spec, holdout, champion.vocabs)
-    except ValueError as e:
-        raise StageError(f"feature spec slices cannot be evaluated: {e}") from e
-    slices = slice_metrics(y, pc, pp, labels, cfg) if scores_valid(pc) else []
-    checks, auc_ci, ll_ci = decide(y, pc, pp, cand, champ, eces, slices, cfg,
-                                   registered_auc(registry.get_version(client, rt.model_name, parent).tags))
-    passed, reason = summarize(checks)
+    j = judge(s, spec, holdout, candidate, champion, f"champion v{parent} on {day}'s holdout",
+              registered_auc(registry.get_version(client, rt.model_name, parent).tags))
     report = write_report(
         s.reports_dir / "evaluation" / f"{day.isoformat()}-{run_id}", title=f"{rt.model_name} candidate "
-        f"(run {run_id[:8]}, day {day}) vs champion v{parent}", passed=passed, reason=reason, checks=checks,
-        candidate=cand, champion=champ, eces=eces, auc_ci=auc_ci, logloss_ci=ll_ci, slices=slices, y=y,
-        scores={"candidate": pc, f"champion v{parent}": pp}, bins=cfg.ece_bins)
+        f"(run {run_id[:8]}, day {day}) vs champion v{parent}", passed=j.passed, reason=j.reason, checks=j.checks,
+        candidate=j.cand, champion=j.champ, eces=j.eces, auc_ci=j.auc_ci, logloss_ci=j.ll_ci, slices=j.slices,
+        y=y, scores={"candidate": j.pc, f"champion v{parent}": j.pp}, bins=j.cfg.ece_bins)
     report_uri = f"runs:/{run_id}/{REPORT_ARTIFACT_DIR}/{report.name}"
     with mlflow.start_run(run_id=run_id):
-        mlflow.log_metrics({f"holdout_{k}": v for k, v in _finite(cand).items()})
-        mlflow.log_metrics({f"champion_holdout_{k}": v for k, v in _finite(champ).items()})
-        mlflow.log_metrics({f"holdout_ece_{k}": v for k, v in _finite(eces).items()})
-        if auc_ci is not None:
-            mlflow.log_metrics({"auc_diff": auc_ci.estimate, "auc_diff_low": auc_ci.low, "auc_diff_high": auc_ci.high})
+        mlflow.log_metrics({f"holdout_{k}": v for k, v in _finite(j.cand).items()})
+        mlflow.log_metrics({f"champion_holdout_{k}": v for k, v in _finite(j.champ).items()})
+        mlflow.log_metrics({f"holdout_ece_{k}": v for k, v in _finite(j.eces).items()})
+        if j.auc_ci is not None:
+            mlflow.log_metrics({"auc_diff": j.auc_ci.estimate, "auc_diff_low": j.auc_ci.low,
+                                "auc_diff_high": j.auc_ci.high})
         mlflow.log_artifacts(str(report.parent), REPORT_ARTIFACT_DIR)
-        mlflow.set_tags({Tag.GATE_PASSED: str(passed).lower(), Tag.GATE_REASON: reason[:4900],
+        mlflow.set_tags({Tag.GATE_PASSED: str(j.passed).lower(), Tag.GATE_REASON: j.reason[:4900],
                          Tag.EVAL_REPORT: report_uri})
-    result = EvalResult(day=day.isoformat(), run_id=run_id, champion_version=parent, candidate=cand,
-                        champion=champ, passed=passed, reason=reason, checks=checks, auc_diff=auc_ci,
-                        logloss_diff=ll_ci, slices=slices, report_uri=report_uri, report_path=str(report))
-    log.info("evaluated run %s: %s (%s); report %s", run_id, "passed" if passed else "FAILED", reason, report)
+    result = EvalResult(day=day.isoformat(), run_id=run_id, champion_version=parent, candidate=j.cand,
+                        champion=j.champ, passed=j.passed, reason=j.reason, checks=j.checks, auc_diff=j.auc_ci,
+                        logloss_diff=j.ll_ci, slices=j.slices, report_uri=report_uri, report_path=str(report))
+    log.info("evaluated run %s: %s (%s); report %s", run_id, "passed" if j.passed else "FAILED", j.reason, report)
     return result

@@ -40,6 +40,8 @@ def register_candidate(day: str | date, evaluation: EvalResult | dict, rt: Runti
         tags[Tag.EVAL_REPORT] = ev.report_uri
     if migration := run.data.tags.get(Tag.MIGRATION):
         tags[Tag.MIGRATION] = migration  # the registry shows the spec change, not only the run
+    if policy := run.data.tags.get(Tag.POLICY):
+        tags[Tag.POLICY] = policy  # which training policy (warm start or a drift challenger) made this version
     if ev.auc_diff is not None:
         tags[Tag.AUC_DIFF_CI] = tag_json(ev.auc_diff.model_dump())
     mv = registry.register(client, rt.model_name, ev.run_id, tags)

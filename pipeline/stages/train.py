@@ -2,33 +2,56 @@
 
 The parent is the model that was champion before this day (see `registry.parent_for_day`) and a finished run
 for the same day, parent and data digest is reused, so re-running a day yields the same candidate.
+
+On a drift night (the day's drift report has a severe item, or the champion's AUC on the day's validation slice
+fell `drift_auc_drop` below its recorded holdout AUC) the warm start gets challengers (`learn/policies.py`:
+shrink-and-perturb, a fresh model on the recent window); the promotion gate's rules pick the best passing one on
+the held-out slice, and that one alone is logged as the night's model, with the policy that made it as a tag.
+Any other night trains exactly one warm start, as before.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import tempfile
-from collections.abc import Iterator
-from datetime import date
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import date, timedelta
 from pathlib import Path
 
 import mlflow
 import mlflow.data
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 from pydantic import BaseModel, Field
 
 from feature_store.offline import Lake
 from pipeline import registry
+from pipeline.checks.drift import DRIFT
+from pipeline.checks.metrics import auc
 from pipeline.errors import StageError
-from pipeline.learn import replay
+from pipeline.learn import policies, replay
 from pipeline.learn.checkpoint import Checkpointer, mlflow_logger
 from pipeline.learn.holdout import TIE_BREAKERS, split_positions
-from pipeline.learn.model import norm_stats
-from pipeline.learn.trainer import encode_groups, fit_increment, pick_device, wants_validation
+from pipeline.learn.model import ModelBundle, norm_stats
+from pipeline.learn.policies import FRESH, SHRINK, WARM, DriftSignal
+from pipeline.learn.trainer import (
+    Encoded,
+    FitResult,
+    encode_groups,
+    fit_increment,
+    pick_device,
+    wants_validation,
+)
+from pipeline.registry import VersionInfo
 from pipeline.runtime import Runtime, parse_day, runtime
+from pipeline.stages.evaluate import Judgement, judge
 from pipeline.stages.validate import VALIDATED
 from pipeline.tags import Tag
 
@@ -50,6 +73,9 @@ class TrainResult(BaseModel):
     epochs_run: int = 0
     migration: str | None = Field(default=None, description="The declared spec migration applied, as JSON.")
     expired_vocab: dict[str, int] = Field(default_factory=dict)
+    policy: str = Field(default=WARM, description="The training policy of the logged model.")
+    candidates: list[str] = Field(default_factory=lambda: [WARM], description="Policies trained tonight.")
+    drift_trigger: list[str] = Field(default_factory=list, description="Why challengers were trained.")
 
 
 def experiment(rt: Runtime) -> str:
@@ -90,6 +116,14 @@ class DayReader:
             if mask.any():
                 yield batch.filter(pa.array(mask)).to_pandas()
 
+    def rows(self, columns: list[str], positions: np.ndarray, total: int) -> pd.DataFrame:
+        """The rows at `positions` (e.g. a time-ordered split) as one frame in that order."""
+        keep = np.zeros(total, dtype=bool)
+        keep[positions] = True
+        parts = list(self.frames(columns, keep))
+        frame = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=columns)
+        return frame.iloc[np.searchsorted(np.flatnonzero(keep), positions)].reset_index(drop=True)
+
 
 def numeric_stats(reader: DayReader, columns: list[str], rows: np.ndarray) -> dict[str, tuple[float, float]]:
     """Mean and std of numerics the parent model has never seen, over the training rows: how a feature added by
@@ -114,6 +148,72 @@ def log_inputs(rt: Runtime, day: date, manifest: dict, past: replay.Reservoir, r
             name=f"{replay.TABLE}/dt={past.as_of}", digest=data_digest(past_manifest)[:36]), context="replay")
 
 
+@dataclass
+class Night:
+    """One night's inputs, prepared once and shared by every candidate: the parent (migrated to the spec, its
+    vocabularies grown by the day), the day's split and encoded rows, and the replay sample."""
+
+    day: date
+    parent: VersionInfo
+    reader: DayReader
+    manifest: dict
+    digest: str
+    total: int
+    train_pos: np.ndarray
+    holdout_pos: np.ndarray
+    fit_pos: np.ndarray
+    val_pos: np.ndarray
+    bundle: ModelBundle
+    fit_rows: Encoded
+    val_rows: Encoded
+    past: replay.Reservoir
+    replay_df: pd.DataFrame
+    replay_w: np.ndarray
+    added: dict[str, int]
+    expired: dict[str, int]
+    migration: str | None
+    device: torch.device
+    ckpt_dir: Path
+
+    @property
+    def valid(self) -> Encoded | None:
+        return self.val_rows if len(self.val_rows) else None
+
+
+@dataclass
+class Candidate:
+    policy: str
+    bundle: ModelBundle
+    result: FitResult
+    seconds: float
+    window: str
+    judgement: Judgement | None = None
+
+    def summary(self) -> dict:
+        out = {"policy": self.policy, "seconds": round(self.seconds, 3), "epochs": self.result.epochs,
+               "window": self.window, "calibration": self.result.calibration.to_dict()}
+        if self.judgement is not None:
+            out |= {"passed": self.judgement.passed, "reason": self.judgement.reason,
+                    "holdout": self.judgement.cand, "holdout_ece": self.judgement.eces["candidate"]}
+        return out
+
+
+@dataclass
+class Outcome:
+    winner: Candidate
+    candidates: list[Candidate]
+    signal: DriftSignal
+    skipped: list[str] = field(default_factory=list)
+
+
+def finished_run(exp: str, day: date, parent: str, digest: str):
+    found = mlflow.search_runs(
+        experiment_names=[exp], output_format="list", max_results=1,
+        filter_string=(f"tags.`{Tag.DAY}` = '{day}' and tags.`{Tag.PARENT}` = '{parent}'"
+                       f" and tags.`{Tag.DATA_DIGEST}` = '{digest}' and attributes.status = 'FINISHED'"))
+    return found[0] if found else None
+
+
 def train(day: str | date, rt: Runtime | None = None) -> TrainResult:
     rt = rt or runtime()
     day = parse_day(day)
@@ -126,41 +226,70 @@ def train(day: str | date, rt: Runtime | None = None) -> TrainResult:
     if manifest is None:
         raise StageError(f"day {day} has no validated partition: run collect and validate (and pass the gate)")
     digest = data_digest(manifest)
-    exp = experiment(rt)
-    prior = mlflow.search_runs(
-        experiment_names=[exp], output_format="list", max_results=1,
-        filter_string=(f"tags.`{Tag.DAY}` = '{day}' and tags.`{Tag.PARENT}` = '{parent.version}'"
-                       f" and tags.`{Tag.DATA_DIGEST}` = '{digest}' and attributes.status = 'FINISHED'"))
+    prior = finished_run(experiment(rt), day, parent.version, digest)
     reader = DayReader(rt.lake, day, manifest)
     keys = reader.table([spec.event_time, *(c for c in TIE_BREAKERS if c in reader.names)])
     train_pos, holdout_pos = split_positions(keys, spec.event_time, s.holdout_fraction)
     total = keys.num_rows
     del keys
     policy = replay.ReplayPolicy.from_settings(s)
-    columns = [*spec.feature_names, spec.event_time, spec.label.name]
     # The reservoir as of the day before: re-running day D replays exactly the same rows.
     past = replay.read_before(rt.lake, day) if policy.enabled else replay.Reservoir.empty()
-    if prior:
-        run = prior[0]
-        log.info("reusing finished run %s for %s", run.info.run_id, day)
-        if policy.enabled:
-            if len(past.rows) and not set(spec.feature_names) <= set(past.rows.columns):
-                parent_features = registry.load_version(client, rt.model_name, parent.version, rt.cache_dir).features
-                plan = spec.plan_migration(parent_features)
-                past = replay.migrate(past, plan.renamed, plan.added)
-            replay.update(rt.lake, day, reader.table(columns), columns, spec.label.name, policy, previous=past)
-        return TrainResult(day=day.isoformat(), run_id=run.info.run_id, parent_version=parent.version,
-                           train_rows=len(train_pos), holdout_rows=len(holdout_pos),
-                           new_vocab=json.loads(run.data.params.get("new_vocab", "{}")),
-                           final_loss=float(run.data.metrics.get("train_loss", float("nan"))),
-                           device=run.data.params.get("device", "?"), reused=True,
-                           replay_rows=int(run.data.params.get("replay_rows", 0)),
-                           migration=run.data.tags.get(Tag.MIGRATION),
-                           expired_vocab=json.loads(run.data.params.get("expired_vocab", "{}")))
+    if prior is not None:
+        return reuse(rt, day, prior, parent, reader, past, len(train_pos), len(holdout_pos))
     if len(train_pos) == 0:
         raise StageError(f"day {day} has no rows left to train on after the holdout split")
+    night = prepare(rt, day, parent, reader, manifest, digest, past, train_pos, holdout_pos, total)
+    with mlflow.start_run(run_name=f"nightly-{day}") as run, tempfile.TemporaryDirectory() as tmp:
+        log_setup(rt, night)
+        outcome = train_candidates(rt, night)
+        log_outcome(rt, night, outcome, Path(tmp))
+    update_replay(rt, night.reader, night.past, day)
+    best = outcome.winner
+    return TrainResult(day=day.isoformat(), run_id=run.info.run_id, parent_version=parent.version,
+                       train_rows=len(train_pos), holdout_rows=len(holdout_pos), new_vocab=night.added,
+                       final_loss=best.result.losses[-1], device=best.result.device, reused=False,
+                       replay_rows=len(night.replay_df) if best.policy != FRESH else 0,
+                       epochs_run=best.result.epochs, migration=night.migration, expired_vocab=night.expired,
+                       policy=best.policy, candidates=[c.policy for c in outcome.candidates],
+                       drift_trigger=outcome.signal.reasons)
 
-    bundle = registry.load_version(client, rt.model_name, parent.version, rt.cache_dir)
+
+def update_replay(rt: Runtime, reader: DayReader, past: replay.Reservoir, day: date) -> None:
+    policy = replay.ReplayPolicy.from_settings(rt.settings)
+    if policy.enabled:
+        spec = rt.spec
+        columns = [*spec.feature_names, spec.event_time, spec.label.name]
+        replay.update(rt.lake, day, reader.table(columns), columns, spec.label.name, policy, previous=past)
+
+
+def reuse(rt: Runtime, day: date, run, parent: VersionInfo, reader: DayReader, past: replay.Reservoir,
+          train_rows: int, holdout_rows: int) -> TrainResult:
+    """A finished run for this day, parent and data: return it (and rewrite the day's reservoir) unchanged."""
+    spec = rt.spec
+    log.info("reusing finished run %s for %s", run.info.run_id, day)
+    if len(past.rows) and not set(spec.feature_names) <= set(past.rows.columns):
+        parent_features = registry.load_version(rt.client(), rt.model_name, parent.version, rt.cache_dir).features
+        plan = spec.plan_migration(parent_features)
+        past = replay.migrate(past, plan.renamed, plan.added)
+    update_replay(rt, reader, past, day)
+    tags, params = run.data.tags, run.data.params
+    trigger = tags.get(Tag.DRIFT_TRIGGER, "none")
+    return TrainResult(day=day.isoformat(), run_id=run.info.run_id, parent_version=parent.version,
+                       train_rows=train_rows, holdout_rows=holdout_rows,
+                       new_vocab=json.loads(params.get("new_vocab", "{}")),
+                       final_loss=float(run.data.metrics.get("train_loss", float("nan"))),
+                       device=params.get("device", "?"), reused=True, replay_rows=int(params.get("replay_rows", 0)),
+                       migration=tags.get(Tag.MIGRATION),
+                       expired_vocab=json.loads(params.get("expired_vocab", "{}")),
+                       policy=tags.get(Tag.POLICY, WARM), candidates=params.get("candidates", WARM).split(","),
+                       drift_trigger=[] if trigger == "none" else trigger.split("; "))
+
+
+def prepare(rt: Runtime, day: date, parent: VersionInfo, reader: DayReader, manifest: dict, digest: str,
+            past: replay.Reservoir, train_pos: np.ndarray, holdout_pos: np.ndarray, total: int) -> Night:
+    s, spec = rt.settings, rt.spec
+    bundle = registry.load_version(rt.client(), rt.model_name, parent.version, rt.cache_dir)
     is_train = np.zeros(total, dtype=bool)
     is_train[train_pos] = True
     try:
@@ -168,7 +297,6 @@ def train(day: str | date, rt: Runtime | None = None) -> TrainResult:
             reader, [n for n in spec.numeric if n not in bundle.numeric], train_pos))
     except ValueError as e:
         raise StageError(f"cannot warm-start v{parent.version} for this feature spec: {e}") from e
-    migration = plan.summary() if plan is not None else None
     if plan is not None:
         past = replay.migrate(past, plan.renamed, plan.added)
     added = bundle.grow_vocab(reader.frames(bundle.categorical, is_train), s.vocab_min_count, s.seed, day=day)
@@ -181,51 +309,179 @@ def train(day: str | date, rt: Runtime | None = None) -> TrainResult:
     fit_rows, val_rows = encode_groups(
         bundle, reader.batches([*bundle.categorical, *bundle.numeric, spec.label.name]), spec.label.name,
         [fit_pos, val_pos], pin=device.type == "cuda")
+    policy = replay.ReplayPolicy.from_settings(s)
     replay_df, replay_w = replay.sample(past, replay.replay_rows_for(len(train_pos), policy), spec.label.name,
                                         day, policy)
     ckpt_dir = s.home_abs / "checkpoints" / rt.model_name / f"{day}-v{parent.version}-{digest[:16]}"
-    with mlflow.start_run(run_name=f"nightly-{day}") as run, tempfile.TemporaryDirectory() as tmp:
-        oldest = str(past.rows[replay.ORIGIN].min()) if len(replay_df) else day.isoformat()
-        mlflow.set_tags({Tag.KIND: "nightly", Tag.DAY: day.isoformat(),
-                         Tag.PARENT: parent.version, Tag.DATA_DIGEST: digest,
-                         Tag.WINDOW: f"{oldest}/{day.isoformat()}"})  # replay reaches back this far
-        if migration is not None:
-            mlflow.set_tag(Tag.MIGRATION, migration)
-        mlflow.log_params({"epochs": s.epochs, "batch_size": s.batch_size, "lr": s.learning_rate,
-                           "seed": s.seed, "parent_version": parent.version, "train_rows": len(train_pos),
-                           "holdout_rows": len(holdout_pos), "new_vocab": json.dumps(added),
-                           "device": device.type, "spec_digest": spec.digest, "replay_rows": len(replay_df),
-                           "replay_as_of": str(past.as_of), "replay_capacity": policy.capacity,
-                           "replay_half_life_days": policy.half_life_days, "anchor_l2": s.anchor_l2,
-                           "early_stopping_patience": s.early_stopping_patience,
-                           "validation_fraction": s.validation_fraction, "migration": migration or "none",
-                           "vocab_expiry_days": s.vocab_expiry_days, "expired_vocab": json.dumps(expired)})
-        log_inputs(rt, day, manifest, past, replay_df)
-        checkpointer = Checkpointer(ckpt_dir, s.checkpoint_every_steps, mlflow_logger())
-        result = fit_increment(bundle, fit_rows, spec.label.name, spec.event_time, s, replay=replay_df,
-                               replay_weight=replay_w, device=device, checkpointer=checkpointer,
-                               valid=val_rows if len(val_rows) else None)
-        del fit_rows, val_rows
-        for i, loss in enumerate(result.losses):
-            mlflow.log_metric("train_loss", loss, step=i)
-        for i, loss in enumerate(result.val_losses):
-            mlflow.log_metric("val_loss", loss, step=i)
-        mlflow.log_metrics({"epochs_run": result.epochs, "resumed_at_step": result.resumed_at_step,
-                            "optimizer_restored": float(result.optimizer_restored),
-                            "lr_chosen": result.lr or s.learning_rate})
-        mlflow.log_dict({c: v.size for c, v in bundle.vocabs.items()}, "vocab_sizes.json")
-        mlflow.log_dict({c: v.to_dict() for c, v in bundle.vocabs.items()}, "vocab/vocabularies.json")
-        mlflow.log_dict(manifest, "data/validated_manifest.json")
-        reports = s.reports_dir / "validation" / f"dt={day.isoformat()}"
-        if reports.is_dir():
-            mlflow.log_artifacts(str(reports), "validation")
-        example = next(reader.frames(spec.feature_names, is_train))[spec.feature_names].head(2)
-        registry.log_bundle(bundle, spec, Path(tmp), example)
-        mlflow.set_tag(Tag.WEIGHTS, bundle.weights_digest())
-    if policy.enabled:
-        replay.update(rt.lake, day, reader.table(columns), columns, spec.label.name, policy, previous=past)
-    return TrainResult(day=day.isoformat(), run_id=run.info.run_id, parent_version=parent.version,
-                       train_rows=len(train_pos), holdout_rows=len(holdout_pos), new_vocab=added,
-                       final_loss=result.losses[-1], device=result.device, reused=False,
-                       replay_rows=len(replay_df), epochs_run=result.epochs, migration=migration,
-                       expired_vocab=expired)
+    return Night(day, parent, reader, manifest, digest, total, train_pos, holdout_pos, fit_pos, val_pos, bundle,
+                 fit_rows, val_rows, past, replay_df, replay_w, added, expired,
+                 plan.summary() if plan is not None else None, device, ckpt_dir)
+
+
+def severe_drift(lake: Lake, day: date) -> list[str]:
+    """The severe items of the day's drift report (`drift/dt=D`, written by validate), if there is one."""
+    if lake.read_manifest(DRIFT, day) is None:
+        return []
+    report = lake.read_partition(DRIFT, day).to_pylist()
+    return [f"{r['name']} (PSI {r['psi']:.2f})" for r in report if r["severity"] == "severe"]
+
+
+def drift_signal(rt: Runtime, night: Night) -> DriftSignal:
+    """Whether tonight is a drift night. The champion is judged on the validation slice, never on the holdout
+    the gate decides on. Nothing is computed when no challenger policy is configured."""
+    s = rt.settings
+    if not s.drift_challengers:
+        return DriftSignal()
+    champion_auc = reference = None
+    if s.drift_auc_drop > 0 and len(night.val_rows) >= s.drift_auc_min_rows:
+        champion_auc = auc(night.val_rows.y.numpy().astype(np.float64),
+                           night.bundle.raw_logits(night.val_rows.cat, night.val_rows.num))
+        reference = json.loads(night.parent.tags.get(Tag.METRICS, "{}")).get("candidate", {}).get("auc")
+    return DriftSignal(severe_drift(rt.lake, night.day), champion_auc, reference, s.drift_auc_drop)
+
+
+def train_warm(rt: Runtime, night: Night, start: ModelBundle) -> Candidate:
+    s, label = rt.settings, rt.spec.label.name
+    t0 = time.monotonic()
+    result = fit_increment(start, night.fit_rows, label, rt.spec.event_time, s, replay=night.replay_df,
+                           replay_weight=night.replay_w, device=night.device, valid=night.valid,
+                           checkpointer=Checkpointer(night.ckpt_dir, s.checkpoint_every_steps, mlflow_logger()))
+    return Candidate(WARM, start, result, time.monotonic() - t0, replay_window(night))
+
+
+def train_shrink(rt: Runtime, night: Night, start: ModelBundle) -> Candidate:
+    s, label = rt.settings, rt.spec.label.name
+    t0 = time.monotonic()
+    bundle = policies.shrink_perturb(start, s.shrink_factor, s.perturb_scale, s.seed)
+    result = fit_increment(bundle, night.fit_rows, label, rt.spec.event_time, policies.shrink_settings(s),
+                           replay=night.replay_df, replay_weight=night.replay_w, device=night.device,
+                           valid=night.valid, checkpointer=Checkpointer(
+                               night.ckpt_dir / SHRINK, s.checkpoint_every_steps, mlflow_logger(f"checkpoints/{SHRINK}")))
+    return Candidate(SHRINK, bundle, result, time.monotonic() - t0, replay_window(night))
+
+
+def train_fresh(rt: Runtime, night: Night, start: ModelBundle) -> Candidate:
+    """From scratch on the recent window: the day's training rows (minus the validation slice) and the
+    validated days before it, newest first up to `drift_window_max_rows`."""
+    s, spec = rt.settings, rt.spec
+    t0 = time.monotonic()
+    columns = [*spec.feature_names, spec.event_time, spec.label.name]
+    parts = [night.reader.rows(columns, night.fit_pos, night.total)]
+    first = night.day
+    earlier = [d for d in rt.lake.partition_days(VALIDATED)
+               if night.day - timedelta(days=s.drift_window_days - 1) <= d < night.day]
+    for d in reversed(earlier):
+        if sum(len(p) for p in parts) >= s.drift_window_max_rows:
+            break
+        past = DayReader(rt.lake, d, rt.lake.read_manifest(VALIDATED, d) or {"files": []})
+        if set(columns) <= set(past.names):  # a day from before a spec change cannot train this spec
+            parts.append(past.table(columns).to_pandas())
+            first = d
+    rows = pd.concat(parts, ignore_index=True).iloc[:s.drift_window_max_rows]
+    valid = night.reader.rows(columns, night.val_pos, night.total) if len(night.val_pos) else None
+    checkpointer = Checkpointer(night.ckpt_dir / FRESH, s.checkpoint_every_steps, mlflow_logger(f"checkpoints/{FRESH}"))
+    bundle, result = policies.fit_fresh(spec, rows, valid, s, device=night.device, checkpointer=checkpointer)
+    return Candidate(FRESH, bundle, result, time.monotonic() - t0, f"{first.isoformat()}/{night.day.isoformat()}")
+
+
+TRAINERS: dict[str, Callable[[Runtime, Night, ModelBundle], Candidate]] = {
+    WARM: train_warm, SHRINK: train_shrink, FRESH: train_fresh}
+
+
+def replay_window(night: Night) -> str:
+    oldest = str(night.past.rows[replay.ORIGIN].min()) if len(night.replay_df) else night.day.isoformat()
+    return f"{oldest}/{night.day.isoformat()}"  # replay reaches back this far
+
+
+def train_candidates(rt: Runtime, night: Night) -> Outcome:
+    """The warm start, and on a drift night the challengers (within `drift_budget_s`), each from the same
+    parent; the gate's rules on the held-out slice pick the best passing one (ties and no passer: the warm
+    start, tonight's usual model)."""
+    s = rt.settings
+    signal = drift_signal(rt, night)
+    names = [WARM, *dict.fromkeys(p for p in s.drift_challengers if p != WARM)] if signal.triggered else [WARM]
+    if signal.triggered:
+        log.warning("drift night %s: training %s (%s)", night.day, names, "; ".join(signal.reasons))
+    begin = time.monotonic()
+    candidates: list[Candidate] = []
+    skipped = []
+    for name in names:
+        if candidates and s.drift_budget_s and time.monotonic() - begin > s.drift_budget_s:
+            skipped.append(name)
+            continue
+        start = night.bundle if len(names) == 1 else copy.deepcopy(night.bundle)
+        candidates.append(TRAINERS[name](rt, night, start))
+    if len(candidates) == 1 or len(night.holdout_pos) == 0:
+        return Outcome(candidates[0], candidates, signal, skipped)
+    champion = registry.load_version(rt.client(), rt.model_name, night.parent.version, rt.cache_dir).for_spec(rt.spec)
+    columns = [*rt.spec.feature_names, rt.spec.event_time, rt.spec.label.name]
+    holdout = night.reader.rows(columns, night.holdout_pos, night.total)
+    for c in candidates:
+        c.judgement = judge(s, rt.spec, holdout, c.bundle, champion,
+                            f"champion v{night.parent.version} on {night.day}'s holdout")
+    passing = [c for c in candidates if c.judgement.passed]
+    winner = max(passing, key=lambda c: c.judgement.primary) if passing else candidates[0]
+    log.info("drift night %s: %s chosen", night.day, winner.policy,
+             extra={"candidates": {c.policy: c.judgement.primary for c in candidates}})
+    return Outcome(winner, candidates, signal, skipped)
+
+
+def log_setup(rt: Runtime, night: Night) -> None:
+    s, spec = rt.settings, rt.spec
+    policy = replay.ReplayPolicy.from_settings(s)
+    mlflow.set_tags({Tag.KIND: "nightly", Tag.DAY: night.day.isoformat(), Tag.PARENT: night.parent.version,
+                     Tag.DATA_DIGEST: night.digest})
+    if night.migration is not None:
+        mlflow.set_tag(Tag.MIGRATION, night.migration)
+    mlflow.log_params({"epochs": s.epochs, "batch_size": s.batch_size, "lr": s.learning_rate,
+                       "seed": s.seed, "parent_version": night.parent.version, "train_rows": len(night.train_pos),
+                       "holdout_rows": len(night.holdout_pos), "new_vocab": json.dumps(night.added),
+                       "device": night.device.type, "spec_digest": spec.digest, "replay_rows": len(night.replay_df),
+                       "replay_as_of": str(night.past.as_of), "replay_capacity": policy.capacity,
+                       "replay_half_life_days": policy.half_life_days, "anchor_l2": s.anchor_l2,
+                       "early_stopping_patience": s.early_stopping_patience,
+                       "validation_fraction": s.validation_fraction, "migration": night.migration or "none",
+                       "vocab_expiry_days": s.vocab_expiry_days, "expired_vocab": json.dumps(night.expired),
+                       "calibration": s.calibration})
+    log_inputs(rt, night.day, night.manifest, night.past, night.replay_df)
+
+
+def log_outcome(rt: Runtime, night: Night, outcome: Outcome, tmp: Path) -> None:
+    """The chosen model and its curves, every candidate's gate evidence on a drift night, the lineage."""
+    s, spec = rt.settings, rt.spec
+    best, result, bundle = outcome.winner, outcome.winner.result, outcome.winner.bundle
+    mlflow.set_tags({Tag.POLICY: best.policy, Tag.WINDOW: best.window,
+                     Tag.DRIFT_TRIGGER: "; ".join(outcome.signal.reasons)[:4900] or "none"})
+    mlflow.log_params({"candidates": ",".join(c.policy for c in outcome.candidates),
+                       "candidates_skipped": ",".join(outcome.skipped) or "none"})
+    for i, loss in enumerate(result.losses):
+        mlflow.log_metric("train_loss", loss, step=i)
+    for i, loss in enumerate(result.val_losses):
+        mlflow.log_metric("val_loss", loss, step=i)
+    cal = result.calibration
+    mlflow.log_metrics({"epochs_run": result.epochs, "resumed_at_step": result.resumed_at_step,
+                        "optimizer_restored": float(result.optimizer_restored),
+                        "lr_chosen": result.lr or s.learning_rate, "calibration_scale": cal.scale,
+                        "calibration_shift": cal.shift, "calibration_rows": cal.rows})
+    signal = outcome.signal
+    if signal.champion_auc is not None:
+        mlflow.log_metric("champion_val_auc", signal.champion_auc)
+    if len(outcome.candidates) > 1:
+        for c in outcome.candidates:
+            j = c.judgement
+            mlflow.log_metrics({f"policy_{c.policy}_seconds": c.seconds,
+                                **({f"policy_{c.policy}_passed": float(j.passed),
+                                    f"policy_{c.policy}_holdout_primary": j.primary} if j is not None else {})})
+        mlflow.log_dict({"winner": best.policy, "trigger": signal.reasons, "skipped": outcome.skipped,
+                         "candidates": [c.summary() for c in outcome.candidates]}, "policies.json")
+    mlflow.log_dict({c: v.size for c, v in bundle.vocabs.items()}, "vocab_sizes.json")
+    mlflow.log_dict({c: v.to_dict() for c, v in bundle.vocabs.items()}, "vocab/vocabularies.json")
+    mlflow.log_dict(night.manifest, "data/validated_manifest.json")
+    reports = s.reports_dir / "validation" / f"dt={night.day.isoformat()}"
+    if reports.is_dir():
+        mlflow.log_artifacts(str(reports), "validation")
+    keep = np.zeros(night.total, dtype=bool)
+    keep[night.train_pos] = True
+    example = next(night.reader.frames(spec.feature_names, keep))[spec.feature_names].head(2)
+    registry.log_bundle(bundle, spec, tmp, example)
+    mlflow.set_tag(Tag.WEIGHTS, bundle.weights_digest())

@@ -1,0 +1,99 @@
+"""Training policies for a night: the usual warm start, and the two that react to drift.
+
+A warm start inherits the parent's weights, optimizer moments and (through replay) its past: right after an
+abrupt change of concept that inertia is exactly what keeps the loop behind a model refit on recent data. On a
+drift night the trainer therefore also tries
+- `shrink`: shrink-and-perturb (Ash & Adams, "On Warm-Starting Neural Network Training", NeurIPS 2020): every
+  parameter becomes `shrink * theta + noise * theta_init` with `theta_init` a freshly initialised network, the
+  optimizer restarts cold and the step is larger, so the model keeps the direction of what it knew but regains
+  the plasticity to move away from it;
+- `fresh`: a new model (new vocabularies and normalisation) trained from scratch on the recent window only,
+  which forgets the old concept entirely.
+The promotion gate then picks among them on the held-out slice (see `stages/train.py`).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+import pandas as pd
+import torch
+
+from feature_store.spec import FeatureSpec
+from pipeline.learn.checkpoint import Checkpointer
+from pipeline.learn.model import CTRNet, ModelBundle
+from pipeline.learn.trainer import FitResult, calibrate, fit
+
+WARM, SHRINK, FRESH = "warm", "shrink", "fresh"
+POLICIES = (WARM, SHRINK, FRESH)
+
+
+@dataclass(frozen=True)
+class DriftSignal:
+    """Why tonight is (or is not) a drift night: severe items of the day's drift report, and how far the
+    champion's AUC on the new day's validation slice fell below the AUC recorded on its own holdout."""
+
+    severe: list[str] = field(default_factory=list)
+    champion_auc: float | None = None
+    reference_auc: float | None = None
+    auc_drop_threshold: float = 0.0
+
+    @property
+    def auc_drop(self) -> float | None:
+        if self.champion_auc is None or self.reference_auc is None:
+            return None
+        return self.reference_auc - self.champion_auc
+
+    @property
+    def reasons(self) -> list[str]:
+        out = [f"severe drift: {', '.join(self.severe)}"] if self.severe else []
+        drop = self.auc_drop
+        if drop is not None and self.auc_drop_threshold > 0 and drop > self.auc_drop_threshold:
+            out.append(f"champion AUC {self.champion_auc:.4f} on the new day, {drop:.4f} below its holdout "
+                       f"AUC {self.reference_auc:.4f} (threshold {self.auc_drop_threshold})")
+        return out
+
+    @property
+    def triggered(self) -> bool:
+        return bool(self.reasons)
+
+
+def shrink_perturb(bundle: ModelBundle, shrink: float, noise: float, seed: int) -> ModelBundle:
+    """A copy of `bundle` with theta <- shrink * theta + noise * theta_init and no optimizer moments (seeded, so
+    a rerun of the night perturbs identically)."""
+    out = copy.deepcopy(bundle)
+    net = out.net
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        init = CTRNet([e.num_embeddings for e in net.embeddings], len(out.numeric), out.embedding_dim, out.hidden)
+    with torch.no_grad():
+        for p, q in zip(net.parameters(), init.parameters(), strict=True):
+            p.mul_(shrink).add_(q.to(p.device), alpha=noise)
+    out.optimizer_state = None
+    return out
+
+
+def shrink_settings(settings):
+    """The shrink policy's hyperparameters: a cold optimizer with a larger step, one rate, no anchor to the
+    parent (the point is to move away from it)."""
+    return settings.model_copy(update={"learning_rate": settings.learning_rate * settings.drift_lr_factor,
+                                       "lr_candidates": (), "anchor_l2": 0.0})
+
+
+def fit_fresh(spec: FeatureSpec, rows: pd.DataFrame, valid: pd.DataFrame | None, settings, *,
+              device: torch.device | None = None, checkpointer: Checkpointer | None = None
+              ) -> tuple[ModelBundle, FitResult]:
+    """A model from scratch on the recent window, sized like a bootstrap (small windows get more epochs), with
+    the night's validation slice for the best epoch and the calibration."""
+    s = settings
+    bundle = ModelBundle.create(spec, rows, s.embedding_dim, s.hidden_units, s.vocab_min_count, s.seed,
+                                numeric_clip=s.numeric_clip)
+    epochs = max(s.epochs, math.ceil(s.bootstrap_min_steps / max(1, math.ceil(len(rows) / s.batch_size))))
+    has_valid = valid is not None and len(valid) > 0
+    result = fit(bundle, rows, spec.label.name, epochs=epochs, batch_size=s.batch_size, lr=s.learning_rate,
+                 seed=s.seed, device=device, valid=valid if has_valid else None,
+                 patience=s.early_stopping_patience if has_valid else 0, checkpointer=checkpointer)
+    return bundle, dataclasses.replace(result, calibration=calibrate(bundle, valid, spec.label.name, s))
