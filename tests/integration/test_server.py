@@ -63,6 +63,13 @@ def logged_ids(s, stream=PREDICTIONS) -> list[str]:
     return [rid for f in files for rid in pq.read_table(f).column("request_id").to_pylist()]
 
 
+def _wait_for_answers(answered, at_least: int = 40, timeout: float = 60) -> None:
+    """Load until enough requests were answered: a fixed sleep answers too few on a loaded CI machine."""
+    deadline = time.monotonic() + timeout
+    while len(answered) < at_least and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
 def test_predict_one_and_many_rows_and_log_them(server):
     s, rt, url = server
     one = httpx.post(f"{url}/predict", json={"rows": rows(1)}).json()
@@ -178,7 +185,7 @@ def test_sigterm_drains_and_every_answered_request_is_logged(tmp_path, mlflow_se
     threads = [threading.Thread(target=load) for _ in range(4)]
     for t in threads:
         t.start()
-    time.sleep(1.5)
+    _wait_for_answers(answered)
     pid = int((s.run_dir / "serving.pid").read_text())
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + 30
@@ -220,7 +227,7 @@ def test_sigkill_loses_at_most_one_flush_interval_and_restart_recovers_without_d
     threads = [threading.Thread(target=load) for _ in range(4)]
     for t in threads:
         t.start()
-    time.sleep(1.5)
+    _wait_for_answers(answered)
     pid = int((s.run_dir / "serving.pid").read_text())
     os.killpg(pid, signal.SIGKILL)
     killed_at = time.monotonic()
