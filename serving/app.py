@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 
 from pipeline.config import Settings, get_settings
 from pipeline.errors import RequestError
+from serving.limits import InFlightLimit
 from serving.routes import admin, feedback, health, predict
 from serving.schema import openapi_bodies
 from serving.state import ServerState
@@ -23,7 +24,7 @@ def _publish_bodies(app: FastAPI, state: ServerState) -> None:
     the spec-derived schemas are put into the OpenAPI document here, for clients and fuzzers."""
     s, spec = state.settings, state.spec
     bodies = openapi_bodies(spec, s.max_rows_per_request,
-                            {n: spec.entities[e].key for n, e in state.entity_of.items()})
+                            {n: spec.entities[e].key for n, e in state.entity_of.items()}, state.limits)
     build = app.openapi
 
     def openapi() -> dict:
@@ -53,10 +54,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for router in ROUTERS:
         app.include_router(router)
 
+    app.add_middleware(InFlightLimit, limit=state.settings.max_concurrency,
+                       retry_after_s=state.settings.retry_after_s,
+                       on_reject=lambda path: state.metrics.requests.labels(path, "503").inc())
+
     @app.exception_handler(RequestError)
     async def request_error(request: Request, exc: RequestError) -> JSONResponse:
         state.metrics.requests.labels(request.url.path, str(exc.status)).inc()
-        return JSONResponse({"detail": str(exc)}, status_code=exc.status)
+        # A refused body may still be arriving: closing the connection stops the upload instead of draining it.
+        close = {"Connection": "close"} if exc.status in (408, 413) else None
+        return JSONResponse({"detail": str(exc)}, status_code=exc.status, headers=close)
 
     _publish_bodies(app, state)
     return app

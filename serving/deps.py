@@ -4,6 +4,7 @@ size limit."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 from typing import Annotated
 
@@ -45,14 +46,36 @@ def require_admin(state: State, creds: Annotated[Credentials, Security(admin_bea
         raise RequestError("admin token required (Authorization: Bearer ...)", status=401)
 
 
-async def json_body(request: Request, state: State) -> object:
-    limit = state.settings.max_body_bytes
+def _is_json(content_type: str) -> bool:
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
+async def _read_limited(request: Request, limit: int) -> bytes:
+    """The body, refused (413) as soon as it passes `limit`: a chunked upload has no Content-Length to check
+    first, and reading it whole before measuring let one request take hundreds of MB."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise RequestError(f"body: {declared} bytes exceed the limit of {limit}", status=413)
-    raw = await request.body()
-    if len(raw) > limit:
-        raise RequestError(f"body: {len(raw)} bytes exceed the limit of {limit}", status=413)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise RequestError(f"body: more than {limit} bytes (the limit) received", status=413)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def json_body(request: Request, state: State) -> object:
+    s = state.settings
+    content_type = request.headers.get("content-type", "")
+    if not _is_json(content_type):
+        raise RequestError(f"content-type: expected application/json, got {content_type or 'none'!r}", status=415)
+    try:
+        async with asyncio.timeout(s.body_timeout_s):
+            raw = await _read_limited(request, s.max_body_bytes)
+    except TimeoutError:
+        raise RequestError(f"body: not received within {s.body_timeout_s:g} s", status=408) from None
     try:
         return orjson.loads(raw)
     except orjson.JSONDecodeError as e:

@@ -20,10 +20,11 @@ from feature_store.spec import FeatureSpec
 from pipeline.config import Settings
 from pipeline.runtime import Runtime, runtime
 from pipeline.tags import Alias
+from serving.limits import RecentIds
 from serving.log_sink import Flusher, SegmentLog
 from serving.metrics import Metrics
 from serving.model_slot import Loaded, ModelSlot
-from serving.schema import warmup_frame
+from serving.schema import RequestLimits, warmup_frame
 from serving.scoring import Scorer
 from serving.workers import WorkerGroup
 
@@ -51,6 +52,8 @@ class ServerState:
     store: OnlineStore | None
     api_tokens: list[bytes] = field(default_factory=list)
     admin_token: bytes = b""
+    limits: RequestLimits = field(default_factory=RequestLimits)
+    recent_ids: RecentIds = field(default_factory=lambda: RecentIds(0))
 
     @property
     def spec(self) -> FeatureSpec:
@@ -97,7 +100,8 @@ class ServerState:
         entity_of = lookup_features(spec)
         store = open_store(s.online_store_uri, s.home_abs, spec.name) if entity_of else None
         return cls(s, rt, metrics, predictions, feedback, champion, challenger, workers, flusher, scorer,
-                   entity_of, store, [t.encode() for t in s.api_tokens], s.resolved_admin_token().encode())
+                   entity_of, store, [t.encode() for t in s.api_tokens], s.resolved_admin_token().encode(),
+                   RequestLimits.from_settings(s), RecentIds(s.recent_request_ids))
 
     async def start(self) -> None:
         self.workers.join()

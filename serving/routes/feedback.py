@@ -19,7 +19,7 @@ router = APIRouter()
 @router.post("/feedback", status_code=202, summary="Labels for earlier predictions (one object or a list)",
              dependencies=[ApiToken])
 async def post_feedback(state: State, body: Body) -> Response:
-    items = parse_feedback(body)
+    items = parse_feedback(body, limits=state.limits)
     schema = state.feedback.schema
     ts = schema.field("label_time").type
     now = datetime.now(UTC)

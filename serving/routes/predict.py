@@ -4,19 +4,22 @@ only in how rows come in and how scores go out."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 import uuid
 from collections.abc import Callable
+from typing import Annotated
 
-from fastapi import APIRouter
+import orjson
+from fastapi import APIRouter, Header
 from fastapi.responses import Response
 
 from pipeline.errors import LogUnavailable, RequestError
 from serving.deps import ApiToken, Body, State
 from serving.protocols import mlflow_to_rows, v2_response, v2_to_rows
 from serving.responses import json_response, unavailable
-from serving.schema import fill_from_store, parse_rows, plan_lookup
+from serving.schema import fill_from_store, parse_request_id, parse_rows, plan_lookup
 from serving.scoring import Job
 from serving.state import ServerState
 
@@ -45,11 +48,24 @@ async def _fill_entities(state: ServerState, cols: dict[str, list]) -> str | Non
     return None
 
 
-async def score(state: ServerState, route: str, body: object, request_id: str | None,
+def _claim(state: ServerState, request_id: str, where: str, cols: dict[str, list], times: list) -> None:
+    """Refuse (409) a client id this worker recently logged with other rows: collect would keep only one."""
+    digest = hashlib.blake2b(orjson.dumps([cols, times], option=orjson.OPT_NON_STR_KEYS), digest_size=16).digest()
+    if not state.recent_ids.claim(request_id, digest):
+        raise RequestError(f"{where}: {request_id!r} was already used for different rows; a retry must resend "
+                           "the same rows, a new request needs a new id", status=409)
+
+
+async def score(state: ServerState, route: str, body: object, client_id: tuple[str | None, str],
                 respond: Callable[[Job, list[float]], object]) -> Response:
-    """The one scoring path; `body` is `{"rows": [...]}` whatever the protocol."""
+    """The one scoring path; `body` is `{"rows": [...]}` whatever the protocol, `client_id` the id the client
+    chose (or None) and where it came from. The id that is logged is the id that is returned (header
+    `X-Request-Id` on every protocol), so feedback can always join on it."""
     start, s, metrics = time.perf_counter(), state.settings, state.metrics
-    cols, times = parse_rows(body, state.spec, s.max_rows_per_request, state.fillable)
+    cols, times = parse_rows(body, state.spec, s.max_rows_per_request, state.fillable, state.limits)
+    request_id, where = client_id
+    if request_id is not None:
+        _claim(state, request_id, where, cols, times)
     problem = await _fill_entities(state, cols)
     loaded = state.route(cols) if problem is None else None
     if problem is None and loaded is None:
@@ -67,38 +83,43 @@ async def score(state: ServerState, route: str, body: object, request_id: str | 
     metrics.batch.observe(job.n)
     metrics.requests.labels(route, "200").inc()
     metrics.latency.labels(route).observe(time.perf_counter() - start)
-    return json_response(respond(job, scores.tolist()))
+    return json_response(respond(job, scores.tolist()), headers={"X-Request-Id": job.request_id})
 
 
-def _own_request_id(body: object) -> str | None:
-    request_id = body.get("request_id") if isinstance(body, dict) else None
-    if request_id is not None and (not isinstance(request_id, str) or not request_id):
-        raise RequestError("request_id: expected a non-empty string")
-    return request_id
+def _body_id(state: ServerState, body: object, key: str) -> tuple[str | None, str]:
+    return parse_request_id(body.get(key) if isinstance(body, dict) else None, key, state.limits), key
 
 
 @router.post("/predict", summary="Score rows of the feature spec; every scored row is logged",
              dependencies=[ApiToken])
 async def predict(state: State, body: Body) -> Response:
-    return await score(state, "/predict", body, _own_request_id(body), lambda job, scores: {
+    return await score(state, "/predict", body, _body_id(state, body, "request_id"), lambda job, scores: {
         "request_id": job.request_id, "model_version": job.loaded.version, "scores": scores})
 
 
 @router.post("/invocations", summary="MLflow scoring protocol (dataframe_split, dataframe_records, inputs)",
+             description="MLflow's body has no id field: the logged request id travels in the `X-Request-Id` "
+                         "header, chosen by the client when it sends one, else made by the server, and returned "
+                         "in the response's `X-Request-Id` header for `/feedback`.",
              dependencies=[ApiToken])
-async def invocations(state: State, body: Body) -> Response:
-    return await score(state, "/invocations", {"rows": mlflow_to_rows(body)}, None,
+async def invocations(state: State, body: Body,
+                      x_request_id: Annotated[str | None, Header(description="Optional client request id")] = None,
+                      ) -> Response:
+    client_id = parse_request_id(x_request_id, "X-Request-Id header", state.limits), "X-Request-Id header"
+    return await score(state, "/invocations", {"rows": mlflow_to_rows(body)}, client_id,
                        lambda job, scores: {"predictions": scores})
 
 
-@router.post("/v2/models/{name}/infer", summary="Open Inference Protocol v2", dependencies=[ApiToken])
+@router.post("/v2/models/{name}/infer", summary="Open Inference Protocol v2",
+             description="The client's `id`, when sent, is the logged request id; else the server makes one. "
+                         "Either way the response's `id` is the one to send feedback with.",
+             dependencies=[ApiToken])
 async def v2_infer(name: str, state: State, body: Body) -> Response:
     model = state.rt.model_name
     if name != model:
         return json_response({"error": f"unknown model {name!r}; this server serves {model!r}"}, 404)
-    client_id = body.get("id") if isinstance(body, dict) else None
-    return await score(state, "/v2/infer", {"rows": v2_to_rows(body)}, None, lambda job, scores: v2_response(
-        model, job.loaded.version, client_id or job.request_id, scores))
+    return await score(state, "/v2/infer", {"rows": v2_to_rows(body)}, _body_id(state, body, "id"),
+                       lambda job, scores: v2_response(model, job.loaded.version, job.request_id, scores))
 
 
 @router.get("/v2/models/{name}", summary="Open Inference Protocol v2 model metadata")
