@@ -313,6 +313,14 @@ def collect(day: str | date, rt: Runtime | None = None) -> CollectResult:
         return _collect(day, rt)
 
 
+def _no_predictions(rt: Runtime, day: date) -> NoDataError:
+    rejected = len(_rejections(rt, PREDICTIONS, [day]))
+    return NoDataError(
+        f"no prediction log for {day} under {rt.lake.path(PREDICTIONS, f'dt={day}')}: the server logged nothing "
+        "for this day (is traffic reaching it, and were its spools sealed?). Refusing to train on nothing."
+        + (f" {rejected} segments were rejected, see {_rejected_dir(rt, PREDICTIONS, day)}." if rejected else ""))
+
+
 def _collect(day: date, rt: Runtime) -> CollectResult:
     spec, s = rt.spec, rt.settings
     pschema = prediction_schema(spec)
@@ -324,11 +332,7 @@ def _collect(day: date, rt: Runtime) -> CollectResult:
     preds = _scan(rt, PREDICTIONS, [day], pschema, ledger, deadline, served_col="served_at")
     rows_in = sum(seg["rows"] for seg in preds.good)
     if rows_in == 0:
-        rejected = len(_rejections(rt, PREDICTIONS, [day]))
-        raise NoDataError(
-            f"no prediction log for {day} under {rt.lake.path(PREDICTIONS, f'dt={day}')}: the server logged nothing "
-            "for this day (is traffic reaching it, and were its spools sealed?). Refusing to train on nothing."
-            + (f" {rejected} segments were rejected, see {_rejected_dir(rt, PREDICTIONS, day)}." if rejected else ""))
+        raise _no_predictions(rt, day)
     window = spec.label.attribution_window
     fb_days = _feedback_days(day, preds.served_days, window)
     fbs = _scan(rt, FEEDBACK, fb_days, feedback_schema())
