@@ -56,11 +56,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.add_middleware(InFlightLimit, limit=state.settings.max_concurrency,
                        retry_after_s=state.settings.retry_after_s,
-                       on_reject=lambda path: state.metrics.requests.labels(path, "503").inc())
+                       on_reject=lambda path: state.metrics.requests.labels("overload", "503").inc())
 
     @app.exception_handler(RequestError)
     async def request_error(request: Request, exc: RequestError) -> JSONResponse:
-        state.metrics.requests.labels(request.url.path, str(exc.status)).inc()
+        route = getattr(request.scope.get("route"), "path", "unmatched")  # a template: bounded label values
+        state.metrics.requests.labels(route, str(exc.status)).inc()
         # A refused body may still be arriving: closing the connection stops the upload instead of draining it.
         close = {"Connection": "close"} if exc.status in (408, 413) else None
         return JSONResponse({"detail": str(exc)}, status_code=exc.status, headers=close)

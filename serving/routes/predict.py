@@ -118,7 +118,7 @@ async def v2_infer(name: str, state: State, body: Body) -> Response:
     model = state.rt.model_name
     if name != model:
         return json_response({"error": f"unknown model {name!r}; this server serves {model!r}"}, 404)
-    return await score(state, "/v2/infer", {"rows": v2_to_rows(body)}, _body_id(state, body, "id"),
+    return await score(state, "/v2/models/{name}/infer", {"rows": v2_to_rows(body)}, _body_id(state, body, "id"),
                        lambda job, scores: v2_response(model, job.loaded.version, job.request_id, scores))
 
 

@@ -430,7 +430,7 @@ def _closed_by_server(sock: socket.socket) -> bool:
 def test_idle_connections_neither_lock_out_requests_nor_stay_open(tmp_path, mlflow_server, server):
     base, _, _ = server
     s = make_settings(tmp_path / "home", mlflow_server[1], model_name=base.model_name, serving_port=free_port(),
-                      max_concurrency=8, header_timeout_s=4, body_timeout_s=60)
+                      max_concurrency=8, header_timeout_s=8, body_timeout_s=60)
     url = start_server_on_champion(s)
     port = s.serving_port
     idle: list[socket.socket] = []
