@@ -110,10 +110,10 @@ def serve() -> None:
     import uvicorn
 
     from serving.app import create_app
+    from serving.connections import uvicorn_options
 
     s = get_settings()
-    common = dict(host=s.serving_host, port=s.serving_port, log_level="warning", timeout_graceful_shutdown=30,
-                  limit_concurrency=s.max_concurrency, access_log=False)
+    common = uvicorn_options(s)
     if s.serving_workers > 1:
         uvicorn.run("serving.app:create_app", factory=True, workers=s.serving_workers, **common)
     else:

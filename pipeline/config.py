@@ -72,7 +72,21 @@ class Settings(BaseSettings):
     # --- serving (issue 3) ---
     serving_workers: int = Field(default=1, ge=1, description="Server processes sharing the port and spool dir.")
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024, description="Larger request bodies get 413.")
-    max_concurrency: int = Field(default=512, ge=1, description="In-flight requests per worker; beyond: 503.")
+    max_concurrency: int = Field(default=512, ge=1, description="Requests being processed per worker; beyond: "
+                                 "503 with Retry-After. Open but silent connections do not count.")
+    header_timeout_s: float = Field(default=10.0, gt=0, description="A connection whose request headers are not "
+                                    "complete this long after it opened (or after its request began) is closed.")
+    keep_alive_timeout_s: int = Field(default=5, ge=1, description="Idle keep-alive connections are closed after.")
+    body_timeout_s: float = Field(default=30.0, gt=0, description="A request body not received within this: 408.")
+    retry_after_s: int = Field(default=5, ge=1, description="Retry-After of every 503 the server answers.")
+    max_request_id_chars: int = Field(default=128, ge=8, description="Longer client request ids get 422.")
+    max_string_chars: int = Field(default=1024, ge=1, description="Longer categorical feature values get 422.")
+    event_time_past_days: float = Field(default=18262, gt=0, description="Event and label times older than "
+                                        "server time minus this get 422 (default 50 years: history replays pass).")
+    event_time_future_days: float = Field(default=366, gt=0, description="Event and label times later than "
+                                          "server time plus this get 422.")
+    recent_request_ids: int = Field(default=100_000, ge=0, description="Client request ids each worker remembers "
+                                    "to refuse (409) one reused with different rows; 0 = off.")
     max_batch_rows: int = Field(default=1024, ge=1, description="Rows per coalesced forward pass.")
     canary_share: float = Field(default=0.0, ge=0, le=1, description="Share of entities routed to `challenger`.")
     api_tokens: list[str] = Field(default_factory=list, description="Bearer tokens for predict/feedback; empty=open.")

@@ -4,13 +4,51 @@ name the exact field (`rows[3].price: ...`) so a client can fix its payload."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pandas as pd
 
 from feature_store.spec import FeatureSpec, FeatureType
 from feature_store.vocab import canonical_value
 from pipeline.errors import RequestError
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """Bounds on what a client chooses: ids and string values are repeated on every logged row (an uncapped id
+    grew the spool by 49 MB for one 256 KB request), and event times pick lake partitions (year 1 or 9999 would
+    create partitions no night ever collects)."""
+
+    max_id_chars: int = 128
+    max_string_chars: int = 1024
+    past: timedelta = timedelta(days=18262)
+    future: timedelta = timedelta(days=366)
+
+    @classmethod
+    def from_settings(cls, s) -> RequestLimits:
+        return cls(s.max_request_id_chars, s.max_string_chars, timedelta(days=s.event_time_past_days),
+                   timedelta(days=s.event_time_future_days))
+
+
+DEFAULT_LIMITS = RequestLimits()
+
+
+def parse_request_id(value: object, where: str, limits: RequestLimits = DEFAULT_LIMITS) -> str | None:
+    """A client-chosen id (None when not sent): a non-empty string of at most `max_id_chars`."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise RequestError(f"{where}: expected a non-empty string")
+    if len(value) > limits.max_id_chars:
+        raise RequestError(f"{where}: {len(value)} characters exceed the limit of {limits.max_id_chars}")
+    return value
+
+
+def _in_window(ts: datetime, where: str, limits: RequestLimits, now: datetime) -> datetime:
+    if not now - limits.past <= ts <= now + limits.future:
+        raise RequestError(f"{where}: {ts.isoformat()} is outside the accepted window of server time "
+                           f"-{limits.past.days} to +{limits.future.days} days")
+    return ts
 
 
 def _parse_time(value: object, where: str) -> datetime:
@@ -26,8 +64,8 @@ def _parse_time(value: object, where: str) -> datetime:
         raise RequestError(f"{where}: not a usable time: {value!r} ({e})") from e
 
 
-def parse_rows(body: object, spec: FeatureSpec, max_rows: int, fillable: frozenset[str] = frozenset()
-               ) -> tuple[dict[str, list], list[datetime | None]]:
+def parse_rows(body: object, spec: FeatureSpec, max_rows: int, fillable: frozenset[str] = frozenset(),
+               limits: RequestLimits = DEFAULT_LIMITS) -> tuple[dict[str, list], list[datetime | None]]:
     """Column lists for the spec's features, and each row's event time (None when not sent). Features in
     `fillable` (entity features the online store can supply) may be absent: they are left None for
     `fill_from_store`, which enforces non-nullability once the store had its say."""
@@ -44,6 +82,7 @@ def parse_rows(body: object, spec: FeatureSpec, max_rows: int, fillable: frozens
     allowed = set(spec.features) | {spec.event_time}
     cols: dict[str, list] = {n: [] for n in spec.features}
     times: list[datetime | None] = []
+    now = datetime.now(UTC)
     for i, row in enumerate(rows):
         if not isinstance(row, dict):
             raise RequestError(f"rows[{i}]: expected an object")
@@ -51,24 +90,28 @@ def parse_rows(body: object, spec: FeatureSpec, max_rows: int, fillable: frozens
         if extra:
             raise RequestError(f"rows[{i}]: unknown field(s) {sorted(extra)}")
         for name, f in spec.features.items():
-            v = row.get(name)
-            where = f"rows[{i}].{name}"
-            if v is None:
-                if not f.nullable and name not in fillable:
-                    raise RequestError(f"{where}: missing (required by the feature spec)")
-            elif f.type is FeatureType.NUMERIC:
-                if not isinstance(v, int | float):  # bool is an int: a flag column is a 0/1 number
-                    raise RequestError(f"{where}: expected a number, got {type(v).__name__}")
-                v = float(v)
-            else:
-                if not isinstance(v, str | int | float):
-                    raise RequestError(f"{where}: expected a string (or a number used as an id), "
-                                       f"got {type(v).__name__}")
-                v = canonical_value(v)
-            cols[name].append(v)
+            cols[name].append(_value(row.get(name), f, f"rows[{i}].{name}", name in fillable, limits))
         t = row.get(spec.event_time)
-        times.append(None if t is None else _parse_time(t, f"rows[{i}].{spec.event_time}"))
+        where = f"rows[{i}].{spec.event_time}"
+        times.append(None if t is None else _in_window(_parse_time(t, where), where, limits, now))
     return cols, times
+
+
+def _value(v: object, f, where: str, fillable: bool, limits: RequestLimits) -> object:
+    if v is None:
+        if not f.nullable and not fillable:
+            raise RequestError(f"{where}: missing (required by the feature spec)")
+        return None
+    if f.type is FeatureType.NUMERIC:
+        if not isinstance(v, int | float):  # bool is an int: a flag column is a 0/1 number
+            raise RequestError(f"{where}: expected a number, got {type(v).__name__}")
+        return float(v)
+    if not isinstance(v, str | int | float):
+        raise RequestError(f"{where}: expected a string (or a number used as an id), got {type(v).__name__}")
+    v = canonical_value(v)
+    if len(v) > limits.max_string_chars:
+        raise RequestError(f"{where}: {len(v)} characters exceed the limit of {limits.max_string_chars}")
+    return v
 
 
 @dataclass
@@ -132,11 +175,12 @@ def fill_from_store(cols: dict[str, list], spec: FeatureSpec, lookup: Lookup,
                 raise RequestError(f"rows[{i}].{name}: missing in the request and {why}")
 
 
-def parse_feedback(body: object, label_domain: tuple[float, ...] = (0.0, 1.0)) -> list[dict]:
+def parse_feedback(body: object, label_domain: tuple[float, ...] = (0.0, 1.0),
+                   limits: RequestLimits = DEFAULT_LIMITS) -> list[dict]:
     items = body if isinstance(body, list) else [body]
     if not items:
         raise RequestError("body: empty feedback list")
-    out = []
+    out, now = [], datetime.now(UTC)
     for i, item in enumerate(items):
         where = f"[{i}]" if isinstance(body, list) else "body"
         if not isinstance(item, dict):
@@ -144,8 +188,8 @@ def parse_feedback(body: object, label_domain: tuple[float, ...] = (0.0, 1.0)) -
         extra = set(item) - {"request_id", "row", "label", "time"}
         if extra:
             raise RequestError(f"{where}: unknown field(s) {sorted(extra)}")
-        rid = item.get("request_id")
-        if not isinstance(rid, str) or not rid:
+        rid = parse_request_id(item.get("request_id"), f"{where}.request_id", limits)
+        if rid is None:
             raise RequestError(f"{where}.request_id: expected a non-empty string")
         row = item.get("row", 0)
         if isinstance(row, bool) or not isinstance(row, int) or not 0 <= row < 2**31:
@@ -157,18 +201,21 @@ def parse_feedback(body: object, label_domain: tuple[float, ...] = (0.0, 1.0)) -
             raise RequestError(f"{where}.label: expected one of {list(label_domain)}, got {label!r}")
         t = item.get("time")
         out.append({"request_id": rid, "row": row, "label": float(label),
-                    "label_time": None if t is None else _parse_time(t, f"{where}.time")})
+                    "label_time": None if t is None else _in_window(_parse_time(t, f"{where}.time"),
+                                                                    f"{where}.time", limits, now)})
     return out
 
 
-def _property(name: str, ftype: FeatureType, entity_key: str | None) -> dict:
-    prop: dict = {"type": "number"} if ftype is FeatureType.NUMERIC else {"type": ["string", "integer"]}
+def _property(ftype: FeatureType, entity_key: str | None, limits: RequestLimits) -> dict:
+    prop: dict = {"type": "number"} if ftype is FeatureType.NUMERIC else \
+        {"type": ["string", "integer"], "maxLength": limits.max_string_chars}
     if entity_key is not None:
         prop["description"] = f"Optional: when omitted, the online store's latest value for the row's {entity_key}."
     return prop
 
 
-def openapi_bodies(spec: FeatureSpec, max_rows: int, fillable: dict[str, str] | None = None) -> dict[str, dict]:
+def openapi_bodies(spec: FeatureSpec, max_rows: int, fillable: dict[str, str] | None = None,
+                   limits: RequestLimits = DEFAULT_LIMITS) -> dict[str, dict]:
     """JSON schemas of the request bodies, derived from the spec, so the published OpenAPI document tells
     clients (and fuzzers) exactly what /predict and /feedback accept. Ranges are deliberately not enforced
     here: out-of-range values are served, logged and quarantined by validation, not refused. `fillable` maps
@@ -179,15 +226,16 @@ def openapi_bodies(spec: FeatureSpec, max_rows: int, fillable: dict[str, str] | 
         "additionalProperties": False,
         "required": [n for n, f in spec.features.items() if not f.nullable and n not in fillable],
         "properties": {
-            **{n: _property(n, f.type, fillable.get(n)) for n, f in spec.features.items()},
+            **{n: _property(f.type, fillable.get(n), limits) for n, f in spec.features.items()},
             spec.event_time: {"type": "string", "format": "date-time"},
         },
     }
+    request_id = {"type": "string", "minLength": 1, "maxLength": limits.max_id_chars}
     predict = {"type": "object", "additionalProperties": False, "required": ["rows"], "properties": {
         "rows": {"type": "array", "minItems": 1, "maxItems": max_rows, "items": row},
-        "request_id": {"type": "string", "minLength": 1}}}
+        "request_id": request_id}}
     item = {"type": "object", "additionalProperties": False, "required": ["request_id", "label"], "properties": {
-        "request_id": {"type": "string", "minLength": 1}, "row": {"type": "integer", "minimum": 0},
+        "request_id": request_id, "row": {"type": "integer", "minimum": 0},
         "label": {"type": "number", "enum": [0, 1]}, "time": {"type": "string", "format": "date-time"}}}
     feedback = {"oneOf": [item, {"type": "array", "minItems": 1, "items": item}]}
 

@@ -22,7 +22,7 @@ import logging
 import math
 import tempfile
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
@@ -56,6 +56,9 @@ class CollectResult(BaseModel):
     path: str
     rejected_segments: int = 0
     late_segments: int = 0
+    feedback_conflicts: int = 0
+    early_feedback: int = 0
+    late_feedback: int = 0
 
 
 def conform(table: pa.Table, schema: pa.Schema) -> tuple[pa.Table, list[str]]:
@@ -188,8 +191,30 @@ def _labels(rt: Runtime, segs: list[dict]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)[cols] if frames else schema.empty_table().to_pandas()[cols]
 
 
-def _join_batch(p: pd.DataFrame, f: pd.DataFrame, et: str, window: timedelta) -> pd.DataFrame:
+FEEDBACK_RULE = ("a row's label is positive when any feedback for it within the attribution window is positive "
+                 "(a later 0 does not undo a conversion; rows given both are counted as conflicts); feedback timed "
+                 "before the prediction's event time (early) or after the window (late) is not used and counted")
+
+
+@dataclass
+class FeedbackCounts:
+    """Feedback that collect could not take at face value, reported in the manifest instead of silently kept
+    or dropped: rows labeled both 0 and 1 within the window, and items timed before the event or after the
+    window."""
+
+    conflicts: int = 0
+    early: int = 0
+    late: int = 0
+
+    def add(self, other: FeedbackCounts) -> None:
+        self.conflicts += other.conflicts
+        self.early += other.early
+        self.late += other.late
+
+
+def _join_batch(p: pd.DataFrame, f: pd.DataFrame, et: str, window: timedelta) -> tuple[pd.DataFrame, FeedbackCounts]:
     keys = ["request_id", "row"]
+    counts = FeedbackCounts()
     if len(f):
         joined = p[[*keys, et, "served_at"]].merge(f, on=keys, how="inner")
         # A label's delay is measured on one clock: the client's (its time vs the event time) when it sent one,
@@ -197,14 +222,18 @@ def _join_batch(p: pd.DataFrame, f: pd.DataFrame, et: str, window: timedelta) ->
         delay = (joined["label_time"] - joined[et]).where(joined["label_time"].notna(),
                                                           joined["received_at"] - joined["served_at"])
         ok = (delay >= timedelta(0)) & (delay <= window)
+        counts.early, counts.late = int((delay < timedelta(0)).sum()), int((delay > window).sum())
         joined["label_time"] = joined["label_time"].fillna(joined[et] + delay)
         labels = joined[ok].groupby(keys, as_index=False).agg(label=("label", "max"),
-                                                              label_time=("label_time", "min"))
+                                                              label_time=("label_time", "min"),
+                                                              lowest=("label", "min"))
+        counts.conflicts = int((labels["label"] != labels["lowest"]).sum())
+        labels = labels.drop(columns="lowest")
     else:
         labels = pd.DataFrame({"request_id": pd.Series(dtype="str"), "row": pd.Series(dtype="int32"),
                                "label": pd.Series(dtype="float64"),
                                "label_time": pd.Series(dtype="datetime64[us, UTC]")})
-    return p.merge(labels, on=keys, how="left")
+    return p.merge(labels, on=keys, how="left"), counts
 
 
 def _key_hash(keys: pd.DataFrame) -> np.ndarray:
@@ -284,6 +313,14 @@ def collect(day: str | date, rt: Runtime | None = None) -> CollectResult:
         return _collect(day, rt)
 
 
+def _no_predictions(rt: Runtime, day: date) -> NoDataError:
+    rejected = len(_rejections(rt, PREDICTIONS, [day]))
+    return NoDataError(
+        f"no prediction log for {day} under {rt.lake.path(PREDICTIONS, f'dt={day}')}: the server logged nothing "
+        "for this day (is traffic reaching it, and were its spools sealed?). Refusing to train on nothing."
+        + (f" {rejected} segments were rejected, see {_rejected_dir(rt, PREDICTIONS, day)}." if rejected else ""))
+
+
 def _collect(day: date, rt: Runtime) -> CollectResult:
     spec, s = rt.spec, rt.settings
     pschema = prediction_schema(spec)
@@ -295,11 +332,7 @@ def _collect(day: date, rt: Runtime) -> CollectResult:
     preds = _scan(rt, PREDICTIONS, [day], pschema, ledger, deadline, served_col="served_at")
     rows_in = sum(seg["rows"] for seg in preds.good)
     if rows_in == 0:
-        rejected = len(_rejections(rt, PREDICTIONS, [day]))
-        raise NoDataError(
-            f"no prediction log for {day} under {rt.lake.path(PREDICTIONS, f'dt={day}')}: the server logged nothing "
-            "for this day (is traffic reaching it, and were its spools sealed?). Refusing to train on nothing."
-            + (f" {rejected} segments were rejected, see {_rejected_dir(rt, PREDICTIONS, day)}." if rejected else ""))
+        raise _no_predictions(rt, day)
     window = spec.label.attribution_window
     fb_days = _feedback_days(day, preds.served_days, window)
     fbs = _scan(rt, FEEDBACK, fb_days, feedback_schema())
@@ -312,6 +345,7 @@ def _collect(day: date, rt: Runtime) -> CollectResult:
     out_schema = pa.schema([*pschema, pa.field(label, pa.float64()), pa.field("label_time", TS)])
     writer = rt.lake.partition_writer(TRAINING, day, out_schema)
     rows = positives = n_missing = position = 0
+    feedback_counts = FeedbackCounts()
     duplicates = len(dups)
     try:
         for seg in preds.good:
@@ -325,7 +359,8 @@ def _collect(day: date, rt: Runtime) -> CollectResult:
                 # Only the feedback rows whose key hash this batch holds enter the merge: the day's feedback is
                 # hashed once, instead of re-indexed by pandas for every batch.
                 candidates = f[_in_sorted(np.sort(_key_hash(p)), f_hash)] if len(f) else f
-                out = _join_batch(p, candidates, et, window)
+                out, counts = _join_batch(p, candidates, et, window)
+                feedback_counts.add(counts)
                 missing = out["label"].isna()
                 n_missing += int(missing.sum())
                 if spec.label.missing == "drop":
@@ -344,6 +379,7 @@ def _collect(day: date, rt: Runtime) -> CollectResult:
             "prediction_segments": preds.good, "feedback_segments": fbs.good, "rejected_segments": rejected,
             "late_segments": preds.late, "first_collected_at": first,
             "lateness_deadline": deadline.isoformat(),
+            "feedback": {**asdict(feedback_counts), "rule": FEEDBACK_RULE},
         })
     except BaseException:
         writer.abort()
@@ -355,6 +391,8 @@ def _collect(day: date, rt: Runtime) -> CollectResult:
         dropped_unlabeled=n_missing if spec.label.missing == "drop" else 0,
         duplicates_dropped=duplicates, prediction_segments=len(preds.good), feedback_segments=len(fbs.good),
         path=ref.path, rejected_segments=len(rejected), late_segments=len(preds.late),
+        feedback_conflicts=feedback_counts.conflicts, early_feedback=feedback_counts.early,
+        late_feedback=feedback_counts.late,
     )
     if preds.late:
         log.warning("%d segments of %s arrived after the lateness deadline and were not consumed: %s",

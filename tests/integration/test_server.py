@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -25,6 +26,7 @@ from pipeline.demo.simulate import Simulator
 from pipeline.ops import stack
 from pipeline.runtime import runtime
 from pipeline.stages.bootstrap import bootstrap
+from pipeline.stages.collect import TRAINING, collect
 from pipeline.tags import Alias, Tag
 from tests.helpers import free_port, make_settings, start_server_on_champion
 
@@ -61,6 +63,13 @@ def admin(s) -> dict:
 def logged_ids(s, stream=PREDICTIONS) -> list[str]:
     files = sorted((s.home_abs / "lake" / stream).rglob("*.parquet"))
     return [rid for f in files for rid in pq.read_table(f).column("request_id").to_pylist()]
+
+
+def _wait_for_answers(answered, at_least: int = 40, timeout: float = 60) -> None:
+    """Load until enough requests were answered: a fixed sleep answers too few on a loaded CI machine."""
+    deadline = time.monotonic() + timeout
+    while len(answered) < at_least and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 def test_predict_one_and_many_rows_and_log_them(server):
@@ -178,7 +187,7 @@ def test_sigterm_drains_and_every_answered_request_is_logged(tmp_path, mlflow_se
     threads = [threading.Thread(target=load) for _ in range(4)]
     for t in threads:
         t.start()
-    time.sleep(1.5)
+    _wait_for_answers(answered)
     pid = int((s.run_dir / "serving.pid").read_text())
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + 30
@@ -220,7 +229,7 @@ def test_sigkill_loses_at_most_one_flush_interval_and_restart_recovers_without_d
     threads = [threading.Thread(target=load) for _ in range(4)]
     for t in threads:
         t.start()
-    time.sleep(1.5)
+    _wait_for_answers(answered)
     pid = int((s.run_dir / "serving.pid").read_text())
     os.killpg(pid, signal.SIGKILL)
     killed_at = time.monotonic()
@@ -400,3 +409,140 @@ def test_several_workers_share_the_port_and_seal_together(tmp_path, mlflow_serve
         assert sorted(logged_ids(s)) == sorted(answered)
     finally:
         stack.stop_all(s)
+
+
+def _raw(port: int, data: bytes = b"") -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    if data:
+        sock.sendall(data)
+    return sock
+
+
+def _closed_by_server(sock: socket.socket) -> bool:
+    try:
+        return sock.recv(1024) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def test_idle_connections_neither_lock_out_requests_nor_stay_open(tmp_path, mlflow_server, server):
+    base, _, _ = server
+    s = make_settings(tmp_path / "home", mlflow_server[1], model_name=base.model_name, serving_port=free_port(),
+                      max_concurrency=8, header_timeout_s=8, body_timeout_s=60)
+    url = start_server_on_champion(s)
+    port = s.serving_port
+    idle: list[socket.socket] = []
+    try:
+        idle = [_raw(port) for _ in range(400)]  # connect, never send a byte
+        idle.append(_raw(port, b"POST /predict HTTP/1.1\r\nHost: x\r\n"))  # headers dribbled, never finished
+        opened = time.monotonic()
+        with httpx.Client(base_url=url, timeout=10) as h:
+            for _ in range(20):
+                r = h.post("/predict", json={"rows": rows(1)})
+                assert r.status_code == 200, r.text
+        assert time.monotonic() - opened < s.header_timeout_s, "checked while the idle sockets were held"
+        # requests whose bodies never come are being processed: they, not sockets, fill the limit
+        head = (b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 100\r\n\r\n")
+        stalled = [_raw(port, head) for _ in range(s.max_concurrency)]
+        deadline = time.monotonic() + 10
+        while (r := httpx.post(f"{url}/predict", json={"rows": rows(1)})).status_code == 200:
+            assert time.monotonic() < deadline, "the in-flight limit never applied"
+            time.sleep(0.1)
+        assert r.status_code == 503 and r.headers["retry-after"] == str(s.retry_after_s)
+        assert "busy" in r.json()["detail"]
+        for sock in stalled:
+            sock.close()
+        deadline = time.monotonic() + 10
+        while httpx.post(f"{url}/predict", json={"rows": rows(1)}).status_code != 200:
+            assert time.monotonic() < deadline, "slots not released when the stalled clients left"
+            time.sleep(0.1)
+        time.sleep(max(0.0, opened + s.header_timeout_s + 1 - time.monotonic()))
+        for sock in idle:
+            sock.settimeout(5)
+        assert all(_closed_by_server(sock) for sock in idle), "silent connections are closed by the header timeout"
+    finally:
+        for sock in idle:
+            sock.close()
+        stack.stop_all(s)
+
+
+def test_chunked_body_is_refused_while_it_streams_and_non_json_gets_415(server):
+    s, _, url = server
+    with _raw(s.serving_port, b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                              b"Transfer-Encoding: chunked\r\n\r\n") as sock:
+        chunk = b"x" * 65536
+        # just past the limit, and then nothing: not even the terminating chunk, so a server that buffered the
+        # whole body before measuring it would wait forever (sending more would only race the server's close)
+        for _ in range(s.max_body_bytes // len(chunk) + 1):
+            sock.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        sock.settimeout(10)
+        answer = b""
+        while chunk := sock.recv(4096):  # the server closes the connection after refusing
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    assert b"connection: close" in answer.lower() and b"the limit" in answer
+    r = httpx.post(f"{url}/predict", content=b'{"rows": []}', headers={"content-type": "text/plain"})
+    assert r.status_code == 415 and "application/json" in r.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    ("change", "needle"),
+    [
+        ({"request_id": "x" * 129}, "request_id: 129 characters exceed the limit of 128"),
+        ({"row": {"user_id": "u" * 1025}}, "rows[0].user_id: 1025 characters exceed the limit of 1024"),
+        ({"row": {"event_time": "0001-01-01T00:00:00Z"}}, "rows[0].event_time: 0001-01-01"),
+        ({"row": {"event_time": "9999-12-31T00:00:00Z"}}, "outside the accepted window"),
+    ],
+)
+def test_client_chosen_strings_and_times_are_bounded(server, change, needle):
+    _, _, url = server
+    body = {"rows": [{**rows(1)[0], **change.get("row", {})}]}
+    body.update({k: v for k, v in change.items() if k != "row"})
+    r = httpx.post(f"{url}/predict", json=body)
+    assert r.status_code == 422 and needle in r.json()["detail"], r.text
+
+
+def test_a_reused_request_id_with_other_rows_is_refused(server):
+    _, _, url = server
+    first = httpx.post(f"{url}/predict", json={"rows": rows(2), "request_id": "reused-1"})
+    retry = httpx.post(f"{url}/predict", json={"rows": rows(2), "request_id": "reused-1"})
+    assert first.status_code == retry.status_code == 200, "a retry with the same rows is served"
+    other = httpx.post(f"{url}/predict", json={"rows": rows(3), "request_id": "reused-1"})
+    assert other.status_code == 409 and "request_id: 'reused-1'" in other.json()["detail"]
+
+
+def test_every_protocol_returns_the_logged_id_and_feedback_joins_on_it(server):
+    s, rt, url = server
+    recs = rows(2, day=4)
+    cols = list(recs[0])
+    v2 = {"inputs": [{"name": c, "shape": [2], "datatype": "BYTES" if isinstance(recs[0][c], str) else "FP64",
+                      "data": [r[c] for r in recs]} for c in cols]}
+    split = {"dataframe_split": {"columns": cols, "data": [[r[c] for c in cols] for r in recs]}}
+    answers = {
+        "predict": httpx.post(f"{url}/predict", json={"rows": recs}),
+        "predict-client": httpx.post(f"{url}/predict", json={"rows": recs, "request_id": "join-predict"}),
+        "invocations": httpx.post(f"{url}/invocations", json=split),
+        "invocations-client": httpx.post(f"{url}/invocations", json=split,
+                                         headers={"X-Request-Id": "join-invocations"}),
+        "v2": httpx.post(f"{url}/v2/models/{rt.model_name}/infer", json=v2),
+        "v2-client": httpx.post(f"{url}/v2/models/{rt.model_name}/infer", json={**v2, "id": "join-v2"}),
+    }
+    ids = {}
+    for name, r in answers.items():
+        assert r.status_code == 200, (name, r.text)
+        body_id = r.json().get("request_id", r.json().get("id"))
+        assert body_id in (None, r.headers["x-request-id"]), name
+        ids[name] = r.headers["x-request-id"]
+    assert (ids["predict-client"], ids["invocations-client"], ids["v2-client"]) == \
+        ("join-predict", "join-invocations", "join-v2")
+    assert answers["v2"].json()["id"] == ids["v2"]
+    fb = httpx.post(f"{url}/feedback", json=[{"request_id": i, "row": 1, "label": 1} for i in ids.values()])
+    assert fb.status_code == 202
+    result = collect(SIM.day_date(4), rt)
+    assert result.feedback_conflicts == 0 and result.early_feedback == 0
+    training = rt.lake.read_partition(TRAINING, SIM.day_date(4)).to_pandas()
+    positive = training[training[CTR.label.name] > 0]
+    assert set(zip(positive.request_id, positive.row, strict=True)) >= {(i, 1) for i in ids.values()}

@@ -198,3 +198,26 @@ def test_duplicate_finder_keeps_first_occurrence_across_spilled_partitions(tmp_p
     expected = np.setdiff1d(np.arange(len(keys)), first)
     np.testing.assert_array_equal(finder.duplicates(), expected)
     assert not list(tmp_path.iterdir())  # spill files are removed once read
+
+
+def test_conflicting_and_early_feedback_are_counted_in_the_manifest(tmp_path):
+    rt = _rt(tmp_path / "home")
+    _put(rt, PREDICTIONS, "seg-1.parquet", _preds(["c0", "c1", "c2", "c3"]))
+    window = SPEC.label.attribution_window
+    at = [START + timedelta(minutes=i) for i in range(4)]  # the predictions' event times
+    items = [("c0", 1.0, at[0] + timedelta(minutes=5)), ("c0", 0.0, at[0] + timedelta(minutes=9)),  # 1 then 0
+             ("c1", 1.0, at[1] - timedelta(hours=1)),  # timed before its prediction
+             ("c2", 1.0, at[2] + window + timedelta(hours=1)),  # after the window
+             ("c3", 0.0, at[3] + timedelta(minutes=1))]
+    _put(rt, FEEDBACK, "seg-fb.parquet", pa.table({
+        "request_id": [i[0] for i in items], "row": [0] * len(items), "label": [i[1] for i in items],
+        "label_time": [i[2] for i in items], "received_at": [i[2] for i in items]}, schema=feedback_schema()))
+    result = collect(DAY, rt)
+    assert (result.feedback_conflicts, result.early_feedback, result.late_feedback) == (1, 1, 1)
+    feedback = rt.lake.read_manifest(TRAINING, DAY)["inputs"]["feedback"]
+    assert (feedback["conflicts"], feedback["early"], feedback["late"]) == (1, 1, 1)
+    assert "positive" in feedback["rule"]
+    labels = dict(zip(*rt.lake.read_partition(TRAINING, DAY).select(["request_id", SPEC.label.name]).to_pydict()
+                      .values(), strict=True))
+    assert labels["c0"] == 1.0, "a conversion is not undone by a later 0"
+    assert labels["c3"] == 0.0

@@ -61,3 +61,33 @@ def test_feedback_parsing():
 def test_warmup_frame_covers_every_feature():
     frame = warmup_frame(SPEC)
     assert list(frame.columns) == SPEC.feature_names and len(frame) == 4
+
+
+def test_client_strings_and_times_are_bounded_with_the_field_named():
+    from datetime import timedelta
+
+    from serving.schema import RequestLimits, parse_request_id
+
+    limits = RequestLimits(max_id_chars=8, max_string_chars=5, past=timedelta(days=30), future=timedelta(days=1))
+    with pytest.raises(RequestError, match=r"rows\[0\].region: 6 characters exceed the limit of 5"):
+        parse_rows({"rows": [{**ROW, "region": "r" * 6}]}, SPEC, 10, limits=limits)
+    for when in ("0001-01-01T00:00:00Z", "9999-12-31T00:00:00Z"):
+        with pytest.raises(RequestError, match=r"rows\[0\].applied_at: .* outside the accepted window"):
+            parse_rows({"rows": [{**ROW, "applied_at": when}]}, SPEC, 10, limits=limits)
+        with pytest.raises(RequestError, match=r"body.time: .* outside the accepted window"):
+            parse_feedback({"request_id": "r", "label": 1, "time": when}, limits=limits)
+    with pytest.raises(RequestError, match="request_id: 9 characters exceed the limit of 8"):
+        parse_request_id("x" * 9, "request_id", limits)
+    with pytest.raises(RequestError, match=r"\[0\].request_id: 9 characters"):
+        parse_feedback([{"request_id": "x" * 9, "label": 1}], limits=limits)
+    assert parse_request_id("x" * 8, "request_id", limits) == "x" * 8
+
+
+def test_recent_ids_allow_a_retry_and_refuse_other_rows():
+    from serving.limits import RecentIds
+
+    ids = RecentIds(capacity=2)
+    assert ids.claim("a", b"rows-1") and ids.claim("a", b"rows-1"), "a retry with the same rows is fine"
+    assert not ids.claim("a", b"rows-2")
+    assert ids.claim("b", b"x") and ids.claim("c", b"x")
+    assert ids.claim("a", b"rows-2"), "forgotten after `capacity` newer ids: the guarantee is a window"

@@ -1,0 +1,16 @@
+"""JSON answers, one encoder for every route (orjson: numpy scores and enum keys serialise without copies)."""
+
+from __future__ import annotations
+
+import orjson
+from fastapi.responses import Response
+
+
+def json_response(data: object, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(data, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS),
+                    status_code=status, media_type="application/json", headers=headers)
+
+
+def unavailable(detail: str, retry_after_s: int) -> Response:
+    """Every 503 says when to come back, so well-behaved clients back off instead of hammering."""
+    return json_response({"detail": detail}, 503, {"Retry-After": str(retry_after_s)})

@@ -1,0 +1,1 @@
+"""One router per concern: predictions in every protocol, feedback, health and metrics, admin."""
