@@ -74,6 +74,9 @@ def serve() -> None:
     common = dict(host=s.serving_host, port=s.serving_port, log_level="warning", timeout_graceful_shutdown=30,
                   limit_concurrency=s.max_concurrency, access_log=False)
     if s.serving_workers > 1:
+        from serving.metrics import prepare_multiprocess
+
+        prepare_multiprocess(s.metrics_dir)  # one /metrics for all workers
         uvicorn.run("serving.app:create_app", factory=True, workers=s.serving_workers, **common)
     else:
         uvicorn.run(create_app(s), **common)

@@ -75,6 +75,10 @@ class RequestError(Decision, ValueError):
 
 
 # --- faults ------------------------------------------------------------------------------------------------
+class ModelOutputInvalid(Fault, RuntimeError):
+    """The served model produced non-finite scores for a request: answered 5xx with this reason, never 200."""
+
+
 class LogUnavailable(Fault, RuntimeError):
     """The log cannot accept rows (unwritable spool or lake): predictions must not be served unlogged."""
 

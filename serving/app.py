@@ -26,7 +26,7 @@ from feature_store.entity_tables import lookup_features
 from feature_store.log_schema import FEEDBACK, PREDICTIONS, feedback_schema, prediction_schema
 from feature_store.online import open_store
 from pipeline.config import Settings, get_settings
-from pipeline.errors import LogUnavailable, RequestError
+from pipeline.errors import LogUnavailable, ModelOutputInvalid, RequestError
 from pipeline.runtime import runtime
 from pipeline.tags import Alias
 from serving.log_sink import Flusher, SegmentLog
@@ -66,8 +66,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     metrics = Metrics()
     pred_schema, fb_schema = prediction_schema(spec), feedback_schema()
     predictions = SegmentLog("predictions", pred_schema, s.spool_dir, rt.lake, PREDICTIONS,
-                             (spec.event_time, "served_at"))
-    feedback = SegmentLog("feedback", fb_schema, s.spool_dir, rt.lake, FEEDBACK, ("label_time", "received_at"))
+                             (spec.event_time, "served_at"), durability=s.log_durability)
+    feedback = SegmentLog("feedback", fb_schema, s.spool_dir, rt.lake, FEEDBACK, ("label_time", "received_at"),
+                          durability=s.log_durability)
     logs = [predictions, feedback]
 
     def on_event(kind: str, version: str, alias: str) -> None:
@@ -182,6 +183,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         except LogUnavailable as e:
             metrics.requests.labels(route_name, "503").inc()
             return _json({"detail": f"prediction log unavailable, not serving unlogged predictions: {e}"}, 503)
+        except ModelOutputInvalid as e:
+            metrics.nonfinite.labels(loaded.version).inc()
+            metrics.requests.labels(route_name, "500").inc()
+            return _json({"detail": str(e)}, 500)
         metrics.rows.labels(loaded.version).inc(n)
         metrics.batch.observe(n)
         metrics.requests.labels(route_name, "200").inc()
@@ -256,7 +261,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "received_at": pa.array([now] * len(items), ts),
         }, schema=fb_schema)
         try:
-            feedback.append(batch)
+            await feedback.durable(feedback.append(batch))
         except LogUnavailable as e:
             metrics.requests.labels("/feedback", "503").inc()
             return _json({"detail": f"feedback log unavailable: {e}"}, 503)
@@ -267,14 +272,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def health() -> Response:
         loaded = champion.current
         return _json({
-            "status": "ok" if loaded and not any(lg.error for lg in logs) else "degraded",
+            "status": "ok" if loaded and not flusher.last_error
+            and not any(lg.error or lg.seal_error for lg in logs) else "degraded",
             "model_name": rt.model_name,
             "model_version": loaded.version if loaded else None,
             "challenger_version": challenger.current.version if challenger and challenger.current else None,
             "canary_share": s.canary_share,
             "last_error": champion.last_error,
-            "log": {lg.stream: {"appended": lg.rows_appended, "sealed": lg.rows_sealed, "error": lg.error}
-                    for lg in logs},
+            "fallback_from": champion.fallback_from,
+            "log": {lg.stream: lg.health() for lg in logs},
+            "flusher_error": flusher.last_error,
         })
 
     @app.get("/health/ready")

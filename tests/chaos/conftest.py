@@ -1,0 +1,54 @@
+"""A registered champion shared by the chaos tests; each test runs its own server process in its own home."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+
+from feature_store.spec import load_spec
+from pipeline.config import DEFAULT_SPEC
+from pipeline.demo.simulate import Simulator
+from pipeline.ops import stack
+from pipeline.runtime import runtime
+from pipeline.stages.bootstrap import bootstrap
+from tests.helpers import free_port, make_settings
+
+CTR = load_spec(DEFAULT_SPEC)
+SIM = Simulator(seed=11, rows_per_day=600, horizon_days=10)
+
+
+@pytest.fixture(scope="session")
+def champion(tmp_path_factory, mlflow_server):
+    """(settings, runtime) of a home whose model name has a bootstrapped champion, version 1."""
+    home = tmp_path_factory.mktemp("chaos-home")
+    s = make_settings(home, mlflow_server[1], model_name=f"chaos-{home.name}", serving_port=free_port())
+    rt = runtime(s)
+    history = home / "history.parquet"
+    SIM.history(3).to_parquet(history)
+    bootstrap(history, rt)
+    return s, rt
+
+
+def rows(n: int, day: int = 3) -> list[dict]:
+    frame = SIM.day(day).head(n)
+    out = frame[CTR.feature_names].to_dict(orient="records")
+    for r, t in zip(out, frame.event_time, strict=True):
+        r["event_time"] = t.isoformat()
+    return out
+
+
+def serve(s, timeout: float = 60) -> str:
+    """Start the real server process for `s` and wait until it serves a model; returns its URL."""
+    stack.start_server(s)
+    url = s.resolved_serving_url()
+    deadline = time.monotonic() + timeout
+    while httpx.get(f"{url}/health").json()["model_version"] is None:
+        assert time.monotonic() < deadline, f"server never loaded a model: {httpx.get(f'{url}/health').text}"
+        time.sleep(0.2)
+    return url
+
+
+def admin(s) -> dict:
+    return {"Authorization": f"Bearer {s.resolved_admin_token()}"}
