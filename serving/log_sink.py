@@ -192,7 +192,10 @@ class SegmentLog:
     def _flush_io(self) -> None:
         batches, columns, upto = self._take()
         if not batches and columns is None:
-            return
+            if self.error:  # nothing to write, but the refusal must end once the spool works again: probe it
+                batches = [pa.RecordBatch.from_pylist([], schema=self.schema)]
+            else:
+                return
         try:
             if columns is not None:
                 batches.append(pa.RecordBatch.from_pydict(
@@ -323,8 +326,10 @@ class Flusher:
         self._thread.start()
 
     def _failed(self, what: str, e: Exception) -> None:
-        self.last_error = f"{what}: {type(e).__name__}: {e}"
-        log.exception("%s failed", what)
+        error = f"{what}: {type(e).__name__}: {e}"
+        if error != self.last_error:  # once per distinct failure, not every tick while it lasts
+            log.exception("%s failed", what)
+        self.last_error = error
         if self.on_error:
             self.on_error(e)
 
