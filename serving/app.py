@@ -272,7 +272,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def health() -> Response:
         loaded = champion.current
         return _json({
-            "status": "ok" if loaded and not flusher.last_error
+            "status": "ok" if loaded and not champion.fallback_from and not flusher.last_error
             and not any(lg.error or lg.seal_error for lg in logs) else "degraded",
             "model_name": rt.model_name,
             "model_version": loaded.version if loaded else None,

@@ -39,15 +39,23 @@ def rows(n: int, day: int = 3) -> list[dict]:
     return out
 
 
-def serve(s, timeout: float = 60) -> str:
-    """Start the real server process for `s` and wait until it serves a model; returns its URL."""
-    stack.start_server(s)
+def serve(s, timeout: float = 300, ready: str = "/health") -> str:
+    """Start the real server process for `s` and wait until it serves a model; returns its URL. Waits longer than
+    `stack.start_server` does: on a loaded CI machine each worker's imports alone can take a minute."""
+    try:
+        stack.start_server(s)
+    except RuntimeError:
+        pass  # not healthy within start_server's wait; the process runs on, waited for below
     url = s.resolved_serving_url()
     deadline = time.monotonic() + timeout
-    while httpx.get(f"{url}/health").json()["model_version"] is None:
-        assert time.monotonic() < deadline, f"server never loaded a model: {httpx.get(f'{url}/health').text}"
-        time.sleep(0.2)
-    return url
+    while True:
+        try:
+            if httpx.get(f"{url}/health").json()["model_version"] is not None:
+                return url
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, f"server never loaded a model: {(s.run_dir / 'serving.log').read_text()[-3000:]}"
+        time.sleep(0.5)
 
 
 def admin(s) -> dict:

@@ -4,6 +4,7 @@ prediction and every accepted feedback item is logged exactly once, sealed by th
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import time
 import uuid
@@ -94,8 +95,14 @@ def test_disk_full_then_space_returned_logs_every_answer_exactly_once(tmpfs, mlf
         health = h.get("/health").json()
         assert health["status"] == "degraded" and health["log"]["predictions"]["error"], health
         assert h.get("/health/ready").status_code == 503
-        late_feedback = [(f"before-{i}", 0) for i in range(10, 20)]
-        assert feedback(late_feedback) == 503, "feedback that cannot be written is not accepted"
+        refused_feedback: list[list[tuple[str, int]]] = []
+        for i in range(100):  # feedback rows are small: the spool's last page takes a few batches
+            items = [(f"fb-{i}-{k}", 0) for k in range(50)]
+            if feedback(items) == 503:
+                refused_feedback.append(items)
+                if len(refused_feedback) >= 3:
+                    break
+        assert len(refused_feedback) >= 3, "feedback that cannot be written was accepted"
         assert h.post("/admin/flush", headers=admin(s)).status_code == 503, "sealing onto a full disk fails"
 
         (tmpfs / "filler").unlink()  # space returned; clients retry what was refused, with the same ids
@@ -107,9 +114,10 @@ def test_disk_full_then_space_returned_logs_every_answer_exactly_once(tmpfs, mlf
             else:
                 assert time.monotonic() < deadline, "predictions never recovered after space returned"
                 time.sleep(0.1)
-        while feedback(late_feedback) != 202:
-            assert time.monotonic() < deadline, "feedback never recovered after space returned"
-            time.sleep(0.1)
+        for items in refused_feedback:
+            while feedback(items) != 202:
+                assert time.monotonic() < deadline, "feedback never recovered after space returned"
+                time.sleep(0.1)
         for i in range(20):
             assert predict(f"after-{i}", 1 + i % 2) == 200
         flushed = h.post("/admin/flush", headers=admin(s))
@@ -128,3 +136,4 @@ def test_disk_full_then_space_returned_logs_every_answer_exactly_once(tmpfs, mlf
     finally:
         h.close()
         stack.stop_all(s)
+        shutil.copy(s.run_dir / "serving.log", tmpfs.parent / "serving.log")  # the tmpfs goes with the test

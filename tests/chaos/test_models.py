@@ -98,13 +98,14 @@ def test_broken_champion_on_restart_falls_back_to_an_earlier_champion(tmp_path, 
         url = serve(s)
         health = httpx.get(f"{url}/health").json()
         assert health["model_version"] == good and health["fallback_from"] == broken, health
-        assert f"serving fallback v{good}" in health["last_error"], health
+        assert health["status"] == "degraded" and f"v{broken}" in health["last_error"], health
+        assert "fallback" in health["last_error"] and "warm-up predictions invalid" in health["last_error"], health
         assert 'outcome="fallback"' in httpx.get(f"{url}/metrics").text
         r = httpx.post(f"{url}/predict", json={"rows": rows(2)})
         assert r.status_code == 200 and r.json()["model_version"] == good
         client.set_registered_model_alias(rt.model_name, Alias.CHAMPION, good)  # still polling the alias
         deadline = time.monotonic() + 20
-        while httpx.get(f"{url}/health").json()["fallback_from"] is not None:
+        while (health := httpx.get(f"{url}/health").json())["fallback_from"] is not None or health["last_error"]:
             assert time.monotonic() < deadline, "the fallback never ended after the champion was repaired"
             time.sleep(0.2)
     finally:

@@ -10,7 +10,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline.ops import stack
-from tests.chaos.conftest import rows
+from tests.chaos.conftest import rows, serve
 from tests.helpers import free_port, make_settings
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow, pytest.mark.integration]
@@ -26,10 +26,9 @@ def test_a_scrape_counts_the_requests_of_every_worker(tmp_path, mlflow_server, c
     base, _ = champion
     s = make_settings(tmp_path / "home", mlflow_server[1], model_name=base.model_name, serving_port=free_port(),
                       serving_workers=2)
-    stack.start_server(s)
-    url = s.resolved_serving_url()
+    url = serve(s)
     try:
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + 180
         ready_in_a_row = 0
         while ready_in_a_row < 10:  # connections land on either worker: both must have loaded the model
             try:
