@@ -1,8 +1,9 @@
 """Flywheel's server against `mlflow models serve` on the same registered model, same load, same machine.
 
 Both servers are driven by wrk (a separate process on loopback) with interleaved A/B/A/B runs for batch 1 and
-256 at concurrency 1, 8 and 32; Flywheel runs with its prediction log on (and once more with it off, to price
-the logging). Reports requests/s, rows/s, p50/p99, errors and server RSS, plus cold start (process start to
+256 at concurrency 1, 8 and 32; Flywheel runs with its prediction log on in the default group-commit durability
+(answer after the fsync), again in interval durability (answer first, fsync every flush interval) and once with the
+log off, to price durability and logging. Reports requests/s, rows/s, p50/p99, errors and server RSS, plus cold start (process start to
 first answered prediction). The last line is JSON.
 
     .venv/bin/python bench/serving.py [--duration 5] [--workers 2]
@@ -140,11 +141,13 @@ def main() -> None:
         bodies[("mlflow", b)].write_text(json.dumps({"dataframe_records": rows}))
 
     env = stack.full_env(s)
-    fw_port, nolog_port, ml_port = s.serving_port, free_port(), free_port()
+    fw_port, nolog_port, interval_port, ml_port = s.serving_port, free_port(), free_port(), free_port()
     procs, urls, cold = {}, {}, {}
     flywheel = [str(Path(sys.executable).parent / "flywheel"), "serve"]
-    for name, port, extra in (("flywheel", fw_port, {}), ("flywheel-nolog", nolog_port,
-                                                          {"FLYWHEEL_LOG_PREDICTIONS": "false"})):
+    servers = (("flywheel", fw_port, {"FLYWHEEL_LOG_DURABILITY": "group"}),
+               ("flywheel-interval", interval_port, {"FLYWHEEL_LOG_DURABILITY": "interval"}),
+               ("flywheel-nolog", nolog_port, {"FLYWHEEL_LOG_PREDICTIONS": "false"}))
+    for name, port, extra in servers:
         e = {**env, **extra, "FLYWHEEL_SERVING_PORT": str(port)}
         t0 = time.monotonic()
         procs[name] = start(flywheel, e, home / f"{name}.log")
@@ -162,7 +165,7 @@ def main() -> None:
     console.print(f"mlflow models serve: first prediction after {cold['mlflow']:.2f}s")
 
     results: dict[tuple[str, int, int], list[dict]] = {}
-    order = ["flywheel", "mlflow", "flywheel-nolog"]
+    order = ["flywheel", "mlflow", "flywheel-interval", "flywheel-nolog"]
     for batch in (1, 256):
         for conc in (1, 8, 32):
             for _ in range(args.reps):
@@ -184,7 +187,8 @@ def main() -> None:
                 "p99_ms": max(r["p99_ms"] for r in runs), "errors": sum(r["errors"] for r in runs),
                 "rss_mb": max(r["rss_mb"] for r in runs)}
 
-    table = Table(title=f"Serving: Flywheel (log on/off) vs mlflow models serve, {args.workers} workers each")
+    table = Table(title=f"Serving: Flywheel (group commit / interval / log off) vs mlflow models serve, "
+                        f"{args.workers} workers each")
     for col in ("batch", "conc", "server", "req/s", "rows/s", "p50 ms", "p99 ms", "errors", "RSS MB"):
         table.add_column(col, justify="right")
     summary = {}
@@ -203,6 +207,10 @@ def main() -> None:
                                                      / summary["mlflow_b256_c32"]["rows_per_s"], 2),
         "p99_ms": fw["p99_ms"], "mlflow_p99_ms": ml["p99_ms"],
         "logging_on_vs_off": round(fw["rows_per_s"] / nolog["rows_per_s"], 3),
+        "group_commit_vs_interval": round(fw["rows_per_s"] / summary["flywheel-interval_b1_c32"]["rows_per_s"], 3),
+        "group_commit_vs_interval_b256_c32": round(summary["flywheel_b256_c32"]["rows_per_s"]
+                                                   / summary["flywheel-interval_b256_c32"]["rows_per_s"], 3),
+        "p99_over_p50": round(fw["p99_ms"] / max(fw["p50_ms"], 1e-9), 1),
         "cold_start_s": round(cold["flywheel"], 2), "mlflow_cold_start_s": round(cold["mlflow"], 2),
         "workers": args.workers, "errors": sum(v["errors"] for v in summary.values()),
         "results": summary,

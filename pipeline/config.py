@@ -64,7 +64,12 @@ class Settings(BaseSettings):
     admin_token: str | None = Field(default=None, description="Bearer token for the server's admin routes.")
 
     schedule: str = Field(default="@daily", description="Nightly DAG cron; 'none' for manual/backfill only.")
-    log_flush_interval_ms: int = Field(default=200, ge=10, description="Spool flush interval: the most a SIGKILL loses.")
+    log_durability: Literal["group", "interval"] = Field(
+        default="group", description="group: each answer waits for the fsync covering its rows (shared by "
+        "concurrent requests), so a SIGKILL loses nothing answered; interval: answer first, fsync every "
+        "log_flush_interval_ms (lower latency, a SIGKILL loses up to one interval).")
+    log_flush_interval_ms: int = Field(default=200, ge=10, description="Background spool flush interval (the most "
+                                       "a SIGKILL loses in interval durability).")
     log_seal_interval_s: float = Field(default=10.0, gt=0, description="How often the spool is sealed to Parquet.")
     collect_flushes_server: bool = Field(default=True, description="collect asks the server to seal its spools first.")
     alias_poll_interval_s: float = Field(default=2.0, gt=0)
@@ -249,6 +254,11 @@ class Settings(BaseSettings):
     @property
     def spool_dir(self) -> Path:
         return self.home_abs / "spool"
+
+    @property
+    def metrics_dir(self) -> Path:
+        """prometheus-client's multiprocess files when several server workers share one /metrics."""
+        return self.run_dir / "prometheus"
 
     def resolved_model_name(self, spec_name: str) -> str:
         return self.model_name or f"flywheel-{spec_name}"

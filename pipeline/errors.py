@@ -83,6 +83,10 @@ class DeadlinePassed(Decision, RuntimeError):
 
 
 # --- faults ------------------------------------------------------------------------------------------------
+class ModelOutputInvalid(Fault, RuntimeError):
+    """The served model produced non-finite scores for a request: answered 5xx with this reason, never 200."""
+
+
 class LogUnavailable(Fault, RuntimeError):
     """The log cannot accept rows (unwritable spool or lake): predictions must not be served unlogged."""
 

@@ -10,6 +10,7 @@ import hashlib
 import logging
 import shutil
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -150,18 +151,40 @@ def download_bundle(client: MlflowClient, name: str, version: str, cache: Path) 
     mv = client.get_model_version(name, version)
     expected = (mv.tags or {}).get(Tag.BUNDLE)
     if not (target / "config.json").exists():
-        tmp = cache / name / f".tmp-{version}"
-        shutil.rmtree(tmp, ignore_errors=True)
+        tmp = cache / name / f".tmp-{version}-{uuid.uuid4().hex[:8]}"  # several server workers load at once
         tmp.mkdir(parents=True)
-        local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(tmp))
-        bundle = _find_bundle(Path(local), f"model {name} v{version}")
-        shutil.rmtree(target, ignore_errors=True)
-        shutil.move(str(bundle), str(target))
-        shutil.rmtree(tmp, ignore_errors=True)
-    if expected and bundle_digest(target) != expected:
+        try:
+            local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(tmp))
+            bundle = _find_bundle(Path(local), f"model {name} v{version}")
+            if not (target / "config.json").exists():
+                shutil.rmtree(target, ignore_errors=True)
+                try:
+                    bundle.rename(target)
+                except OSError:  # another worker's copy landed first
+                    if not (target / "config.json").exists():
+                        raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    if not expected:
+        raise ValueError(f"model {name} v{version} has no {Tag.BUNDLE} tag (the artifact digest recorded at "
+                         "registration): registered outside Flywheel or tampered with, refusing to serve it unchecked")
+    if bundle_digest(target) != expected:
         shutil.rmtree(target, ignore_errors=True)
         raise ValueError(f"model {name} v{version}: artifact digest mismatch, refusing to load")
     return target
+
+
+def fallback_versions(client: MlflowClient, name: str, broken: str) -> list[str]:
+    """What a server falls back to when the champion cannot be loaded: `previous` and every earlier version
+    that was champion once (never one rolled back), newest first."""
+    found = client.search_model_versions(f"name = '{name}' and tags.`{Tag.PROMOTED}` = 'true'")
+    versions = {str(mv.version) for mv in found
+                if int(mv.version) < int(broken) and (mv.tags or {}).get(Tag.ROLLED_BACK) != "true"}
+    previous = get_alias(client, name, Alias.PREVIOUS)
+    if previous is not None:
+        versions.add(previous.version)
+    versions.discard(broken)
+    return sorted(versions, key=int, reverse=True)
 
 
 def load_version(client: MlflowClient, name: str, version: str, cache: Path) -> ModelBundle:

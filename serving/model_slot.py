@@ -1,23 +1,33 @@
-"""The served model: follows the registry's `champion` alias, loads a new version in the background, checks it
-with warm-up predictions, and swaps it in with one reference assignment so no request sees a half-loaded model.
+"""The served model: follows the registry's alias, loads a new version in the background, checks it with warm-up
+predictions, and swaps it in with one reference assignment so no request sees a half-loaded model.
+
+Warm-up scores rows that touch every known id of every embedding table (numerics spread over the spec's range),
+so a version whose weights are garbage for one real category is refused before it meets traffic. A champion that
+cannot be loaded when the server starts is replaced by the newest loadable of `previous` and earlier champions
+(a fallback, said in /health and counted in metrics) while the alias keeps being polled.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
+from feature_store.spec import FeatureSpec
 from pipeline import registry
-from pipeline.checks.metrics import scores_valid
 from pipeline.learn.model import ModelBundle
 from pipeline.runtime import Runtime
 from pipeline.tags import Alias
 
 log = logging.getLogger("flywheel.model_slot")
+
+WARMUP_CHUNK_ROWS = 4096
+SPREAD = (-2.0, -1.0, 0.0, 1.0, 2.0, float("nan"))  # standard deviations around the training mean; nan = missing
 
 
 @dataclass(frozen=True)
@@ -26,20 +36,83 @@ class Loaded:
     bundle: ModelBundle
 
 
+def warmup_frames(bundle: ModelBundle, spec: FeatureSpec, chunk: int = WARMUP_CHUNK_ROWS) -> Iterator[pd.DataFrame]:
+    """Rows built from the bundle's own vocabularies: every known id of every embedding table appears at least
+    once, numerics cycle through the training mean +-2 standard deviations, clipped to the spec's min/max."""
+    known = {c: list(bundle.vocabs[c].ids) for c in bundle.categorical}
+    total = max([len(v) for v in known.values()] + [len(SPREAD)])
+    for start in range(0, total, chunk):
+        idx = np.arange(start, min(start + chunk, total))
+        data: dict[str, object] = {}
+        for c, values in known.items():
+            data[c] = [values[i % len(values)] for i in idx] if values else ["<warm-up unseen>"] * len(idx)
+        for j, name in enumerate(bundle.numeric):
+            mean, std = bundle.norm[name]
+            f = spec.features.get(name)
+            lo = f.min if f is not None and f.min is not None else -np.inf
+            hi = f.max if f is not None and f.max is not None else np.inf
+            z = np.array([SPREAD[(i + j) % len(SPREAD)] for i in idx])
+            data[name] = np.clip(mean + z * std, lo, hi)
+        yield pd.DataFrame(data)
+
+
+def check_scores(bundle: ModelBundle, frames: Iterator[pd.DataFrame]) -> int:
+    """Raise if any warm-up score is not a probability; returns rows checked."""
+    rows = 0
+    for frame in frames:
+        scores = np.asarray(bundle.predict(frame))
+        if scores.shape != (len(frame),):
+            raise ValueError(f"warm-up predictions invalid: shape {scores.shape} for {len(frame)} rows")
+        bad = ~(np.isfinite(scores) & (scores >= 0) & (scores <= 1))
+        if bad.any():
+            cols = [c for c in bundle.categorical if c in frame]
+            where = {c: frame[c].iloc[int(np.argmax(bad))] for c in cols}
+            raise ValueError(f"warm-up predictions invalid: {int(bad.sum())} of {len(frame)} scores are not "
+                             f"finite probabilities (first at {where})")
+        rows += len(frame)
+    return rows
+
+
 class ModelSlot:
-    def __init__(self, rt: Runtime, warmup: pd.DataFrame, on_event=None, alias: str = Alias.CHAMPION) -> None:
+    def __init__(self, rt: Runtime, warmup: pd.DataFrame, on_event=None, alias: str = Alias.CHAMPION,
+                 retry_failed_s: float = 30.0) -> None:
         self.rt = rt
         self.alias = alias
         self.warmup = warmup
         self.current: Loaded | None = None
         self.last_error: str | None = None
+        self.fallback_from: str | None = None  # the alias's version that could not be served, while on a fallback
         self.on_event = on_event or (lambda kind, version, alias: None)
+        self.retry_failed_s = retry_failed_s
+        self._failed: dict[str, tuple[float, str, bool]] = {}  # version -> (when, why, bundle verified)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
+    def _load(self, client, version: str) -> ModelBundle:
+        """Download, verify the digest, migrate to the spec and warm up; raises with the reason."""
+        seen = self._failed.get(version)
+        if seen and seen[2] and time.monotonic() - seen[0] < self.retry_failed_s:
+            raise ValueError(seen[1])  # a verified bundle that failed its checks: not re-checked every poll
+        try:
+            bundle = registry.load_version(client, self.rt.model_name, version, self.rt.cache_dir)
+        except Exception as e:  # download or digest: retried at the next poll
+            self._failed[version] = (time.monotonic(), str(e), False)
+            raise
+        try:
+            bundle = bundle.for_spec(self.rt.spec)  # declared migration, or a clear SpecError
+            bundle.optimizer_state = None  # training state: twice the weights' memory, useless for serving
+            bundle.net.eval()
+            check_scores(bundle, iter([self.warmup]))
+            check_scores(bundle, warmup_frames(bundle, self.rt.spec))
+        except Exception as e:
+            self._failed[version] = (time.monotonic(), str(e), True)
+            raise
+        self._failed.pop(version, None)
+        return bundle
+
     def refresh(self) -> str | None:
-        """Load the champion if it differs from what is served; keep the old model on any failure."""
+        """Load the alias's version if it differs from what is served; keep the old model on any failure."""
         with self._lock:
             try:
                 client = self.rt.client()
@@ -53,29 +126,56 @@ class ModelSlot:
                     self.current = None  # an alias removed (challenger retired) stops its traffic
                 return self.current.version if self.current else None
             if self.current and self.current.version == champ.version:
+                if self.fallback_from is not None:  # the alias moved to the version the fallback serves
+                    self.fallback_from = self.last_error = None
                 return champ.version
             try:
-                bundle = registry.load_version(client, self.rt.model_name, champ.version, self.rt.cache_dir)
-                bundle = bundle.for_spec(self.rt.spec)  # declared migration, or a clear SpecError
-                bundle.optimizer_state = None  # training state: twice the weights' memory, useless for serving
-                bundle.net.eval()
-                scores = bundle.predict(self.warmup)
-                if not scores_valid(scores) or scores.shape != (len(self.warmup),):
-                    raise ValueError(f"warm-up predictions invalid (shape {scores.shape}, "
-                                     f"finite={bool(np.all(np.isfinite(scores)))})")
+                bundle = self._load(client, champ.version)
             except Exception as e:
-                self.last_error = f"loading v{champ.version} failed, still serving " \
-                                  f"{self.current.version if self.current else 'nothing'}: {e}"
-                log.error(self.last_error)
-                self.on_event("load_failed", champ.version, self.alias)
+                fresh = self._failed.get(champ.version, (0.0,))[0] >= time.monotonic() - 1
+                if self.current is None and self.alias == Alias.CHAMPION:
+                    return self._fall_back(client, champ.version, e)
+                serving = self.current.version if self.current else "nothing"
+                self.last_error = f"loading v{champ.version} failed, still serving {serving}" + \
+                    (f" (a fallback: champion v{self.fallback_from} cannot be served)" if self.fallback_from else "") \
+                    + f": {e}"
+                if fresh:
+                    log.error(self.last_error)
+                    self.on_event("load_failed", champ.version, self.alias)
                 return self.current.version if self.current else None
-            previous = self.current.version if self.current else None
-            self.current = Loaded(champ.version, bundle)
-            self.last_error = None
-            log.info("model swapped", extra={"alias": self.alias, "from_version": previous,
-                                             "to_version": champ.version})
-            self.on_event("swapped", champ.version, self.alias)
-            return champ.version
+            return self._swap(champ.version, bundle)
+
+    def _swap(self, version: str, bundle: ModelBundle, fallback_from: str | None = None) -> str:
+        previous = self.current.version if self.current else None
+        self.current = Loaded(version, bundle)
+        self.fallback_from = fallback_from
+        self.last_error = None if fallback_from is None else self.last_error
+        log.info("model swapped", extra={"alias": self.alias, "from_version": previous, "to_version": version,
+                                         "fallback_from": fallback_from})
+        self.on_event("swapped", version, self.alias)
+        return version
+
+    def _fall_back(self, client, broken: str, error: Exception) -> str | None:
+        """Nothing served and the champion cannot be: serve the newest loadable earlier champion instead."""
+        self.on_event("load_failed", broken, self.alias)
+        try:
+            candidates = registry.fallback_versions(client, self.rt.model_name, broken)
+        except Exception as e:
+            candidates, error = [], ValueError(f"{error}; fallback lookup failed: {e}")
+        for version in candidates:
+            try:
+                bundle = self._load(client, version)
+            except Exception as e:
+                log.error("fallback candidate refused", extra={"version": version, "error": str(e)})
+                continue
+            self.last_error = f"champion v{broken} cannot be served ({error}); serving fallback v{version}, " \
+                              "still polling the alias"
+            log.error(self.last_error)
+            self.on_event("fallback", version, self.alias)
+            return self._swap(version, bundle, fallback_from=broken)
+        self.last_error = f"loading v{broken} failed and no earlier champion loads ({candidates or 'none'}): {error}"
+        log.error(self.last_error)
+        return None
 
     def start(self, interval_s: float) -> None:
         def loop() -> None:

@@ -1,5 +1,6 @@
 """Scoring on the hot path: concurrent requests are coalesced into one forward pass (opportunistic
-micro-batching) and their log rows into one Arrow batch.
+micro-batching) and their log rows into one Arrow batch, made durable by one shared fsync (group commit) before
+any of them is answered.
 
 Batching is opportunistic rather than timed: a request queues its rows and, if no flush is pending, schedules
 one with `call_soon`; every request parsed in the same event-loop turn joins that flush. An idle server adds
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 
 from feature_store.spec import FeatureSpec
-from pipeline.errors import LogUnavailable
+from pipeline.errors import LogUnavailable, ModelOutputInvalid
 from pipeline.learn.model import ModelBundle
 from serving.log_sink import SegmentLog
 from serving.model_slot import Loaded
@@ -65,6 +66,7 @@ class Scorer:
         self.on_batch = on_batch or (lambda rows, jobs: None)
         self._pending: list[Job] = []
         self._scheduled = False
+        self._commits: set[asyncio.Task] = set()
 
     @property
     def queued_rows(self) -> int:
@@ -102,19 +104,53 @@ class Scorer:
             names = self.spec.feature_names
             cols = {k: [v for j in jobs for v in j.cols[k]] for k in names} if len(jobs) > 1 else jobs[0].cols
             scores = score_columns(jobs[0].loaded.bundle, cols, rows)
-            if self.log is not None:
-                self.log.append_columns(self._log_columns(jobs, cols, scores, rows), rows)
+            if not np.isfinite(scores).all():
+                jobs, cols, scores, rows = self._refuse_non_finite(jobs, cols, scores)
+                if not jobs:
+                    return
+            seq = self.log.append_columns(self._log_columns(jobs, cols, scores, rows), rows) \
+                if self.log is not None else None
         except Exception as e:  # every waiting request learns why, none hangs
-            for j in jobs:
-                if not j.future.done():
-                    j.future.set_exception(e)
+            _fail(jobs, e)
             return
         self.on_batch(rows, len(jobs))
-        start = 0
+        if seq is not None and self.log.durability == "group":
+            task = asyncio.ensure_future(self._answer_when_durable(jobs, scores, seq))
+            self._commits.add(task)
+            task.add_done_callback(self._commits.discard)
+        else:
+            _answer(jobs, scores)
+
+    async def _answer_when_durable(self, jobs: list[Job], scores: np.ndarray, seq: int) -> None:
+        """Group commit: the answers go out once the fsync covering their rows has returned."""
+        try:
+            await self.log.durable(seq)
+        except Exception as e:
+            _fail(jobs, e)
+            return
+        _answer(jobs, scores)
+
+    def _refuse_non_finite(self, jobs: list[Job], cols: dict[str, list], scores: np.ndarray
+                           ) -> tuple[list[Job], dict[str, list], np.ndarray, int]:
+        """A request with any non-finite score is answered with ModelOutputInvalid (never 200, never logged);
+        the others of the micro-batch are served as usual."""
+        keep, parts, start = [], [], 0
+        version = jobs[0].loaded.version
         for j in jobs:
-            if not j.future.done():
-                j.future.set_result(scores[start:start + j.n])
+            part = scores[start:start + j.n]
+            bad = int(np.count_nonzero(~np.isfinite(part)))
+            if bad and not j.future.done():
+                j.future.set_exception(ModelOutputInvalid(
+                    f"model v{version} produced {bad} non-finite score(s) for this request; not served"))
+            elif not bad:
+                keep.append(j)
+                parts.append(part)
             start += j.n
+        if not keep:
+            return [], cols, scores, 0
+        names = self.spec.feature_names
+        cols = {k: [v for j in keep for v in j.cols[k]] for k in names}
+        return keep, cols, np.concatenate(parts), sum(j.n for j in keep)
 
     def _log_columns(self, jobs: list[Job], cols: dict[str, list], scores: np.ndarray, rows: int) -> dict:
         now = datetime.now(UTC)
@@ -129,4 +165,18 @@ class Scorer:
         }
 
 
-__all__ = ["Job", "LogUnavailable", "Scorer", "encode_columns", "score_columns"]
+def _fail(jobs: list[Job], e: Exception) -> None:
+    for j in jobs:
+        if not j.future.done():
+            j.future.set_exception(e)
+
+
+def _answer(jobs: list[Job], scores: np.ndarray) -> None:
+    start = 0
+    for j in jobs:
+        if not j.future.done():
+            j.future.set_result(scores[start:start + j.n])
+        start += j.n
+
+
+__all__ = ["Job", "LogUnavailable", "ModelOutputInvalid", "Scorer", "encode_columns", "score_columns"]

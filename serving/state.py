@@ -79,9 +79,9 @@ class ServerState:
         rt = runtime(s)
         spec, metrics = rt.spec, Metrics()
         predictions = SegmentLog("predictions", prediction_schema(spec), s.spool_dir, rt.lake, PREDICTIONS,
-                                 (spec.event_time, "served_at"))
+                                 (spec.event_time, "served_at"), durability=s.log_durability)
         feedback = SegmentLog("feedback", feedback_schema(), s.spool_dir, rt.lake, FEEDBACK,
-                              ("label_time", "received_at"))
+                              ("label_time", "received_at"), durability=s.log_durability)
         logs = [predictions, feedback]
 
         def on_event(kind: str, version: str, alias: str) -> None:

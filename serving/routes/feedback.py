@@ -31,7 +31,7 @@ async def post_feedback(state: State, body: Body) -> Response:
         "received_at": pa.array([now] * len(items), ts),
     }, schema=schema)
     try:
-        state.feedback.append(batch)
+        await state.feedback.durable(state.feedback.append(batch))
     except LogUnavailable as e:
         state.metrics.requests.labels("/feedback", "503").inc()
         return unavailable(f"feedback log unavailable: {e}", state.settings.retry_after_s)

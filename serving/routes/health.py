@@ -16,14 +16,16 @@ router = APIRouter()
 async def health(state: State) -> Response:
     loaded, challenger = state.champion.current, state.challenger
     return json_response({
-        "status": "ok" if loaded and not any(lg.error for lg in state.logs) else "degraded",
+        "status": "ok" if loaded and not state.champion.fallback_from and not state.flusher.last_error
+        and not any(lg.error or lg.seal_error for lg in state.logs) else "degraded",
         "model_name": state.rt.model_name,
         "model_version": loaded.version if loaded else None,
         "challenger_version": challenger.current.version if challenger and challenger.current else None,
         "canary_share": state.settings.canary_share,
         "last_error": state.champion.last_error,
-        "log": {lg.stream: {"appended": lg.rows_appended, "sealed": lg.rows_sealed, "error": lg.error}
-                for lg in state.logs},
+        "fallback_from": state.champion.fallback_from,
+        "log": {lg.stream: lg.health() for lg in state.logs},
+        "flusher_error": state.flusher.last_error,
     })
 
 

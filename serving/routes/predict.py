@@ -15,7 +15,7 @@ import orjson
 from fastapi import APIRouter, Header
 from fastapi.responses import Response
 
-from pipeline.errors import LogUnavailable, RequestError
+from pipeline.errors import LogUnavailable, ModelOutputInvalid, RequestError
 from serving.deps import ApiToken, Body, State
 from serving.protocols import mlflow_to_rows, v2_response, v2_to_rows
 from serving.responses import json_response, unavailable
@@ -79,6 +79,10 @@ async def score(state: ServerState, route: str, body: object, client_id: tuple[s
     except LogUnavailable as e:
         metrics.requests.labels(route, "503").inc()
         return unavailable(f"prediction log unavailable, not serving unlogged predictions: {e}", s.retry_after_s)
+    except ModelOutputInvalid as e:
+        metrics.nonfinite.labels(loaded.version).inc()
+        metrics.requests.labels(route, "500").inc()
+        return json_response({"detail": str(e)}, 500)
     metrics.rows.labels(loaded.version).inc(job.n)
     metrics.batch.observe(job.n)
     metrics.requests.labels(route, "200").inc()

@@ -208,7 +208,7 @@ def test_sigkill_loses_at_most_one_flush_interval_and_restart_recovers_without_d
         tmp_path, mlflow_server, server):
     base, _, _ = server
     s = make_settings(tmp_path / "home", mlflow_server[1], model_name=base.model_name, serving_port=free_port(),
-                      log_flush_interval_ms=100)
+                      log_flush_interval_ms=100, log_durability="interval")  # the opt-in mode's bound
     stack.start_server(s)
     url = s.resolved_serving_url()
     while httpx.get(f"{url}/health").json()["model_version"] is None:
