@@ -112,7 +112,7 @@ STREAMS = {
 }
 
 
-def run(name: str, work: Path, retrain_every: int) -> dict:
+def run(name: str, work: Path, retrain_every: int, max_periods: int | None) -> dict:
     hist, live, opts = STREAMS[name]()
     folder = work / name
     folder.mkdir(parents=True, exist_ok=True)
@@ -122,6 +122,8 @@ def run(name: str, work: Path, retrain_every: int) -> dict:
     argv = [sys.executable, "-m", "pipeline.cli", "backtest", "--spec", spec, "--history", str(folder / "history.parquet"),
             "--stream", str(folder / "stream.parquet"), "--home", str(folder / "home"),
             "--out", str(RESULTS / "backtest" / name), "--retrain-every", str(retrain_every)]
+    if max_periods:
+        argv += ["--max-periods", str(max_periods)]
     for key, value in opts.items():
         argv += [f"--{key.replace('_', '-')}", value]
     print(f"# {name}: history {len(hist)} rows, stream {len(live)} rows; {' '.join(argv[3:])}", file=sys.stderr)
@@ -137,15 +139,32 @@ def run(name: str, work: Path, retrain_every: int) -> dict:
     return summary
 
 
+def report_only(name: str, work: Path) -> dict:
+    """The report from the periods a backtest finished so far (its home's per-period files), without starting
+    anything: for a run cut short by the measurement's time budget."""
+    from pipeline.backtest import report
+
+    rows = [json.loads(p.read_text()) for p in sorted((work / name / "home" / "backtest" / "periods").glob("*.json"))]
+    summary = report.summarize(rows, name, "partial: the periods finished before the time budget ran out", 3, 0)
+    summary["files"] = report.write(rows, summary, RESULTS / "backtest" / name, f"Flywheel backtest (partial): {name}")
+    (RESULTS / "backtest" / name / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--streams", default=",".join(STREAMS))
     ap.add_argument("--work", type=Path, default=None, help="Homes and input files (default: a temp folder).")
     ap.add_argument("--retrain-every", default="3", help="From-scratch reference every K periods.")
+    ap.add_argument("--report-only", action="store_true", help="Report the finished periods in --work, run nothing.")
+    ap.add_argument("--max-periods", type=int, default=None, help="Replay only the first N periods per stream.")
     args = ap.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="flywheel-backtest-"))
     for name in [n for n in args.streams.split(",") if n]:
-        run(name, work, int(args.retrain_every))
+        if args.report_only:
+            report_only(name, work)
+        else:
+            run(name, work, int(args.retrain_every), args.max_periods)
     # Every stream's summary so far (streams may run as separate, parallel invocations).
     done = {p.parent.name: json.loads(p.read_text()) for p in sorted((RESULTS / "backtest").glob("*/summary.json"))}
     (RESULTS / "backtest.json").write_text(json.dumps(done, indent=2))
