@@ -70,7 +70,7 @@ def _png(rows: list[dict]) -> bytes:
     axes[1].set_title("log-loss per period")
     colors = ["tab:green" if r["gate"] == "promoted" else "tab:orange" if r["trained"] else "tab:red" for r in rows]
     axes[2].bar(x, [r["nightly_s"] for r in rows], color=colors)
-    axes[2].set_title("nightly seconds (green promoted, orange held, red not trained)")
+    axes[2].set_title("nightly s: green promoted, orange held, red untrained", fontsize=9)
     axes[0].legend(fontsize=7)
     for ax in axes:
         ax.set_xlabel("period")

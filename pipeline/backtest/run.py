@@ -130,7 +130,7 @@ class Backtest:
         signal.signal(signal.SIGTERM, _exit_on_term)  # so `finally` stops the processes this run started
         try:
             with self.console.status("starting MLflow"):
-                stack.start_mlflow(self.s)
+                _start_mlflow(self.s)
             boot = self.bootstrap(inputs)
             with self.console.status("starting the model server"):
                 stack.start_server(self.s)
@@ -212,6 +212,17 @@ class Backtest:
         return {"scratch": self.scratch[1].predict(rows),
                 "hgb_all": GradientBoosted(spec, s.seed).fit(train).predict(rows),
                 "hgb_last": GradientBoosted(spec, s.seed).fit(recent if len(recent) else train).predict(rows)}
+
+
+def _start_mlflow(s: Settings) -> None:
+    """One retry: on a loaded machine a first start can miss the stack's health deadline."""
+    from pipeline.ops import stack
+
+    try:
+        stack.start_mlflow(s)
+    except RuntimeError:
+        stack.stop_all(s)
+        stack.start_mlflow(s)
 
 
 def _exit_on_term(signum, frame) -> None:
