@@ -335,6 +335,42 @@ def nightly(day: Day) -> None:
 
 
 @app.command()
+def backtest(
+    spec: Annotated[Path, typer.Option("--spec", help="Feature spec YAML of the stream.")],
+    history: Annotated[Path, typer.Option(help="Labeled Parquet to bootstrap from (ends before the stream).")],
+    stream: Annotated[Path, typer.Option(help="Labeled Parquet replayed period by period after the history.")],
+    period: Annotated[str, typer.Option(help="1d, 7d, 12h, 2w, month, quarter or year; not a day: one period "
+                                             "per logical date.")] = "1d",
+    label_delay: Annotated[str, typer.Option(help="Label time = event time + this (30m, 2h, 1d), unless "
+                                                  "--label-time names a column.")] = "0s",
+    label_time: Annotated[str | None, typer.Option(help="Stream column holding each label's own time.")] = None,
+    home: Annotated[Path | None, typer.Option("--home", help="Scratch home (default <FLYWHEEL_HOME>/backtest/"
+                                                            "<spec stem>); re-running resumes it.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Report folder (default <home>/backtest/report).")] = None,
+    max_periods: Annotated[int | None, typer.Option(help="Replay only the first N periods.")] = None,
+    retrain_every: Annotated[int, typer.Option(help="From-scratch reference retrained every K periods.")] = 1,
+    last_k: Annotated[int, typer.Option(help="Periods the recent gradient-boosted reference is refit on.")] = 3,
+) -> None:
+    """Would the loop have helped on my history? Replays STREAM through the real server and nightly on a scratch
+    home, test-then-train, against the frozen, retrained and gradient-boosted references."""
+    from feature_store.spec import parse_duration
+    from pipeline.backtest.command import backtest as run_backtest
+    from pipeline.backtest.run import BacktestOptions
+
+    try:
+        delay = parse_duration(label_delay)
+    except ValueError as e:
+        console.print(f"[red]error:[/red] --label-delay: {e}")
+        raise typer.Exit(2) from None
+    opts = BacktestOptions(spec=spec, history=history, stream=stream, period=period, label_delay=delay,
+                           label_time=label_time, max_periods=max_periods, retrain_every=max(1, retrain_every),
+                           last_k=max(1, last_k), home=home or get_settings().home_abs / "backtest" / spec.stem)
+    result = run_backtest(opts, out, console)  # a refusal (Decision) is one error line, exit 2, like any command
+    console.print(f"report: {result['files']['html']}")
+    typer.echo(json.dumps(result, default=str))
+
+
+@app.command()
 def up(airflow: bool = True, server: bool = True) -> None:
     """Start MLflow, Airflow and the model server on embedded defaults."""
     from feature_store.spec import load_spec

@@ -20,6 +20,7 @@ FORBIDDEN = {
     "pipeline/checks": ("airflow", "mlflow", "pipeline.stages", "pipeline.orchestration", "pipeline.release"),
     "pipeline/stages": ("airflow", "pipeline.orchestration", "pipeline.ops", "pipeline.demo"),
     "pipeline/release": ("airflow", "pipeline.orchestration", "pipeline.demo"),
+    "pipeline/backtest": ("airflow", "pipeline.orchestration", "pipeline.demo", "serving"),
 }
 
 

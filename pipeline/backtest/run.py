@@ -1,0 +1,256 @@
+"""The backtest loop: a scratch home on embedded defaults (its own MLflow and model server on free ports),
+bootstrap from the history, then per period: rows through the server (test-then-train: the loop is scored by
+what /predict answered), labels through /feedback, the nightly through `pipeline.stages.nightly` (the code the
+DAG runs, one task per stage there), and the references trained on the labels known before the period."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import socket
+import time
+from collections import Counter
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from pydantic import BaseModel
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from pipeline import registry
+from pipeline.backtest import data as bt_data
+from pipeline.backtest.references import GradientBoosted, scratch_model
+from pipeline.backtest.replay import send_period
+from pipeline.backtest.store import Store
+from pipeline.checks.gate import ece
+from pipeline.checks.metrics import auc, logloss, scores_valid
+from pipeline.config import Settings, get_settings
+from pipeline.errors import GateFailed, NoDataError, StageError
+from pipeline.runtime import Runtime, runtime
+
+MODELS = ("loop", "frozen", "scratch", "hgb_all", "hgb_last")
+
+
+class BacktestOptions(BaseModel):
+    spec: Path
+    history: Path
+    stream: Path
+    home: Path
+    period: str = "1d"
+    label_delay: timedelta = timedelta(0)
+    label_time: str | None = None
+    max_periods: int | None = None
+    retrain_every: int = 1
+    last_k: int = 3
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def scratch_settings(opts: BacktestOptions) -> Settings:
+    """The embedded defaults in a home of its own: every backend local, free ports, no schedule. Loop settings
+    (epochs, gates, ...) still follow FLYWHEEL_* variables, so a user can backtest the configuration they run."""
+    mlflow_port = _free_port()
+    return Settings(home=opts.home.resolve(), spec_path=opts.spec.resolve(), lake_uri=None, model_name=None,
+                    mlflow_port=mlflow_port, mlflow_tracking_uri=f"http://127.0.0.1:{mlflow_port}",
+                    serving_port=_free_port(), serving_host="127.0.0.1", serving_url=None, schedule="none",
+                    airflow_db_uri=None, mlflow_backend_uri=None, mlflow_artifacts_uri=None, s3_endpoint_url=None,
+                    mlflow_auth=False, online_store_uri=None, training_runner="local", canary_share=0.0,
+                    promotion_mode="auto", api_tokens=[], log_seal_interval_s=3600.0)
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def metrics(y: np.ndarray, p: np.ndarray, bins: int) -> dict[str, float | None]:
+    if not scores_valid(p):
+        return {"auc": None, "logloss": None, "ece": None}
+    return {"auc": auc(y, p), "logloss": logloss(y, p), "ece": ece(y, p, bins)}
+
+
+def gate_outcome(out: dict) -> dict:
+    """What the night decided, from `run_nightly`'s result (read defensively: other fields may be added)."""
+    ev, prom = out.get("evaluate") or {}, out.get("promote") or {}
+    return {"outcome": "promoted" if prom.get("promoted") else "held", "reason": ev.get("reason") or
+            prom.get("reason", ""), "trained": "train" in out, "candidate": (out.get("register") or {}).get("version")}
+
+
+def run_nightly_for(day, rt: Runtime) -> tuple[dict, float]:
+    from pipeline.stages.nightly import run_nightly
+
+    start = time.monotonic()
+    try:
+        result = gate_outcome(run_nightly(day, rt, rollout=True))
+    except (GateFailed, NoDataError) as e:
+        result = {"outcome": "validation failed" if isinstance(e, GateFailed) else "no data", "reason": str(e),
+                  "trained": False, "candidate": None}
+    except StageError as e:
+        result = {"outcome": f"stopped ({type(e).__name__})", "reason": str(e), "trained": None, "candidate": None}
+    return result, round(time.monotonic() - start, 3)
+
+
+class Backtest:
+    """One backtest in one home; `run` may be called again after an interruption and skips finished periods."""
+
+    def __init__(self, opts: BacktestOptions, console: Console | None = None) -> None:
+        self.opts, self.console = opts, console or Console(stderr=True)
+        self.s = scratch_settings(opts)
+        os.environ.update({k: v for k, v in _settings_env(self.s).items()})
+        get_settings.cache_clear()
+        self.rt = runtime(self.s)
+        self.store = Store(self.s.home_abs / "backtest")
+        self.scratch: tuple[int, object] | None = None
+        self.is_day = True
+
+    def inputs(self) -> bt_data.Inputs:
+        o = self.opts
+        self.store.check_inputs({"spec": _digest(o.spec), "history": _digest(o.history), "stream": _digest(o.stream),
+                                 "period": o.period, "label_delay_s": o.label_delay.total_seconds(),
+                                 "label_time": o.label_time, "last_k": o.last_k, "retrain_every": o.retrain_every})
+        return bt_data.load(self.rt.spec, o.history, o.stream, o.period, o.label_time, o.label_delay)
+
+    def run(self) -> list[dict]:
+        from pipeline.ops import stack
+
+        inputs = self.inputs()
+        self.is_day = inputs.periods.is_day
+        ks = sorted(int(k) for k in inputs.stream[bt_data.PERIOD].unique())[: self.opts.max_periods]
+        stack.stop_all(self.s)
+        signal.signal(signal.SIGTERM, _exit_on_term)  # so `finally` stops the processes this run started
+        try:
+            with self.console.status("starting MLflow"):
+                _start_mlflow(self.s)
+            boot = self.bootstrap(inputs)
+            with self.console.status("starting the model server"):
+                stack.start_server(self.s)
+                _wait_serving(self.s, boot["version"])
+            frozen = registry.load_version(self.rt.client(), self.rt.model_name, boot["version"], self.rt.cache_dir)
+            self.periods(inputs, ks, frozen)
+        finally:
+            stack.stop_all(self.s)
+        return [self.store.result(k) for k in ks]
+
+    def bootstrap(self, inputs: bt_data.Inputs) -> dict:
+        from pipeline.stages.bootstrap import bootstrap
+
+        done = self.store.read_json("bootstrap.json")
+        if done:
+            return done
+        path = self.s.home_abs / "backtest" / "history.parquet"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        spec = self.rt.spec
+        inputs.history[[*spec.feature_names, spec.event_time, spec.label.name]].to_parquet(path, index=False)
+        with self.console.status(f"bootstrapping from {len(inputs.history)} history rows"):
+            start = time.monotonic()
+            result = bootstrap(path, self.rt).model_dump()
+        result["seconds"] = round(time.monotonic() - start, 3)
+        self.store.write_json("bootstrap.json", result)
+        return result
+
+    def periods(self, inputs: bt_data.Inputs, ks: list[int], frozen) -> None:
+        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+        with Progress(*columns, console=self.console, transient=False) as progress:
+            task = progress.add_task("backtest", total=len(ks))
+            for i, k in enumerate(ks):
+                if self.store.result(k) is None:
+                    self.period(inputs, i, k, frozen, lambda what, k=k: progress.update(
+                        task, description=f"period {k} ({inputs.periods.logical_date(k)}): {what}"))
+                    r = self.store.result(k)
+                    self.console.print(_line(r))
+                progress.advance(task)
+
+    def period(self, inputs: bt_data.Inputs, i: int, k: int, frozen, status) -> None:
+        spec, s = self.rt.spec, self.s
+        live = inputs.stream
+        rows = live[live[bt_data.PERIOD] == k].reset_index(drop=True)
+        day = inputs.periods.logical_date(k)
+        served = self.store.served(k)
+        if served is None:
+            status(f"sending {len(rows)} rows")
+            served = send_period(s.resolved_serving_url(), rows, spec.feature_names, spec.event_time,
+                                 spec.label.name, bt_data.LABEL_TIME, f"bt-p{k:05d}")
+            self.store.save_served(k, served)
+        status("nightly")
+        night, seconds = run_nightly_for(day, self.rt)
+        status("references")
+        scores = {"loop": served["score"].to_numpy(dtype=np.float64), "frozen": frozen.predict(rows),
+                  **self.references(inputs, i, k, rows)}
+        y = rows[spec.label.name].to_numpy(dtype=np.float64)
+        champion = registry.get_alias(self.rt.client(), self.rt.model_name, "champion")
+        versions = Counter(served["model_version"].astype(str))
+        start_real = rows[bt_data.REAL_TIME].min()
+        result = {"period": k, "logical_date": day.isoformat(), "period_start": str(start_real), "rows": len(rows),
+                  "positives": int(y.sum()), "served_version": ",".join(v for v, _ in versions.most_common()),
+                  "gate": night["outcome"], "gate_reason": night["reason"], "trained": night["trained"],
+                  "candidate": night["candidate"], "champion_after": champion.version if champion else None,
+                  "nightly_s": seconds, "scratch_from_period": self.scratch[0] if self.scratch else None}
+        for name, p in scores.items():
+            result |= {f"{name}_{m}": v for m, v in metrics(y, p, s.ece_bins).items()}
+        self.store.save_result(k, result)
+
+    def references(self, inputs: bt_data.Inputs, i: int, k: int, rows: pd.DataFrame) -> dict[str, np.ndarray]:
+        spec, s = self.rt.spec, self.s
+        live = inputs.stream
+        start = rows[bt_data.REAL_TIME].min()
+        known = live[(live[bt_data.PERIOD] < k) & (live[bt_data.REAL_LABEL_TIME] < start)]
+        cols = [*spec.feature_names, spec.event_time, spec.label.name, bt_data.PERIOD]
+        train = pd.concat([inputs.history[cols], known[cols]], ignore_index=True)
+        if self.scratch is None or i % self.opts.retrain_every == 0:
+            self.scratch = (k, scratch_model(spec, train, s))
+        recent = train[train[bt_data.PERIOD] >= k - self.opts.last_k]
+        return {"scratch": self.scratch[1].predict(rows),
+                "hgb_all": GradientBoosted(spec, s.seed).fit(train).predict(rows),
+                "hgb_last": GradientBoosted(spec, s.seed).fit(recent if len(recent) else train).predict(rows)}
+
+
+def _start_mlflow(s: Settings) -> None:
+    """One retry: on a loaded machine a first start can miss the stack's health deadline."""
+    from pipeline.ops import stack
+
+    try:
+        stack.start_mlflow(s)
+    except RuntimeError:
+        stack.stop_all(s)
+        stack.start_mlflow(s)
+
+
+def _exit_on_term(signum, frame) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _settings_env(s: Settings) -> dict[str, str]:
+    from pipeline.ops.stack import settings_env
+
+    return settings_env(s)
+
+
+def _wait_serving(s: Settings, version: str, timeout: float = 60) -> None:
+    from pipeline.stages.promote import served_version
+
+    deadline = time.monotonic() + timeout
+    while served_version(s.resolved_serving_url()) is None:
+        if time.monotonic() > deadline:
+            raise StageError(f"the backtest's model server never loaded a champion (v{version}); see "
+                             f"{s.run_dir / 'serving.log'}")
+        time.sleep(0.5)
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else f"{v:.4f}"
+
+
+def _line(r: dict) -> str:
+    return (f"period {r['period']} ({r['logical_date']}): {r['rows']} rows, served v{r['served_version']}, AUC loop "
+            f"{_fmt(r['loop_auc'])} frozen {_fmt(r['frozen_auc'])} scratch {_fmt(r['scratch_auc'])} hgb "
+            f"{_fmt(r['hgb_all_auc'])}/{_fmt(r['hgb_last_auc'])}; {r['gate']} ({r['nightly_s']:.1f} s)")
