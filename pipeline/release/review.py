@@ -97,11 +97,11 @@ def request_review(version: str, rt: Runtime | None = None) -> ReviewResult:
         registry.set_challenger(client, rt.model_name, version, "review (waiting again)",
                                 rt.settings.alias_lock_stale_s)
     if restart or Tag.REVIEW_REQUESTED_AT not in mv.tags:
-        client.set_model_version_tag(rt.model_name, version, Tag.REVIEW_REQUESTED_AT, datetime.now(UTC).isoformat())
-        client.set_model_version_tag(rt.model_name, version, Tag.STATUS, "waiting for review")
         from pipeline.release.review_card import refresh_cards
 
-        refresh_cards(rt, version)
+        client.set_model_version_tag(rt.model_name, version, Tag.STATUS, "waiting for review")
+        refresh_cards(rt, version)  # before the stamp: the clock starts when the request is visible, not earlier
+        client.set_model_version_tag(rt.model_name, version, Tag.REVIEW_REQUESTED_AT, datetime.now(UTC).isoformat())
     return observe(version, rt, stamp=False)
 
 

@@ -108,9 +108,8 @@ def decision_sentence(v: registry.VersionInfo) -> str:
                "Airflow to wait again."
     if approval == "approved":
         return f"**Approved** by {t.get(Tag.APPROVER) or 'the reviewer'}; promoted by the waiting nightly run."
-    if Tag.REVIEW_REQUESTED_AT in t:
-        return f"**Waiting for review** since {t[Tag.REVIEW_REQUESTED_AT][:16]}Z. Passed its gate: " \
-               f"{t.get(Tag.GATE_REASON, '')}"
+    if Tag.REVIEW_REQUESTED_AT in t or t.get(Tag.STATUS) == "waiting for review":
+        return f"**Waiting for review.** Passed its gate: {t.get(Tag.GATE_REASON, '')}"
     if Tag.PROMOTED in t:
         return f"**Former champion** (promoted {t.get(Tag.PROMOTED_AT, '?')[:16]}Z), replaced since."
     state = "challenger (canary traffic when `canary_share` > 0)" if Alias.CHALLENGER in v.aliases else "candidate"
