@@ -258,32 +258,61 @@ def rollback(
     _run(stage, reason, expected_champion)
 
 
+def _decide(decision: str):
+    """One implementation behind `approve` and `reject`: the decision is the only difference."""
+
+    def command(
+        version: Annotated[str, typer.Option(help="Model version waiting for review.")],
+        by: Annotated[str | None, typer.Option(help="Reviewer name (default: your user).")] = None,
+        note: Annotated[str, typer.Option(help="Why; shown on the version's review card.")] = "",
+    ) -> None:
+        from pipeline.release.review import decide
+
+        _needs_mlflow("approve" if decision == "approved" else "reject")
+        _run(decide, version, decision, by, note)
+
+    return command
+
+
+app.command("approve", help="Review mode: approve VERSION; the waiting nightly run then promotes it.")(
+    _decide("approved"))
+app.command("reject", help="Review mode: reject VERSION; it loses `challenger` and is never promoted.")(
+    _decide("rejected"))
+
+
 @app.command()
-def approve(
-    version: Annotated[str, typer.Option(help="Model version waiting for review.")],
-    by: Annotated[str | None, typer.Option(help="Reviewer name (default: your user).")] = None,
-    note: str = "",
+def history(
+    as_json: Annotated[bool, typer.Option("--json", help="The ledger as one JSON object on stdout.")] = False,
+    at: Annotated[str | None, typer.Option(help="Also say which version served at this ISO time (UTC).")] = None,
 ) -> None:
-    """Review mode: approve VERSION; the waiting nightly run then promotes it."""
-    from pipeline.release.review import APPROVED, decide
+    """The alias ledger: every move of champion, previous and challenger, when, by whom and why."""
+    from datetime import UTC, datetime
 
-    _needs_mlflow("approve")
+    from pipeline import registry
+    from pipeline.ledger import served_on
+    from pipeline.runtime import runtime
 
-    _run(decide, version, APPROVED, by, note)
+    _needs_mlflow("history")
+    rt = runtime()
+    moves = registry.history(rt.client(), rt.model_name)
+    when = datetime.fromisoformat(at).replace(tzinfo=datetime.fromisoformat(at).tzinfo or UTC) if at else None
+    served = served_on(moves, when) if when else None
+    if as_json:
+        _emit({"model": rt.model_name, "moves": [m.model_dump() for m in moves],
+               "served_at": ({"at": at, "move": served.model_dump() if served else None} if at else None)})
+        return
+    from rich.table import Table
 
-
-@app.command()
-def reject(
-    version: Annotated[str, typer.Option(help="Model version waiting for review.")],
-    by: Annotated[str | None, typer.Option(help="Reviewer name (default: your user).")] = None,
-    note: str = "",
-) -> None:
-    """Review mode: reject VERSION; the waiting nightly run then leaves the champion as it is."""
-    from pipeline.release.review import REJECTED, decide
-
-    _needs_mlflow("reject")
-
-    _run(decide, version, REJECTED, by, note)
+    table = Table(title=f"{rt.model_name}: alias history (oldest first)")
+    for col in ("when (UTC)", "alias", "version", "was", "why", "by", "evidence / note"):
+        table.add_column(col, overflow="fold")
+    for m in moves:
+        table.add_row(m.at[:19].replace("T", " "), m.alias, f"v{m.version}" if m.version else "cleared",
+                      f"v{m.replaced}" if m.replaced else "", m.why, m.by, (m.evaluation or m.note)[:120])
+    Console().print(table)
+    if at:
+        Console().print(f"at {at}: " + (f"v{served.version} served ({served.why}, by {served.by})" if served
+                                        else "no champion yet"))
 
 
 @app.command("online-eval")

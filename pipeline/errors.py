@@ -62,6 +62,11 @@ class AliasConflict(Decision, RuntimeError):
     """The champion alias is not where this run expected it: another run moved it first."""
 
 
+class PromotionRefused(StageError):
+    """The guarded champion move refused a version: rejected or not approved in review, rolled back, or failed
+    its gate. No path (nightly promote, canary, CLI, rollback) gets around it."""
+
+
 class SegmentRejected(Decision, ValueError):
     """A log segment that no safe cast can bring to the spec's log schema (moved to `rejected/`)."""
 

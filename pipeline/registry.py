@@ -6,8 +6,10 @@ this version, from which parent, with which metrics and gate decision, and which
 
 from __future__ import annotations
 
+import getpass
 import hashlib
 import logging
+import os
 import shutil
 import time
 import uuid
@@ -25,10 +27,12 @@ from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
 
 from feature_store.spec import FeatureSpec, FeatureType
+from pipeline import ledger
 from pipeline.config import Settings
-from pipeline.errors import AliasConflict
+from pipeline.errors import AliasConflict, PromotionRefused, StageError
 from pipeline.learn.model import ModelBundle
-from pipeline.tags import Alias, Tag
+from pipeline.ledger import AliasMove
+from pipeline.tags import Alias, Tag, Why
 
 log = logging.getLogger("flywheel.registry")
 
@@ -264,11 +268,101 @@ def delete_alias(client: MlflowClient, name: str, alias: str) -> None:
             raise
 
 
+def actor(default: str | None = None) -> str:
+    """Who moves an alias: the Airflow DAG run when inside a task (the task runner exports its context),
+    else `default`, else the OS user."""
+    dag, run = os.environ.get("AIRFLOW_CTX_DAG_ID"), os.environ.get("AIRFLOW_CTX_DAG_RUN_ID")
+    if dag and run:
+        return f"{dag} run {run}" + (f" ({default})" if default else "")
+    return default or getpass.getuser()
+
+
+def hard_refusal(tags: dict[str, str]) -> str | None:
+    """Why a version may never (or, after a review timeout, not until re-reviewed) become champion or
+    challenger: rolled back, failed its gate, rejected, or its review timed out."""
+    approval = (tags.get(Tag.APPROVAL) or "").strip().lower()
+    if tags.get(Tag.ROLLED_BACK) == "true":
+        return f"it was rolled back ({tags.get(Tag.ROLLBACK_REASON, 'no reason recorded')})"
+    if tags.get(Tag.GATE_PASSED) != "true":
+        return f"it did not pass its gate ({tags.get(Tag.GATE_REASON, 'no gate decision recorded')})"
+    if approval == "rejected":
+        return f"the reviewer rejected it ({tags.get(Tag.APPROVER) or 'reviewer unknown'})"
+    if Tag.REVIEW_TIMED_OUT_AT in tags and approval != "approved":
+        return f"its review timed out at {tags[Tag.REVIEW_TIMED_OUT_AT][:16]}Z with no decision"
+    return None
+
+
+def champion_refusal(tags: dict[str, str], review: bool) -> str | None:
+    """Why a version may not become champion, or None. The one rule every path applies: the hard refusals, and,
+    in review mode or once a review was requested for the version, anything but an approval."""
+    if hard := hard_refusal(tags):
+        return hard
+    approval = (tags.get(Tag.APPROVAL) or "").strip().lower()
+    if (review or Tag.REVIEW_REQUESTED_AT in tags) and approval != "approved":
+        return f"review mode: {Tag.APPROVAL} is {approval or 'not set'}"
+    return None
+
+
+def _append_ledger(client: MlflowClient, name: str, moves: list[AliasMove]) -> None:
+    """Append to the ledger and re-render the registered model's description. Called only under alias_lock."""
+    model = client.get_registered_model(name)
+    tags = dict(model.tags or {})
+    for key, value in ledger.append(tags, moves).items():
+        client.set_registered_model_tag(name, key, value)
+        tags[key] = value
+    aliases = {a: str(v) for a, v in (model.aliases or {}).items()}
+    for m in moves:
+        if m.version is None:
+            aliases.pop(m.alias, None)
+        else:
+            aliases[m.alias] = m.version
+    client.update_registered_model(name, description=ledger.render(name, ledger.read(tags), aliases))
+
+
+def history(client: MlflowClient, name: str) -> list[AliasMove]:
+    return ledger.read(dict(client.get_registered_model(name).tags or {}))
+
+
+def _move(at: str, alias: str, version: str | None, replaced: str | None, why: str, by: str,
+          evaluation: str | None, note: str) -> AliasMove:
+    return AliasMove(at=at, alias=alias, version=version, replaced=replaced, why=str(why), by=by,
+                     evaluation=evaluation, note=note)
+
+
+def _guarded_set(client: MlflowClient, name: str, target: VersionInfo, current: VersionInfo | None, *,
+                 why: str, by: str, review: bool, keep_previous: bool, evaluation: str | None,
+                 note: str) -> list[AliasMove]:
+    """The one place `champion` moves, under the lock: the guard, the alias writes, `challenger` cleared when
+    it is the new champion, and the ledger entries (returned, appended by the caller in the same lock)."""
+    refusal = champion_refusal(target.tags, review)
+    if refusal:
+        raise PromotionRefused(f"v{target.version} of {name} may not become champion: {refusal}")
+    at = datetime.now(UTC).isoformat()
+    moves = []
+    if keep_previous and current:
+        old = get_alias(client, name, Alias.PREVIOUS)
+        client.set_registered_model_alias(name, Alias.PREVIOUS, current.version)
+        moves.append(_move(at, Alias.PREVIOUS, current.version, old.version if old else None, why, by, None,
+                           f"v{current.version} kept for rollback"))
+    client.set_registered_model_alias(name, Alias.CHAMPION, target.version)
+    moves.append(_move(at, Alias.CHAMPION, target.version, current.version if current else None, why, by,
+                       evaluation or target.tags.get(Tag.EVAL_REPORT), note))
+    challenger = get_alias(client, name, Alias.CHALLENGER)
+    if challenger is not None and challenger.version == target.version:
+        delete_alias(client, name, Alias.CHALLENGER)
+        moves.append(_move(at, Alias.CHALLENGER, None, target.version, why, by, None,
+                           f"v{target.version} is champion now"))
+    return moves
+
+
 def move_champion(client: MlflowClient, name: str, version: str, expected: str | None, owner: str,
-                  stale_s: float = 300.0) -> str | None:
+                  stale_s: float = 300.0, *, why: str = Why.PROMOTION, review: bool = False,
+                  evaluation: str | None = None, note: str = "") -> str | None:
     """Compare-and-set of `champion`: under the alias lock, move it to `version` only if it still points at
-    `expected` (the champion this run started from), keeping the replaced one as `previous`. Moving to where it
-    already is returns the recorded parent (a rerun). Raises AliasConflict when another run moved it first."""
+    `expected` (the champion this run started from) and the guard allows it, keeping the replaced one as
+    `previous`. Moving to where it already is returns the recorded parent (a rerun). Raises AliasConflict when
+    another run moved it first and PromotionRefused when the guard says no."""
+    by = actor(owner)
     with alias_lock(client, name, owner, stale_s):
         current = get_alias(client, name, Alias.CHAMPION)
         if current and current.version == version:
@@ -277,10 +371,85 @@ def move_champion(client: MlflowClient, name: str, version: str, expected: str |
         if now != expected:
             raise AliasConflict(f"champion of {name} is v{now}, but this run expected v{expected}: another run "
                                 f"promoted or rolled back since; not moving it to v{version}")
-        if current:
-            client.set_registered_model_alias(name, Alias.PREVIOUS, current.version)
-        client.set_registered_model_alias(name, Alias.CHAMPION, version)
-        client.set_model_version_tag(name, version, Tag.PROMOTED, "true")
-        client.set_model_version_tag(name, version, Tag.PROMOTED_AT, datetime.now(UTC).isoformat())
-        client.set_model_version_tag(name, version, Tag.PROMOTED_BY, owner)
+        target = get_version(client, name, version)
+        why = Why.BOOTSTRAP if current is None and why == Why.PROMOTION else why
+        moves = _guarded_set(client, name, target, current, why=why, by=by, review=review, keep_previous=True,
+                             evaluation=evaluation, note=note or f"v{version} promoted ({why})")
+        stamp = {Tag.PROMOTED: "true", Tag.PROMOTED_AT: moves[-1].at, Tag.PROMOTED_BY: by,
+                 Tag.STATUS: f"champion since {moves[-1].at[:16]}Z ({why})"}
+        for key, value in stamp.items():
+            client.set_model_version_tag(name, version, key, value)
+        _append_ledger(client, name, moves)
         return now
+
+
+def restore_previous(client: MlflowClient, name: str, reason: str, by: str, automatic: bool,
+                     expected: str | None = None, stale_s: float = 300.0,
+                     evaluation: str | None = None) -> tuple[VersionInfo, VersionInfo, str]:
+    """Rollback through the same guarded move: `previous` back to `champion`, the demoted version marked
+    rolled back (never promoted again) and stripped of `challenger`, `previous` cleared so a second rollback
+    cannot flip back. Returns (rolled back, restored, when)."""
+    who = actor(by)
+    with alias_lock(client, name, f"rollback by {by}", stale_s):
+        champion = get_alias(client, name, Alias.CHAMPION)
+        previous = get_alias(client, name, Alias.PREVIOUS)
+        if champion is None:
+            raise StageError(f"{name} has no champion: nothing to roll back")
+        if expected is not None and champion.version != expected:
+            raise StageError(f"champion of {name} is v{champion.version}, not v{expected} as this "
+                             "rollback expected: it moved since the decision; not rolling back")
+        if previous is None:
+            raise StageError(f"{name} has no 'previous' version to restore (champion v{champion.version}); "
+                             "promote a known-good version with `flywheel promote` instead")
+        if previous.version == champion.version:
+            raise StageError(f"'previous' and 'champion' both point at v{champion.version}; nothing to restore")
+        why = Why.AUTO_ROLLBACK if automatic else Why.ROLLBACK
+        moves = _guarded_set(client, name, previous, champion, why=why, by=who, review=False,
+                             keep_previous=False, evaluation=evaluation, note=reason[:1000])
+        at = moves[0].at
+        delete_alias(client, name, Alias.PREVIOUS)
+        moves.append(_move(at, Alias.PREVIOUS, None, previous.version, why, who, None, "restored as champion"))
+        challenger = get_alias(client, name, Alias.CHALLENGER)
+        if challenger is not None and challenger.version == champion.version:
+            delete_alias(client, name, Alias.CHALLENGER)
+            moves.append(_move(at, Alias.CHALLENGER, None, champion.version, why, who, None, "rolled back"))
+        for key, value in {Tag.ROLLED_BACK: "true", Tag.ROLLBACK_REASON: reason[:4900], Tag.ROLLBACK_AT: at,
+                           Tag.ROLLBACK_BY: by, Tag.STATUS: f"rolled back {at[:16]}Z ({why})"}.items():
+            client.set_model_version_tag(name, champion.version, key, value)
+        for key, value in {Tag.RESTORED_FROM: champion.version, Tag.ROLLBACK_AT: at,
+                           Tag.ROLLBACK_REASON: reason[:4900],
+                           Tag.STATUS: f"champion again since {at[:16]}Z ({why} of v{champion.version})"}.items():
+            client.set_model_version_tag(name, previous.version, key, value)
+        _append_ledger(client, name, moves)
+        return champion, previous, at
+
+
+def set_challenger(client: MlflowClient, name: str, version: str, by: str, stale_s: float = 300.0,
+                   evaluation: str | None = None) -> bool:
+    """Nominate a version as `challenger` (guarded: never a rolled-back, failed or rejected one)."""
+    with alias_lock(client, name, f"challenger by {by}", stale_s):
+        target = get_version(client, name, version)
+        if hard_refusal(target.tags) is not None or Alias.CHAMPION in target.aliases:
+            return False
+        old = get_alias(client, name, Alias.CHALLENGER)
+        if old is not None and old.version == version:
+            return True
+        client.set_registered_model_alias(name, Alias.CHALLENGER, version)
+        _append_ledger(client, name, [_move(datetime.now(UTC).isoformat(), Alias.CHALLENGER, version,
+                                            old.version if old else None, Why.NOMINATION, actor(by),
+                                            evaluation or target.tags.get(Tag.EVAL_REPORT),
+                                            f"v{version} passed its gate")])
+        return True
+
+
+def clear_challenger(client: MlflowClient, name: str, version: str, why: str, by: str, note: str,
+                     stale_s: float = 300.0) -> bool:
+    """Take `challenger` off `version` (rejected, timed out, retired): it serves no more canary traffic."""
+    with alias_lock(client, name, f"challenger off by {by}", stale_s):
+        current = get_alias(client, name, Alias.CHALLENGER)
+        if current is None or current.version != version:
+            return False
+        delete_alias(client, name, Alias.CHALLENGER)
+        _append_ledger(client, name, [_move(datetime.now(UTC).isoformat(), Alias.CHALLENGER, None, version,
+                                            why, actor(by), None, note)])
+        return True

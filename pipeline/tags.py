@@ -13,7 +13,9 @@ from enum import StrEnum
 
 class Alias(StrEnum):
     CHAMPION = "champion"      # what the server answers with
-    CHALLENGER = "challenger"  # a candidate that passed its gate (canary traffic when canary_share > 0)
+    # a candidate that passed its gate and awaits evidence or a decision (canary traffic when canary_share > 0);
+    # cleared when it becomes champion, is rejected, times out in review, is retired by the canary or rolled back
+    CHALLENGER = "challenger"
     PREVIOUS = "previous"      # the champion before the last promotion: what a rollback restores
 
 
@@ -46,6 +48,7 @@ class Tag(StrEnum):
     APPROVAL_NOTE = "flywheel.approval_note"
     APPROVAL_OBSERVED_AT = "flywheel.approval_observed_at"
     REVIEW_REQUESTED_AT = "flywheel.review_requested_at"
+    REVIEW_TIMED_OUT_AT = "flywheel.review_timed_out_at"
     # champion moves
     PROMOTED = "flywheel.promoted"
     PROMOTED_AT = "flywheel.promoted_at"
@@ -59,3 +62,26 @@ class Tag(StrEnum):
     CANARY = "flywheel.canary"
     ONLINE_EVAL = "flywheel.online_eval"
     ONLINE_EVAL_AT = "flywheel.online_eval_at"
+    # what a person reads on the version page: one sentence, the current state and why
+    STATUS = "flywheel.status"
+
+
+class ModelTag(StrEnum):
+    """Tags on the registered model (not a version)."""
+
+    # the alias ledger as JSON pages: `flywheel.alias_history.0000`, `.0001`, ... (each under MLflow's 5000 chars)
+    HISTORY_PREFIX = "flywheel.alias_history."
+
+
+class Why(StrEnum):
+    """Why an alias moved: the ledger's `why` column."""
+
+    BOOTSTRAP = "bootstrap"
+    NOMINATION = "nomination"        # a candidate passed its gate and became challenger
+    PROMOTION = "promotion"          # auto mode: passed the gate
+    APPROVAL = "approval"            # review mode: a reviewer approved it
+    REJECTION = "rejection"          # a reviewer rejected it (challenger cleared)
+    REVIEW_TIMEOUT = "review timeout"
+    CANARY = "canary"                # promoted or retired on its own live traffic
+    AUTO_ROLLBACK = "automatic rollback"
+    ROLLBACK = "rollback"            # by hand (CLI or the rollback DAG)

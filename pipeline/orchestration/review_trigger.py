@@ -2,7 +2,7 @@
 `ApprovalTrigger`, which polls the model version's tags from the triggerer's event loop (the blocking MLflow
 call runs in a thread) until a decision appears or the deadline passes. The deadline is absolute and derived
 from the version's `flywheel.review_requested_at` tag, so a retried task or a restarted triggerer does not
-restart the clock. Only Airflow itself is imported at module level; MLflow is imported inside the calls.
+restart the clock; after a timeout (`flywheel.review_timed_out_at`), clearing the task starts a fresh wait. Only Airflow itself is imported at module level; MLflow is imported inside the calls.
 """
 
 from __future__ import annotations
@@ -105,12 +105,16 @@ class AwaitApprovalOperator(BaseOperator):
     def execute_complete(self, context: Any, event: dict[str, Any]) -> dict:
         from airflow.sdk.exceptions import AirflowFailException
 
-        from pipeline.release.review import observe
+        from pipeline.release.review import expire, observe
 
         version = event["version"]
         if event["status"] == "timeout":
-            raise AirflowFailException(f"no review decision on v{version} before the approval timeout; "
-                                       "not promoted (clear this task to wait again)")
+            late = self._call(expire, version)
+            if late["decision"] is not None:
+                return self._finish(version, late)
+            raise AirflowFailException(f"no review decision on v{version} before the approval timeout; not "
+                                       "promoted and its challenger alias cleared (clear this task to wait again: "
+                                       "the wait restarts from then)")
         if event["status"] == "error":
             raise AirflowFailException(event["message"])
         return self._finish(version, self._call(observe, version))

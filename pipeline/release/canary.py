@@ -10,10 +10,11 @@ from datetime import UTC, date, datetime
 from pydantic import BaseModel
 
 from pipeline import registry
-from pipeline.errors import StageError
+from pipeline.errors import PromotionRefused, StageError
 from pipeline.release.online_eval import Comparison, compare, window
+from pipeline.release.review_card import refresh_cards
 from pipeline.runtime import Runtime, parse_day, runtime
-from pipeline.tags import Alias, Tag
+from pipeline.tags import Alias, Tag, Why
 
 log = logging.getLogger("flywheel.canary")
 
@@ -40,22 +41,43 @@ def canary_eval(day: str | date, rt: Runtime | None = None) -> CanaryResult:
             "challenger": challenger.version if challenger else None}
     if challenger is None or challenger.version == champion.version:
         return CanaryResult(**base, decision="no_canary", reason="no challenger distinct from the champion")
-    c = compare(rt, client, window(rt, day), challenger.version, champion.version)
-    if not c.enough:
-        result = CanaryResult(**base, decision="wait", reason=c.detail, comparison=c)
-    elif c.worse:
-        client.delete_registered_model_alias(name, Alias.CHALLENGER)
-        result = CanaryResult(**base, decision="retired", comparison=c,
-                              reason=f"challenger v{challenger.version} worse than champion {c.detail}")
-    elif c.at_least_as_good:
-        registry.move_champion(client, name, challenger.version, expected=champion.version, owner="canary_eval",
-                               stale_s=rt.settings.alias_lock_stale_s)
-        result = CanaryResult(**base, decision="promoted", comparison=c,
-                              reason=f"challenger v{challenger.version} at least as good as champion {c.detail}")
+    review = rt.settings.promotion_mode == "review"
+    refusal = registry.hard_refusal(challenger.tags)
+    if refusal:  # rejected (perhaps by a UI tag the review task has not seen yet), rolled back, failed gate
+        result = _retire(rt, challenger.version, base, f"challenger v{challenger.version} retired: {refusal}")
     else:
-        result = CanaryResult(**base, decision="wait", comparison=c,
-                              reason=f"no clear difference yet {c.detail}")
+        result = _judge(rt, day, base, challenger, champion, review)
     client.set_model_version_tag(name, challenger.version, Tag.CANARY,
                                  f"{result.decision} at {datetime.now(UTC).isoformat()}: {result.reason}"[:4900])
     log.info("canary %s", result.decision, extra={"challenger": challenger.version, "champion": champion.version})
     return result
+
+
+def _judge(rt: Runtime, day: date, base: dict, challenger, champion, review: bool) -> CanaryResult:
+    c = compare(rt, rt.client(), window(rt, day), challenger.version, champion.version)
+    if not c.enough:
+        return CanaryResult(**base, decision="wait", reason=c.detail, comparison=c)
+    if c.worse:
+        return _retire(rt, challenger.version, base, f"challenger v{challenger.version} worse than champion "
+                       f"{c.detail}", c)
+    if not c.at_least_as_good:
+        return CanaryResult(**base, decision="wait", comparison=c, reason=f"no clear difference yet {c.detail}")
+    refusal = registry.champion_refusal(challenger.tags, review)
+    if refusal:  # review mode: live evidence never replaces the reviewer
+        return CanaryResult(**base, decision="wait", comparison=c,
+                            reason=f"at least as good live, but not promoted: {refusal} {c.detail}")
+    try:
+        registry.move_champion(rt.client(), rt.model_name, challenger.version, expected=champion.version,
+                               owner="canary_eval", stale_s=rt.settings.alias_lock_stale_s, why=Why.CANARY,
+                               review=review, evaluation=c.detail[:400], note="at least as good on its canary rows")
+    except PromotionRefused as e:
+        return _retire(rt, challenger.version, base, str(e), c)
+    refresh_cards(rt, challenger.version, champion.version)
+    return CanaryResult(**base, decision="promoted", comparison=c,
+                        reason=f"challenger v{challenger.version} at least as good as champion {c.detail}")
+
+
+def _retire(rt: Runtime, version: str, base: dict, reason: str, c: Comparison | None = None) -> CanaryResult:
+    registry.clear_challenger(rt.client(), rt.model_name, version, Why.CANARY, "canary_eval", reason[:600],
+                              rt.settings.alias_lock_stale_s)
+    return CanaryResult(**base, decision="retired", comparison=c, reason=reason)

@@ -1,7 +1,8 @@
 """Online evaluation: once labels for the new champion's live traffic arrive, compare it with the champion it
 replaced on the very rows it served, and roll it back automatically when it is worse beyond the declared margin.
 
-The collected `training/dt=D` partitions hold, per row, the served model version, its score and the exact
+The collected `training/dt=D` partitions (and, for a day not collected yet, its sealed log segments joined with
+the feedback that has arrived: `live_rows`) hold, per row, the served model version, its score and the exact
 features it saw; the previous champion is scored offline on those same features. Both models are thus judged
 on identical rows (a paired comparison, with the same bootstrap as the offline gate), with no canary split
 needed. Too few labeled rows means "wait", never a decision on noise.
@@ -20,6 +21,7 @@ from pipeline import registry
 from pipeline.checks.gate import Interval, paired_auc_diff, paired_logloss_diff, verdict
 from pipeline.checks.metrics import scores_valid, summary
 from pipeline.errors import StageError
+from pipeline.release.live_rows import live_rows
 from pipeline.runtime import Runtime, parse_day, runtime
 from pipeline.tags import Alias, Tag
 
@@ -43,10 +45,17 @@ class OnlineEvalResult(BaseModel):
 
 
 def served_rows(rt: Runtime, days: list[date], version: str) -> pd.DataFrame:
-    """Labeled rows that `version` served in the given collected days (missing days are skipped)."""
+    """Labeled rows that `version` served in the given days: a collected day from `training/dt=D`, a day not
+    collected yet (today, or yesterday before the nightly run) from its sealed log segments and the feedback
+    that has arrived (`live_rows`), so a bad release is judged within the hour, not the next night."""
     frames = []
+    today = datetime.now(UTC).date()
     for d in days:
         if rt.lake.read_manifest(TRAINING, d) is None:
+            if d <= today:
+                live = live_rows(rt, d, version)
+                if len(live):
+                    frames.append(live)
             continue
         frame = rt.lake.read_partition(TRAINING, d).to_pandas()
         missing = [c for c in ("model_version", "score", rt.spec.label.name) if c not in frame.columns]
@@ -55,7 +64,8 @@ def served_rows(rt: Runtime, days: list[date], version: str) -> pd.DataFrame:
         frames.append(frame[frame["model_version"].astype(str) == version])
     if not frames:
         return pd.DataFrame()
-    out = pd.concat(frames, ignore_index=True)
+    cols = [*rt.spec.feature_names, "model_version", "score", rt.spec.label.name]
+    out = pd.concat([f[cols] for f in frames], ignore_index=True)
     return out[np.isfinite(out["score"].to_numpy(dtype=np.float64))].reset_index(drop=True)
 
 

@@ -11,9 +11,10 @@ import httpx
 from pydantic import BaseModel
 
 from pipeline import registry
-from pipeline.errors import AliasConflict, StageError
+from pipeline.errors import AliasConflict, PromotionRefused, StageError
+from pipeline.release.review_card import refresh_cards
 from pipeline.runtime import Runtime, runtime
-from pipeline.tags import Alias, Tag
+from pipeline.tags import Alias, Tag, Why
 
 log = logging.getLogger("flywheel.promote")
 
@@ -32,11 +33,10 @@ class RolloutResult(BaseModel):
 
 
 def promote(version: str, rt: Runtime | None = None, owner: str | None = None) -> PromoteResult:
-    """Move `champion` to a version that passed its gate (and, in review mode, was approved). The move is a
-    compare-and-set against the champion the candidate was trained from, so of two runs racing to promote
-    candidates of the same parent, exactly one moves the alias and the other is refused."""
-    from pipeline.release.review import APPROVED, decision_of
-
+    """Move `champion` to a version that passed its gate (and, in review mode, was approved). The move is
+    `registry.move_champion`, the one guarded move every path takes: a compare-and-set against the champion the
+    candidate was trained from (of two runs racing to promote candidates of the same parent, exactly one moves
+    the alias), refusing rejected, unapproved, rolled-back and gate-failed versions, written to the ledger."""
     rt = rt or runtime()
     s = rt.settings
     client = rt.client()
@@ -45,26 +45,30 @@ def promote(version: str, rt: Runtime | None = None, owner: str | None = None) -
     if current is not None and current.version == version:
         return PromoteResult(version=version, promoted=True, previous=current.tags.get(Tag.PARENT),
                              reason="already champion")
-    if mv.tags.get(Tag.GATE_PASSED) != "true":
-        reason = mv.tags.get(Tag.GATE_REASON, "no gate decision recorded")
-        log.warning("not promoting v%s: %s", version, reason)
-        return PromoteResult(version=version, promoted=False, previous=None, reason=reason)
-    if mv.tags.get(Tag.ROLLED_BACK) == "true":
-        return PromoteResult(version=version, promoted=False, previous=None,
-                             reason=f"v{version} was rolled back ({mv.tags.get('flywheel.rollback_reason', '')})")
-    if s.promotion_mode == "review":
-        decision = decision_of(mv.tags)
-        if decision != APPROVED:
-            reason = f"review mode: {Tag.APPROVAL} is {decision or 'not set'}"
-            log.warning("not promoting v%s: %s", version, reason)
-            return PromoteResult(version=version, promoted=False, previous=None, reason=reason)
-    expected = mv.tags.get(Tag.PARENT)
+    review = s.promotion_mode == "review"
+    refusal = registry.champion_refusal(mv.tags, review)
+    if refusal:  # the guard says the same under the lock; asking first gives a result instead of an error
+        log.warning("not promoting v%s: %s", version, refusal)
+        refresh_cards(rt, version, current.version if current else None)
+        return PromoteResult(version=version, promoted=False, previous=None, reason=refusal)
+    why = Why.APPROVAL if review else Why.PROMOTION
     try:
-        previous = registry.move_champion(client, rt.model_name, version, expected,
-                                          owner or f"promote v{version} (pid {os.getpid()})", s.alias_lock_stale_s)
+        previous = registry.move_champion(client, rt.model_name, version, mv.tags.get(Tag.PARENT),
+                                          owner or f"promote v{version} (pid {os.getpid()})", s.alias_lock_stale_s,
+                                          why=why, review=review, note=_note(mv.tags, why))
+    except PromotionRefused as e:
+        return PromoteResult(version=version, promoted=False, previous=None, reason=str(e))
     except AliasConflict as e:
         raise StageError(str(e)) from e
-    return PromoteResult(version=version, promoted=True, previous=previous, reason="passed the gate")
+    refresh_cards(rt, version, previous)
+    return PromoteResult(version=version, promoted=True, previous=previous,
+                         reason="approved by the reviewer" if review else "passed the gate")
+
+
+def _note(tags: dict[str, str], why: str) -> str:
+    if why == Why.APPROVAL:
+        return f"approved by {tags.get(Tag.APPROVER) or 'the reviewer'}: {tags.get(Tag.GATE_REASON, '')}"[:600]
+    return f"passed the gate: {tags.get(Tag.GATE_REASON, '')}"[:600]
 
 
 def served_version(url: str) -> str | None:

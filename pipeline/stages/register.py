@@ -1,5 +1,6 @@
 """Register: the candidate becomes a model version carrying its lineage and gate decision; a passing one is
-marked `challenger`. Registering the same run twice returns the same version."""
+marked `challenger` (through the registry's guarded nomination, written to the alias ledger), and the
+version's description gets its review card. Registering the same run twice returns the same version."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ from datetime import date
 from pydantic import BaseModel
 
 from pipeline import registry
+from pipeline.release.review_card import log_card_inputs, refresh_cards
 from pipeline.runtime import Runtime, parse_day, runtime
-from pipeline.stages.evaluate import EvalResult, tag_json
-from pipeline.tags import Alias, Tag
+from pipeline.stages.evaluate import EvalResult
+from pipeline.tags import Tag
 
 
 class RegisterResult(BaseModel):
@@ -33,8 +35,9 @@ def register_candidate(day: str | date, evaluation: EvalResult | dict, rt: Runti
         Tag.WEIGHTS: run.data.tags.get(Tag.WEIGHTS, ""),
         Tag.GATE_PASSED: str(ev.passed).lower(),
         Tag.GATE_REASON: ev.reason[:4900],
-        Tag.METRICS: json.dumps({"candidate": ev.candidate, "champion": ev.champion}),
-        Tag.GATE_CHECKS: tag_json({c.name: c.passed for c in ev.checks}),
+        Tag.METRICS: json.dumps({"candidate": ev.candidate, "champion": ev.champion}),  # the one JSON tag, for code
+        Tag.GATE_CHECKS: checks_line(ev),
+        Tag.STATUS: "passed its gate" if ev.passed else "failed its gate: never promoted",
     }
     if ev.report_uri:
         tags[Tag.EVAL_REPORT] = ev.report_uri
@@ -43,11 +46,22 @@ def register_candidate(day: str | date, evaluation: EvalResult | dict, rt: Runti
     if policy := run.data.tags.get(Tag.POLICY):
         tags[Tag.POLICY] = policy  # which training policy (warm start or a drift challenger) made this version
     if ev.auc_diff is not None:
-        tags[Tag.AUC_DIFF_CI] = tag_json(ev.auc_diff.model_dump())
+        ci = ev.auc_diff
+        tags[Tag.AUC_DIFF_CI] = f"{ci.estimate:+.4f} [{ci.low:+.4f}, {ci.high:+.4f}] ({ci.samples} bootstrap samples)"
+    log_card_inputs(rt, ev.run_id, ev.model_dump(mode="json"), day.isoformat())  # the card's blobs: an artifact
     mv = registry.register(client, rt.model_name, ev.run_id, tags)
     for key in (Tag.GATE_CHECKS, Tag.EVAL_REPORT, Tag.AUC_DIFF_CI, Tag.GATE_PASSED, Tag.GATE_REASON):
         if key in tags and mv.tags.get(key) != tags[key]:  # a re-evaluated rerun refreshes the evidence
             client.set_model_version_tag(rt.model_name, mv.version, key, tags[key])
-    if ev.passed and mv.tags.get(Tag.ROLLED_BACK) != "true":  # a rerun never re-nominates a rolled-back version
-        client.set_registered_model_alias(rt.model_name, Alias.CHALLENGER, mv.version)
+    if ev.passed:  # guarded: a rerun never re-nominates a rolled-back, rejected or timed-out version
+        registry.set_challenger(client, rt.model_name, mv.version, "register",
+                                rt.settings.alias_lock_stale_s, ev.report_uri)
+    refresh_cards(rt, mv.version)
     return RegisterResult(version=mv.version, parent_version=ev.champion_version, passed=ev.passed)
+
+
+def checks_line(ev: EvalResult) -> str:
+    """The gate's checks as a person reads them in the tag list (the card and the report have the detail)."""
+    failed = [c.name for c in ev.checks if not c.passed]
+    head = f"{len(ev.checks) - len(failed)}/{len(ev.checks)} checks passed"
+    return (head + (f"; failed: {', '.join(failed)}" if failed else ""))[:4900]

@@ -175,3 +175,81 @@ def test_degraded_rollout_under_live_traffic_is_rolled_back_without_a_person_or_
         assert registry.get_version(r.client(), r.model_name, v2).tags[Tag.ROLLED_BACK] == "true"
     finally:
         stack.stop_all(s)
+
+
+def test_a_day_not_collected_yet_is_judged_from_its_sealed_logs_and_arrived_feedback(rt):
+    """The hourly run reads logs/predictions/dt=D and logs/feedback directly when training/dt=D does not exist:
+    only rows whose label is known count (feedback arrived; the loans spec drops unlabelled rows)."""
+    from feature_store.log_schema import FEEDBACK, PREDICTIONS, feedback_schema, prediction_schema
+    from feature_store.offline import Lake
+    from pipeline.release.online_eval import served_rows
+
+    bad = degraded(rt)
+    v2 = promote_bundle(rt, bad)
+    frame = loans_frame(DAY, 1500, seed=9)
+    served_at = pd.Timestamp(DAY, tz="UTC") + pd.Timedelta(hours=1)
+    preds = frame.assign(request_id=[uuid.uuid4().hex for _ in range(len(frame))], row=0, served_at=served_at,
+                         model_version=v2, score=bad.predict(frame))
+    table = pa.Table.from_pandas(preds[prediction_schema(rt.spec).names], schema=prediction_schema(rt.spec),
+                                 preserve_index=False)
+    for i, start in enumerate(range(0, len(preds), 500)):  # three sealed segments, as the server writes them
+        rt.lake.write_file_atomic(rt.lake.path(PREDICTIONS, f"dt={DAY}", f"seg-{i}.parquet"),
+                                  Lake.parquet_bytes(table.slice(start, 500)))
+    fb = preds.iloc[:1400]  # feedback for all but the last 100 rows has arrived (the loans spec drops the rest)
+    feedback = pa.Table.from_pandas(pd.DataFrame({
+        "request_id": fb.request_id, "row": fb.row.astype("int32"), "label": fb.defaulted.astype(float),
+        "label_time": fb.applied_at + pd.Timedelta(hours=1), "received_at": fb.applied_at + pd.Timedelta(hours=1)}),
+        schema=feedback_schema(), preserve_index=False)
+    rt.lake.write_file_atomic(rt.lake.path(FEEDBACK, f"dt={DAY}", "seg-0.parquet"), Lake.parquet_bytes(feedback))
+    assert rt.lake.read_manifest("training", DAY) is None
+    rows = served_rows(rt, [DAY], v2)
+    assert len(rows) == 1400 and rows.defaulted.sum() == fb.defaulted.sum()
+    result = online_eval(DAY, rt)
+    assert result.decision == "rolled_back", result.reason
+    assert registry.get_alias(rt.client(), rt.model_name, Alias.CHAMPION).version == "1"
+
+
+@pytest.mark.slow
+def test_time_from_a_bad_release_to_rollback_under_labelled_live_traffic(tmp_path):
+    """Real server, real HTTP traffic with feedback, nothing collected: a sign-flipped release is rolled back by
+    the first hourly evaluation that has enough labels. Measures rows and seconds from release to rollback."""
+    import time
+
+    from pipeline.demo.simulate import Simulator
+    from pipeline.demo.traffic import flush, send_day
+    from pipeline.ops import stack
+    from pipeline.stages.promote import rollout
+    from tests.helpers import free_port, make_settings
+
+    sim = Simulator(seed=5, rows_per_day=2000, horizon_days=10)
+    port = free_port()
+    s = make_settings(tmp_path / "home", port, online_min_rows=400, online_min_positives=10,
+                      bootstrap_samples=200)
+    try:
+        stack.start_mlflow(s)
+        r = runtime(s)
+        sim.history(3).to_parquet(tmp_path / "history.parquet")
+        bootstrap(tmp_path / "history.parquet", r)
+        stack.start_server(s)
+        url = s.resolved_serving_url()
+        released = time.monotonic()
+        v2 = promote_bundle(r, degraded(r))
+        assert rollout(r).served_version == v2
+        day, live = sim.day_date(3), sim.day(3)
+        sent, evaluations, result = 0, 0, None
+        for start in range(0, len(live), 200):  # each step stands for a slice of an hour's labelled traffic
+            traffic = send_day(url, live.iloc[start:start + 200], r.spec.feature_names)
+            assert traffic.errors == 0
+            sent += traffic.rows
+            flush(url, s.resolved_admin_token())  # the server seals its spools every few seconds on its own
+            result, evaluations = online_eval(day, r), evaluations + 1
+            if result.decision != "wait":
+                break
+        elapsed = time.monotonic() - released
+        assert result is not None and result.decision == "rolled_back", result
+        assert r.lake.read_manifest("training", day) is None  # judged before any collection
+        assert rollout(r).served_version == "1"
+        print(f"\nbad release -> rollback: {sent} live rows sent, {result.rows} labelled rows judged, "
+              f"{evaluations} evaluations, {elapsed:.1f}s wall (plus up to one online_eval_schedule period)")
+    finally:
+        stack.stop_all(s)

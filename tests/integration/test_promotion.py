@@ -127,7 +127,7 @@ def test_a_good_candidate_passes_with_report_tags_and_is_promoted_then_rolled_ba
     reg = register_candidate(DAY, ev, rt)
     v = registry.get_version(client, rt.model_name, reg.version)
     assert v.tags[Tag.EVAL_REPORT] == f"runs:/{run_id}/evaluation/report.html"
-    assert '"auc_vs_champion":true' in v.tags["flywheel.gate_checks"]
+    assert v.tags[Tag.GATE_CHECKS].endswith("checks passed") and "{" not in v.tags[Tag.AUC_DIFF_CI]
     assert registry.get_alias(client, rt.model_name, Alias.CHALLENGER).version == reg.version
     assert promote(reg.version, rt).promoted
     assert registry.get_alias(client, rt.model_name, Alias.CHAMPION).version == reg.version
@@ -292,8 +292,12 @@ def test_await_approval_task_returns_at_once_in_auto_mode_and_defers_in_review_m
         assert "flywheel.approval_observed_at" in tags and "flywheel.review_requested_at" in tags
         from airflow.sdk.exceptions import AirflowFailException
 
-        with pytest.raises(AirflowFailException, match="no review decision"):
-            op.execute_complete({}, {"status": "timeout", "version": v2})
+        late = op.execute_complete({}, {"status": "timeout", "version": v2})  # decided in the last poll: it wins
+        assert late["decision"] == APPROVED
+        v3 = _passing_version(rt, champion_bundle(rt))
+        with pytest.raises(AirflowFailException, match="clear this task to wait again"):
+            op.execute_complete({}, {"status": "timeout", "version": v3})
+        assert Tag.REVIEW_TIMED_OUT_AT in registry.get_version(rt.client(), rt.model_name, v3).tags
     finally:
         get_settings.cache_clear()
 
