@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import date
 
 import numpy as np
 import pandas as pd
@@ -34,6 +35,7 @@ SPREAD = (-2.0, -1.0, 0.0, 1.0, 2.0, float("nan"))  # standard deviations around
 class Loaded:
     version: str
     bundle: ModelBundle
+    data_day: date | None = None  # the last day of data it was trained on: how stale its answers are
 
 
 def warmup_frames(bundle: ModelBundle, spec: FeatureSpec, chunk: int = WARMUP_CHUNK_ROWS) -> Iterator[pd.DataFrame]:
@@ -143,11 +145,12 @@ class ModelSlot:
                     log.error(self.last_error)
                     self.on_event("load_failed", champ.version, self.alias)
                 return self.current.version if self.current else None
-            return self._swap(champ.version, bundle)
+            return self._swap(champ.version, bundle, data_day=champ.data_day)
 
-    def _swap(self, version: str, bundle: ModelBundle, fallback_from: str | None = None) -> str:
+    def _swap(self, version: str, bundle: ModelBundle, fallback_from: str | None = None,
+              data_day: date | None = None) -> str:
         previous = self.current.version if self.current else None
-        self.current = Loaded(version, bundle)
+        self.current = Loaded(version, bundle, data_day)
         self.fallback_from = fallback_from
         self.last_error = None if fallback_from is None else self.last_error
         log.info("model swapped", extra={"alias": self.alias, "from_version": previous, "to_version": version,
@@ -172,7 +175,11 @@ class ModelSlot:
                               "still polling the alias"
             log.error(self.last_error)
             self.on_event("fallback", version, self.alias)
-            return self._swap(version, bundle, fallback_from=broken)
+            try:
+                data_day = registry.get_version(client, self.rt.model_name, version).data_day
+            except Exception:  # noqa: BLE001 - the age is a courtesy; serving the fallback is not
+                data_day = None
+            return self._swap(version, bundle, fallback_from=broken, data_day=data_day)
         self.last_error = f"loading v{broken} failed and no earlier champion loads ({candidates or 'none'}): {error}"
         log.error(self.last_error)
         return None

@@ -6,6 +6,8 @@ from fastapi import APIRouter
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from pipeline.checks.loop_health import data_age_s
+from pipeline.tags import Tag
 from serving.deps import State
 from serving.responses import json_response
 
@@ -24,6 +26,9 @@ async def health(state: State) -> Response:
         "canary_share": state.settings.canary_share,
         "last_error": state.champion.last_error,
         "fallback_from": state.champion.fallback_from,
+        "model_data_day": loaded.data_day.isoformat() if loaded and loaded.data_day else None,
+        "model_data_age_s": data_age_s({Tag.DAY: loaded.data_day.isoformat()})
+        if loaded and loaded.data_day else None,
         "log": {lg.stream: lg.health() for lg in state.logs},
         "flusher_error": state.flusher.last_error,
     })

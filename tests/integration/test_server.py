@@ -78,6 +78,9 @@ def test_predict_one_and_many_rows_and_log_them(server):
     many = httpx.post(f"{url}/predict", json={"rows": rows(50), "request_id": "client-id-1"}).json()
     assert len(one["scores"]) == 1 and 0 < one["scores"][0] < 1 and one["model_version"] == "1"
     assert many["request_id"] == "client-id-1" and len(many["scores"]) == 50
+    health = httpx.get(f"{url}/health").json()  # how stale the served model's data is
+    champion_day = registry.get_alias(rt.client(), rt.model_name, "champion").data_day
+    assert health["model_data_day"] == champion_day.isoformat() and health["model_data_age_s"] >= 0
     fb = httpx.post(f"{url}/feedback", json=[{"request_id": "client-id-1", "row": 3, "label": 1}])
     assert fb.status_code == 202
     assert httpx.post(f"{url}/admin/flush", headers=admin(s)).status_code == 200
