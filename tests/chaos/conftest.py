@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 
 import httpx
@@ -18,20 +17,6 @@ from tests.helpers import free_port, make_settings
 
 CTR = load_spec(DEFAULT_SPEC)
 SIM = Simulator(seed=11, rows_per_day=600, horizon_days=10)
-
-
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory):
-    """The suite's MLflow server, or one already running on FLYWHEEL_TEST_MLFLOW_PORT (a loaded machine can take
-    longer than start_mlflow's wait to start one)."""
-    port = os.environ.get("FLYWHEEL_TEST_MLFLOW_PORT")
-    if port:
-        yield f"http://127.0.0.1:{port}", int(port)
-        return
-    s = make_settings(tmp_path_factory.mktemp("mlflow-home"), free_port())
-    stack.start_mlflow(s)
-    yield f"http://127.0.0.1:{s.mlflow_port}", s.mlflow_port
-    stack.stop_all(s)
 
 
 @pytest.fixture(scope="session")
