@@ -225,6 +225,9 @@ class Settings(BaseSettings):
     online_max_logloss_regression: float = Field(default=0.05, ge=0, description="Online: relative log-loss rise.")
     online_eval_schedule: str = Field(default="@hourly", description="Online evaluation DAG cron; 'none' = manual.")
     rollout_timeout_s: float = Field(default=60.0, gt=0)
+    service_start_timeout_s: float = Field(
+        default=240.0, gt=0, description="How long `up` waits for MLflow, Airflow and the model server to answer "
+        "(a busy shared machine can take minutes; a crashed process is reported at once with its log).")
     # --- loop health (issue 13) ---
     loop_health_warn_nights: int = Field(default=2, ge=1, description="Nights without training or without a "
                                          "promotion before each nightly result warns.")

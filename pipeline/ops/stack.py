@@ -210,21 +210,22 @@ def _start(s: Settings, name: str, argv: list[str], env: dict[str, str]) -> int:
 
 
 def _alive(pid: int) -> bool:
+    import psutil
+
     try:
-        os.kill(pid, 0)
-    except OSError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
         return False
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split()[2] != "Z"
-    except OSError:
-        return True
 
 
-def wait_http(url: str, timeout: float, what: str, log: Path | None = None) -> None:
+def wait_http(url: str, timeout: float, what: str, log: Path | None = None, pid: int | None = None) -> None:
+    """Wait until `url` answers; a process that exits meanwhile is reported at once, with its log's tail."""
     deadline = time.monotonic() + timeout
     last = ""
     while time.monotonic() < deadline:
+        if pid is not None and not _alive(pid):
+            last = f"the process {pid} exited"
+            break
         try:
             r = httpx.get(url, timeout=3)
             if r.status_code < 500:
@@ -245,10 +246,11 @@ def start_mlflow(s: Settings) -> None:
     env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
     home = s.home_abs
     auth = ["--app-name", "basic-auth"] if s.mlflow_auth else []
-    _start(s, "mlflow", [str(BIN / "mlflow"), "server", "--artifacts-destination", s.mlflow_artifacts_uri or str(home / "mlartifacts"),
+    pid = _start(s, "mlflow", [str(BIN / "mlflow"), "server", "--artifacts-destination", s.mlflow_artifacts_uri or str(home / "mlartifacts"),
                          "--serve-artifacts", *auth,
                          "--host", "127.0.0.1", "--port", str(s.mlflow_port), "--workers", "1"], env)
-    wait_http(f"http://127.0.0.1:{s.mlflow_port}/health", 90, "MLflow", s.run_dir / "mlflow.log")
+    wait_http(f"http://127.0.0.1:{s.mlflow_port}/health", s.service_start_timeout_s, "MLflow", s.run_dir / "mlflow.log",
+              pid)
 
 
 def start_airflow(s: Settings) -> None:
@@ -268,7 +270,7 @@ def start_airflow(s: Settings) -> None:
     if s.airflow_executor == "CeleryExecutor":
         _start(s, "airflow-celery-worker", [airflow, "celery", "worker", "--concurrency",
                                             str(s.airflow_celery_concurrency)], env)
-    wait_http(f"http://127.0.0.1:{s.airflow_port}/api/v2/monitor/health", 120, "Airflow api-server",
+    wait_http(f"http://127.0.0.1:{s.airflow_port}/api/v2/monitor/health", s.service_start_timeout_s, "Airflow api-server",
               s.run_dir / "airflow-api.log")
     ensure_gpu_pool(s)
 
@@ -299,8 +301,9 @@ def ensure_gpu_pool(s: Settings) -> None:
 
 def start_server(s: Settings) -> None:
     env = full_env(s)
-    _start(s, "serving", [str(BIN / "flywheel"), "serve"], env)
-    wait_http(f"{s.resolved_serving_url()}/health", 90, "model server", s.run_dir / "serving.log")
+    pid = _start(s, "serving", [str(BIN / "flywheel"), "serve"], env)
+    wait_http(f"{s.resolved_serving_url()}/health", s.service_start_timeout_s, "model server",
+              s.run_dir / "serving.log", pid)
 
 
 def stop_all(s: Settings, timeout: float = 20) -> list[str]:
