@@ -71,8 +71,10 @@ class _Tab:
         return out
 
 
-def render(page: Path, screenshot: Path, width: int = 1280, height: int = 1000) -> Rendered:
-    """Load `page` and report what a person would see; the screenshot covers the whole page height."""
+def render(page: Path | str, screenshot: Path, width: int = 1280, height: int = 1000,
+           settle_s: float = 0.0) -> Rendered:
+    """Load `page` (a file or a URL) and report what a person would see; the screenshot covers the whole page
+    height. `settle_s` gives a single-page app (the MLflow UI) time to fetch and draw after the load event."""
     assert CHROMIUM, "chromium is not installed: run `make sysdeps` (Debian package `chromium`)"
     port = free_port()
     with tempfile.TemporaryDirectory() as profile:
@@ -81,13 +83,13 @@ def render(page: Path, screenshot: Path, width: int = 1280, height: int = 1000) 
                                  f"--window-size={width},{height}", "about:blank"],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            return _inspect(port, page, screenshot, width)
+            return _inspect(port, page, screenshot, width, settle_s)
         finally:
             proc.terminate()
             proc.wait(20)
 
 
-def _inspect(port: int, page: Path, screenshot: Path, width: int) -> Rendered:
+def _inspect(port: int, page: Path | str, screenshot: Path, width: int, settle_s: float) -> Rendered:
     deadline = time.monotonic() + 30
     while True:
         try:
@@ -102,8 +104,9 @@ def _inspect(port: int, page: Path, screenshot: Path, width: int) -> Rendered:
     try:
         for domain in ("Page", "Runtime", "Log"):
             tab.call(f"{domain}.enable")
-        tab.call("Page.navigate", url=page.resolve().as_uri())
+        tab.call("Page.navigate", url=page if isinstance(page, str) else page.resolve().as_uri())
         tab.wait_event("Page.loadEventFired")
+        time.sleep(settle_s)
         out = Rendered(broken_images=tab.value(BROKEN_IMAGES), images=tab.value("document.images.length"),
                        text_chars=tab.value("document.body ? document.body.innerText.trim().length : 0"))
         full = tab.value("Math.max(document.body.scrollHeight, document.documentElement.scrollHeight)")
