@@ -151,7 +151,7 @@ def test_nightly_dag_run_collects_quarantines_trains_promotes_and_rolls_out(loop
     assert champion.tags[Tag.PARENT] == "1" and champion.tags[Tag.DAY] == day.isoformat()
     assert Tag.RUN in champion.tags and "flywheel.metrics" in champion.tags
     assert registry.get_alias(client, rt.model_name, Alias.PREVIOUS).version == "1"
-    assert registry.get_alias(client, rt.model_name, Alias.CHALLENGER).version == "2"
+    assert registry.get_alias(client, rt.model_name, Alias.CHALLENGER) is None  # cleared once it is champion
 
     health = httpx.get(f"{s.resolved_serving_url()}/health").json()
     assert health["model_version"] == "2"
