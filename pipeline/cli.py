@@ -14,6 +14,7 @@ import typer
 from pydantic import BaseModel
 from rich.console import Console
 from rich.markup import escape
+from typer.core import TyperGroup
 
 from pipeline.config import get_settings
 from pipeline.errors import FlywheelError
@@ -22,22 +23,22 @@ from pipeline.logs import setup_logging
 _TRACEBACK = False
 
 
-class _Flywheel(typer.Typer):
+class _FlywheelGroup(TyperGroup):
     """Every error Flywheel raises on purpose ends the command with its one-line message and exit status 2
     (whichever command raised it, inside a stage or while loading the spec); `--verbose` keeps the traceback
-    for a bug report."""
+    for a bug report. Handled in click's invoke, so the installed script and click's test runner agree."""
 
-    def __call__(self, *args, **kwargs):
+    def invoke(self, ctx):
         try:
-            return super().__call__(*args, **kwargs)
+            return super().invoke(ctx)
         except FlywheelError as e:
             if _TRACEBACK:
                 raise
             Console(stderr=True, soft_wrap=True).print(f"[red]error:[/red] {escape(str(e))}", highlight=False)
-            sys.exit(2)
+            raise typer.Exit(2) from None
 
 
-app = _Flywheel(help="Flywheel: keep a production model fresh, one night at a time.", no_args_is_help=True)
+app = typer.Typer(cls=_FlywheelGroup, help="Flywheel: keep a production model fresh, one night at a time.", no_args_is_help=True)
 simulate_app = typer.Typer(help="The bundled traffic simulator (demo and test aid).", no_args_is_help=True)
 app.add_typer(simulate_app, name="simulate")
 features_app = typer.Typer(help="Entity feature tables (offline store).", no_args_is_help=True)

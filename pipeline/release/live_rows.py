@@ -58,7 +58,7 @@ def live_rows(rt: Runtime, day: date, version: str, now: datetime | None = None)
     schema = feedback_schema()
     fb = [t for d in fb_days if d <= now.date() for t in _segments(rt, FEEDBACK, d, schema)]
     f = (pa.concat_tables(fb).to_pandas() if fb else schema.empty_table().to_pandas())
-    out = _join_batch(p, f[["request_id", "row", "label", "label_time", "received_at"]], et, window)
+    out, _ = _join_batch(p, f[["request_id", "row", "label", "label_time", "received_at"]], et, window)
     known = out["label"].notna()
     if spec.label.missing == "negative":
         closed = (out[et] + window) <= pd.Timestamp(now)

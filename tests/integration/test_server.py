@@ -152,7 +152,7 @@ def test_alias_move_swaps_model_under_load_without_failed_requests(server):
     run_tags = client.get_run(run_id).data.tags
     mv = client.create_model_version(rt.model_name, run_tags[Tag.MODEL_URI], run_id=run_id,
                                      model_id=run_tags[Tag.MODEL_ID],
-                                     tags={Tag.BUNDLE: v1.tags[Tag.BUNDLE]})
+                                     tags={Tag.BUNDLE: v1.tags[Tag.BUNDLE], Tag.GATE_PASSED: "true"})
     registry.move_champion(client, rt.model_name, str(mv.version), expected=v1.version, owner="test")
     deadline = time.monotonic() + 20
     while str(mv.version) not in versions and time.monotonic() < deadline:

@@ -62,7 +62,7 @@ def test_kubernetes_runner_makes_train_a_pod_operator_in_the_gpu_pool(k8s_dag, t
     assert info["errors"] == {} and info["heavy"] == []
     assert info["type"] == "TrainingPodOperator" and info["pool"] == "gpu-a100" and info["xcom"] is True
     # preemptions retry for the whole night (8 h / 60 s); real failures fail fast (see the cleanup test below)
-    assert info["upstream"] == ["validate"] and info["downstream"] == ["evaluate"] and info["retries"] == 480
+    assert info["upstream"] == ["validate"] and info["downstream"] == ["evaluate", "note"] and info["retries"] == 480
     local = _parse(tmp_path)
     assert local["errors"] == {} and local["type"] != "TrainingPodOperator" and local["pool"] == "default_pool"
 
