@@ -31,7 +31,7 @@ def make_settings(home: Path, mlflow_port: int, **overrides) -> Settings:
     )
 
 
-def start_server_on_champion(s: Settings, version: str = "1", timeout: float = 30) -> str:
+def start_server_on_champion(s: Settings, version: str = "1", timeout: float = 120) -> str:
     """Start the real model server for `s` and wait until it serves `version`; returns its URL."""
     import httpx
 
