@@ -3,7 +3,7 @@
 Collection runs after a day ends, so an hourly evaluation that read only `training/dt=D` would let a bad
 champion serve a whole day before anyone could judge it. This reads `logs/predictions/dt=D` (the server seals
 its spools there every few seconds, partitioned by event time) and the feedback that has arrived in
-`logs/feedback`, joined with collect's own rule (`collect._join_batch`: a label counts only within the spec's
+`logs/feedback`, joined with collect's own rule (`collect.join_batch`: a label counts only within the spec's
 attribution window). A row counts as labelled once its feedback arrived or, when the spec says a missing label
 is a negative, once its attribution window has closed; rows still inside their window without feedback are left
 out, never guessed. Read-only: unreadable segments are skipped here and judged (rejected) by collect.
@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from feature_store.log_schema import FEEDBACK, PREDICTIONS, feedback_schema, prediction_schema
 from pipeline.errors import SegmentRejected
 from pipeline.runtime import Runtime
-from pipeline.stages.collect import _join_batch, conform
+from pipeline.stages.collect import conform, join_batch
 
 log = logging.getLogger("flywheel.live_rows")
 
@@ -58,7 +58,7 @@ def live_rows(rt: Runtime, day: date, version: str, now: datetime | None = None)
     schema = feedback_schema()
     fb = [t for d in fb_days if d <= now.date() for t in _segments(rt, FEEDBACK, d, schema)]
     f = (pa.concat_tables(fb).to_pandas() if fb else schema.empty_table().to_pandas())
-    out, _ = _join_batch(p, f[["request_id", "row", "label", "label_time", "received_at"]], et, window)
+    out, _ = join_batch(p, f[["request_id", "row", "label", "label_time", "received_at"]], et, window)
     known = out["label"].notna()
     if spec.label.missing == "negative":
         closed = (out[et] + window) <= pd.Timestamp(now)

@@ -212,7 +212,7 @@ class FeedbackCounts:
         self.late += other.late
 
 
-def _join_batch(p: pd.DataFrame, f: pd.DataFrame, et: str, window: timedelta) -> tuple[pd.DataFrame, FeedbackCounts]:
+def join_batch(p: pd.DataFrame, f: pd.DataFrame, et: str, window: timedelta) -> tuple[pd.DataFrame, FeedbackCounts]:
     keys = ["request_id", "row"]
     counts = FeedbackCounts()
     if len(f):
@@ -359,7 +359,7 @@ def _collect(day: date, rt: Runtime) -> CollectResult:
                 # Only the feedback rows whose key hash this batch holds enter the merge: the day's feedback is
                 # hashed once, instead of re-indexed by pandas for every batch.
                 candidates = f[_in_sorted(np.sort(_key_hash(p)), f_hash)] if len(f) else f
-                out, counts = _join_batch(p, candidates, et, window)
+                out, counts = join_batch(p, candidates, et, window)
                 feedback_counts.add(counts)
                 missing = out["label"].isna()
                 n_missing += int(missing.sum())

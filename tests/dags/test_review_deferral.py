@@ -56,7 +56,8 @@ print(json.dumps({"state": str(run.state), "seconds": time.monotonic() - start,
 '''
 
 
-def test_approval_task_defers_and_resumes_on_the_reviewers_tag(settings_factory, tmp_path):
+def _airflow_in_review_mode(settings_factory, tmp_path, **extra_env: str) -> tuple:
+    """A bootstrapped champion in review mode and a migrated Airflow home whose DAG folder holds the probe DAG."""
     s = settings_factory(promotion_mode="review", approval_poll_interval_s=0.5, min_rows=50)
     rt = runtime(s)
     Simulator(seed=1, rows_per_day=200).history(2).to_parquet(tmp_path / "h.parquet")
@@ -68,9 +69,14 @@ def test_approval_task_defers_and_resumes_on_the_reviewers_tag(settings_factory,
            "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "FLYWHEEL_HOME": str(s.home),
            "FLYWHEEL_MLFLOW_TRACKING_URI": s.mlflow_tracking_uri, "FLYWHEEL_MODEL_NAME": rt.model_name,
            "FLYWHEEL_PROMOTION_MODE": "review", "FLYWHEEL_APPROVAL_POLL_INTERVAL_S": "0.5",
-           "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+           "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false", **extra_env}
     subprocess.run([str(REPO / ".venv" / "bin" / "airflow"), "db", "migrate"], env=env, check=True,
                    capture_output=True, cwd=REPO)
+    return rt, dags, env
+
+
+def test_approval_task_defers_and_resumes_on_the_reviewers_tag(settings_factory, tmp_path):
+    rt, dags, env = _airflow_in_review_mode(settings_factory, tmp_path)
     out = subprocess.run([sys.executable, "-c", RUN, str(dags)], env=env, capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "running trigger in line" in out.stdout  # waited in a trigger, not in a worker
@@ -108,20 +114,7 @@ print(json.dumps({"first": str(first.state), "timed_out": timed_out, "second": s
 
 
 def test_a_timed_out_review_waits_again_when_the_task_runs_again(settings_factory, tmp_path):
-    s = settings_factory(promotion_mode="review", approval_poll_interval_s=0.5, min_rows=50)
-    rt = runtime(s)
-    Simulator(seed=1, rows_per_day=200).history(2).to_parquet(tmp_path / "h.parquet")
-    assert bootstrap(tmp_path / "h.parquet", rt).version == "1"
-    dags = tmp_path / "dags"
-    dags.mkdir()
-    (dags / "review_probe.py").write_text(DAG_FILE)
-    env = {"PATH": "/usr/bin:/bin", "AIRFLOW_HOME": str(tmp_path / "airflow"), "AIRFLOW__CORE__DAGS_FOLDER": str(dags),
-           "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "FLYWHEEL_HOME": str(s.home),
-           "FLYWHEEL_MLFLOW_TRACKING_URI": s.mlflow_tracking_uri, "FLYWHEEL_MODEL_NAME": rt.model_name,
-           "FLYWHEEL_PROMOTION_MODE": "review", "FLYWHEEL_APPROVAL_POLL_INTERVAL_S": "0.5",
-           "FLYWHEEL_APPROVAL_TIMEOUT_S": "4", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
-    subprocess.run([str(REPO / ".venv" / "bin" / "airflow"), "db", "migrate"], env=env, check=True,
-                   capture_output=True, cwd=REPO)
+    rt, dags, env = _airflow_in_review_mode(settings_factory, tmp_path, FLYWHEEL_APPROVAL_TIMEOUT_S="4")
     out = subprocess.run([sys.executable, "-c", RUN_AGAIN, str(dags)], env=env, capture_output=True, text=True,
                          cwd=REPO)
     assert out.returncode == 0, out.stderr[-3000:]
