@@ -147,25 +147,28 @@ def main() -> None:
     servers = (("flywheel", fw_port, {"FLYWHEEL_LOG_DURABILITY": "group"}),
                ("flywheel-interval", interval_port, {"FLYWHEEL_LOG_DURABILITY": "interval"}),
                ("flywheel-nolog", nolog_port, {"FLYWHEEL_LOG_PREDICTIONS": "false"}))
+    ceiling_port = free_port()
+    procs["ceiling"] = start([sys.executable, str(REPO / "bench" / "ceiling_app.py"), "--workers", str(args.workers)],
+                             {**env, "FLYWHEEL_SERVING_PORT": str(ceiling_port), "PYTHONPATH": str(REPO)},
+                             home / "ceiling.log")
+    urls["ceiling"] = f"http://127.0.0.1:{ceiling_port}/predict"
+    cold["ceiling"] = wait_predict(urls["ceiling"], bodies[("flywheel", 1)].read_bytes())
     for name, port, extra in servers:
         e = {**env, **extra, "FLYWHEEL_SERVING_PORT": str(port)}
-        t0 = time.monotonic()
         procs[name] = start(flywheel, e, home / f"{name}.log")
         urls[name] = f"http://127.0.0.1:{port}/predict"
         cold[name] = wait_predict(urls[name], bodies[("flywheel", 1)].read_bytes())
         console.print(f"{name}: first prediction after {cold[name]:.2f}s")
     e = {**env, "MLFLOW_TRACKING_URI": s.mlflow_tracking_uri}
-    t0 = time.monotonic()
     procs["mlflow"] = start([str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m",
                              f"models:/{rt.model_name}/{version}", "--env-manager", "local", "--host", "127.0.0.1",
                              "-p", str(ml_port), "--workers", str(args.workers)], e, home / "mlflow-serve.log")
     urls["mlflow"] = f"http://127.0.0.1:{ml_port}/invocations"
     cold["mlflow"] = wait_predict(urls["mlflow"], bodies[("mlflow", 1)].read_bytes(), 300)
-    del t0
     console.print(f"mlflow models serve: first prediction after {cold['mlflow']:.2f}s")
 
     results: dict[tuple[str, int, int], list[dict]] = {}
-    order = ["flywheel", "mlflow", "flywheel-interval", "flywheel-nolog"]
+    order = ["flywheel", "mlflow", "flywheel-interval", "flywheel-nolog", "ceiling"]
     for batch in (1, 256):
         for conc in (1, 8, 32):
             for _ in range(args.reps):
@@ -187,7 +190,8 @@ def main() -> None:
                 "p99_ms": max(r["p99_ms"] for r in runs), "errors": sum(r["errors"] for r in runs),
                 "rss_mb": max(r["rss_mb"] for r in runs)}
 
-    table = Table(title=f"Serving: Flywheel (group commit / interval / log off) vs mlflow models serve, "
+    table = Table(title=f"Serving: Flywheel (group commit / interval / log off) vs mlflow models serve and a bare "
+                        f"ASGI ceiling, "
                         f"{args.workers} workers each")
     for col in ("batch", "conc", "server", "req/s", "rows/s", "p50 ms", "p99 ms", "errors", "RSS MB"):
         table.add_column(col, justify="right")
@@ -201,6 +205,7 @@ def main() -> None:
                               f"{a['p99_ms']:.1f}", str(a["errors"]), f"{a['rss_mb']:.0f}")
     console.print(table)
     fw, ml, nolog = summary["flywheel_b1_c32"], summary["mlflow_b1_c32"], summary["flywheel-nolog_b1_c32"]
+    ceiling = summary["ceiling_b1_c32"]
     print(json.dumps({
         "ratio_rows_per_s_vs_mlflow": round(fw["rows_per_s"] / ml["rows_per_s"], 2),
         "ratio_rows_per_s_vs_mlflow_b256_c32": round(summary["flywheel_b256_c32"]["rows_per_s"]
@@ -210,7 +215,11 @@ def main() -> None:
         "group_commit_vs_interval": round(fw["rows_per_s"] / summary["flywheel-interval_b1_c32"]["rows_per_s"], 3),
         "group_commit_vs_interval_b256_c32": round(summary["flywheel_b256_c32"]["rows_per_s"]
                                                    / summary["flywheel-interval_b256_c32"]["rows_per_s"], 3),
+        "ratio_vs_ceiling": round(fw["rows_per_s"] / ceiling["rows_per_s"], 3),
+        "ratio_vs_ceiling_b256_c32": round(summary["flywheel_b256_c32"]["rows_per_s"]
+                                           / summary["ceiling_b256_c32"]["rows_per_s"], 3),
         "p99_over_p50": round(fw["p99_ms"] / max(fw["p50_ms"], 1e-9), 1),
+        "ceiling_p99_over_p50": round(ceiling["p99_ms"] / max(ceiling["p50_ms"], 1e-9), 1),
         "cold_start_s": round(cold["flywheel"], 2), "mlflow_cold_start_s": round(cold["mlflow"], 2),
         "workers": args.workers, "errors": sum(v["errors"] for v in summary.values()),
         "results": summary,

@@ -31,17 +31,26 @@ def make_settings(home: Path, mlflow_port: int, **overrides) -> Settings:
     )
 
 
-def start_server_on_champion(s: Settings, version: str = "1", timeout: float = 120) -> str:
-    """Start the real model server for `s` and wait until it serves `version`; returns its URL."""
+def start_server_on_champion(s: Settings, version: str | None = None, timeout: float = 120) -> str:
+    """Start the real model server for `s` and wait until it serves `version` (default: whatever the registry's
+    champion is now, since other tests in a module may have registered versions); returns its URL."""
     import httpx
 
+    from pipeline import registry
     from pipeline.ops import stack
+    from pipeline.tags import Alias
+    from pipeline.runtime import runtime
 
+    if version is None:
+        version = registry.get_alias(runtime(s).client(), s.model_name, Alias.CHAMPION).version
     stack.start_server(s)
     url = s.resolved_serving_url()
     deadline = time.monotonic() + timeout
-    while httpx.get(f"{url}/health").json()["model_version"] != version:
-        assert time.monotonic() < deadline, f"server never loaded version {version}"
+    while (health := httpx.get(f"{url}/health").json())["model_version"] != version:
+        if time.monotonic() > deadline:
+            log = s.run_dir / "serving.log"
+            tail = log.read_text(errors="replace")[-4000:] if log.exists() else "(no serving.log)"
+            raise AssertionError(f"server never loaded version {version}; /health: {health}\n{tail}")
         time.sleep(0.2)
     return url
 
