@@ -117,44 +117,76 @@ def _as_number(col: pa.ChunkedArray, where: str) -> pa.ChunkedArray:
     raise EntityTableError(f"{where}: expected numbers, got {t}")
 
 
-def conform(spec: FeatureSpec, entity: str, data: pa.Table) -> pa.Table:
-    """The input as a table of `table_schema`, or an error naming the first column that is wrong."""
+def _origin(source: str | Path | pa.Table | pd.DataFrame) -> str:
+    return "" if isinstance(source, pa.Table | pd.DataFrame) else f"{source}: "
+
+
+def to_spec_names(spec: FeatureSpec, entity: str, data: pa.Table, origin: str = "") -> pa.Table:
+    """The input with the entity's columns under their spec names: a column the spec reads a feature from
+    (`source:`) is renamed like bootstrap renames the history file's; the spec name itself is still accepted
+    (files written before the spec said `source:`), but not both in one file. `origin` ("<file>: ") prefixes
+    errors so a refused file is named."""
+    columns = spec.source_columns
+    renames = {columns[n]: n for n in (entity_key(spec, entity), *entity_features(spec, entity))
+               if columns[n] != n}
+    if not renames:
+        return data
+    given = data.column_names
+    for source, name in renames.items():
+        if source in given and name in given and name not in renames:
+            raise EntityTableError(f"{origin}entity {entity!r}: feature {name!r} is given twice, as column "
+                                   f"{source!r} (its source: in the spec) and as {name!r}; keep one")
+    key = entity_key(spec, entity)
+    if key in renames.values() and columns[key] not in given and key not in given:
+        raise EntityTableError(f"{origin}entity {entity!r}: column {columns[key]!r} is missing: the spec reads "
+                               f"its key feature {key!r} from it (source: {columns[key]}); columns: {given}")
+    return data.rename_columns([renames.get(c, c) for c in given])
+
+
+def conform(spec: FeatureSpec, entity: str, data: pa.Table, origin: str = "") -> pa.Table:
+    """The input (columns under spec names) as a table of `table_schema`, or an error naming the first column
+    that is wrong, after `origin` ("<file>: ") when the input came from a file."""
     key = entity_key(spec, entity)
     features = entity_features(spec, entity)
     if not features:
         raise EntityTableError(f"entity {entity!r} has no features besides its key {key!r}: nothing to store")
-    where = f"entity {entity!r}"
+    where = f"{origin}entity {entity!r}"
     for required in (key, spec.event_time):
         if required not in data.column_names:
             raise EntityTableError(f"{where}: column {required!r} is missing (columns: {data.column_names})")
-    for name in data.column_names:
-        if name in (key, spec.event_time) or name in features:
+    read_as = {c: n for n, c in spec.source_columns.items() if c != n and n in spec.features}
+    for column in data.column_names:
+        if column in (key, spec.event_time) or column in features:
             continue
+        name = read_as.get(column, column)
         owner = spec.features[name].entity if name in spec.features else None
         hint = (f"it belongs to entity {owner!r}" if owner else
                 "it is not an entity feature" if name in spec.features else "the spec does not declare it")
-        raise EntityTableError(f"{where}: column {name!r} cannot be stored here ({hint}); "
-                               f"allowed: {[key, spec.event_time, *features]}")
+        if name != column:
+            hint = f"the spec reads feature {name!r} from it; {hint}"
+        raise EntityTableError(f"{where}: column {column!r} cannot be stored here ({hint}); "
+                               f"allowed: {_allowed(spec, [key, spec.event_time, *features])}")
     given = [n for n in features if n in data.column_names]
     if not given:
-        raise EntityTableError(f"{where}: no feature column; expected at least one of {features}")
+        raise EntityTableError(f"{where}: no feature column; expected at least one of {_allowed(spec, features)}")
     if data.num_rows == 0:
         raise EntityTableError(f"{where}: the input has no rows")
     cols: dict[str, pa.ChunkedArray] = {
-        key: _as_category(data.column(key), f"{where}: column {key!r}"),
+        key: _as_category(data.column(key), f"{where}: column {_shown(spec, key)}"),
         spec.event_time: _as_time(data.column(spec.event_time), f"{where}: column {spec.event_time!r}"),
     }
     for required in (key, spec.event_time):
         nulls = cols[required].null_count
         if nulls:
-            raise EntityTableError(f"{where}: column {required!r} has {nulls} null value(s); every row needs one")
+            raise EntityTableError(f"{where}: column {_shown(spec, required)} has {nulls} null value(s); "
+                                   "every row needs one")
     schema = table_schema(spec, entity)
     for name in features:
         f = spec.features[name]
         if name not in data.column_names:
             cols[name] = pa.chunked_array([pa.nulls(data.num_rows, schema.field(name).type)])
             continue
-        cw = f"{where}: column {name!r}"
+        cw = f"{where}: column {_shown(spec, name)}"
         col = _as_number(data.column(name), cw) if f.type is FeatureType.NUMERIC else _as_category(data.column(name), cw)
         if col.null_count and not f.nullable:
             raise EntityTableError(f"{cw}: {col.null_count} null value(s) but the feature is not nullable")
@@ -167,6 +199,18 @@ def conform(spec: FeatureSpec, entity: str, data: pa.Table) -> pa.Table:
                                                f"[{f.min}, {f.max}]")
         cols[name] = col
     return pa.table(cols, schema=schema)
+
+
+def _allowed(spec: FeatureSpec, names: list[str]) -> list[str]:
+    """The columns a file may use for `names`: the source column where the spec declares one, or the name."""
+    columns = spec.source_columns
+    return [n if columns.get(n, n) == n else f"{columns[n]} (or {n})" for n in names]
+
+
+def _shown(spec: FeatureSpec, name: str) -> str:
+    """A column as the user's file names it, with the spec name when they differ."""
+    source = spec.source_columns.get(name, name)
+    return repr(name) if source == name else f"{source!r} (feature {name!r})"
 
 
 def _merge(old: pd.DataFrame | None, new: pd.DataFrame, key: str, time_col: str) -> pd.DataFrame:
@@ -184,7 +228,10 @@ def _frame(table: pa.Table) -> pd.DataFrame:
 
 def ingest(lake: Lake, spec: FeatureSpec, entity: str,
            source: str | Path | pa.Table | pd.DataFrame) -> IngestResult:
-    data = conform(spec, entity, _read_source(source))
+    """Add entity feature values (a Parquet file or a frame, columns named as in the user's files) to the
+    entity's offline table; idempotent."""
+    origin = _origin(source)
+    data = conform(spec, entity, to_spec_names(spec, entity, _read_source(source), origin), origin)
     key, time_col = entity_key(spec, entity), spec.event_time
     schema = table_schema(spec, entity)
     frame = _frame(data)

@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 
 import pandas as pd
 
-from feature_store.spec import FeatureSpec, FeatureType
+from feature_store.spec import Feature, FeatureSpec, FeatureType
 from feature_store.vocab import canonical_value
 from pipeline.errors import RequestError
 
@@ -64,11 +64,52 @@ def _parse_time(value: object, where: str) -> datetime:
         raise RequestError(f"{where}: not a usable time: {value!r} ({e})") from e
 
 
+@dataclass(frozen=True)
+class RowNames:
+    """The names a row may use, built once per spec so that parsing a row builds no dicts: each feature under
+    its spec name or, when the spec declares `source:`, under that source name too, because live rows often
+    keep the column names of the user's history file. A source name that is also a spec name (of another
+    feature or the event time) keeps its spec meaning: rows already sent under spec names never change."""
+
+    fields: tuple[tuple[str, str | None, Feature], ...]  # spec name, the source name also accepted, feature
+    allowed: frozenset[str]
+
+    @classmethod
+    def of(cls, spec: FeatureSpec) -> RowNames:
+        own = {*spec.features, spec.event_time}
+        fields = []
+        for name, f in spec.features.items():
+            source = spec.source_columns[name]
+            fields.append((name, source if source != name and source not in own else None, f))
+        return cls(tuple(fields), frozenset(own | {a for _, a, _ in fields if a is not None}))
+
+    @property
+    def sources(self) -> dict[str, str]:
+        """Spec name -> the source name a row may use instead."""
+        return {name: alias for name, alias, _ in self.fields if alias is not None}
+
+
+_ROW_NAMES: dict[int, tuple[FeatureSpec, RowNames]] = {}
+
+
+def row_names(spec: FeatureSpec) -> RowNames:
+    """`RowNames.of(spec)`, computed once per spec object (the server has one; the spec is frozen)."""
+    hit = _ROW_NAMES.get(id(spec))
+    if hit is not None and hit[0] is spec:
+        return hit[1]
+    if len(_ROW_NAMES) >= 64:  # many short-lived specs (tests, tools): bound the cache, never the server's one
+        _ROW_NAMES.clear()
+    names = RowNames.of(spec)
+    _ROW_NAMES[id(spec)] = (spec, names)
+    return names
+
+
 def parse_rows(body: object, spec: FeatureSpec, max_rows: int, fillable: frozenset[str] = frozenset(),
                limits: RequestLimits = DEFAULT_LIMITS) -> tuple[dict[str, list], list[datetime | None]]:
-    """Column lists for the spec's features, and each row's event time (None when not sent). Features in
-    `fillable` (entity features the online store can supply) may be absent: they are left None for
-    `fill_from_store`, which enforces non-nullability once the store had its say."""
+    """Column lists for the spec's features (under their spec names, as they are logged), and each row's event
+    time (None when not sent). A feature may come under its spec name or its declared source name, not both.
+    Features in `fillable` (entity features the online store can supply) may be absent: they are left None
+    for `fill_from_store`, which enforces non-nullability once the store had its say."""
     if not isinstance(body, dict):
         raise RequestError("body: expected a JSON object with a 'rows' list")
     unknown_top = set(body) - {"rows", "request_id"}
@@ -79,28 +120,36 @@ def parse_rows(body: object, spec: FeatureSpec, max_rows: int, fillable: frozens
         raise RequestError("rows: expected a non-empty list of objects")
     if len(rows) > max_rows:
         raise RequestError(f"rows: {len(rows)} rows exceed the limit of {max_rows} per request", status=413)
-    allowed = set(spec.features) | {spec.event_time}
+    names = row_names(spec)
     cols: dict[str, list] = {n: [] for n in spec.features}
     times: list[datetime | None] = []
     now = datetime.now(UTC)
     for i, row in enumerate(rows):
         if not isinstance(row, dict):
             raise RequestError(f"rows[{i}]: expected an object")
-        extra = set(row) - allowed
+        extra = row.keys() - names.allowed
         if extra:
             raise RequestError(f"rows[{i}]: unknown field(s) {sorted(extra)}")
-        for name, f in spec.features.items():
-            cols[name].append(_value(row.get(name), f, f"rows[{i}].{name}", name in fillable, limits))
+        for name, alias, f in names.fields:
+            v, sent = row.get(name), name
+            if alias is not None and alias in row:
+                if name in row:
+                    raise RequestError(f"rows[{i}].{alias}: feature {name!r} sent twice, as {name!r} and as its "
+                                       f"source column {alias!r}; send one of the two")
+                v, sent = row[alias], alias
+            cols[name].append(_value(v, f, f"rows[{i}].{sent}", name in fillable, limits, alias))
         t = row.get(spec.event_time)
         where = f"rows[{i}].{spec.event_time}"
         times.append(None if t is None else _in_window(_parse_time(t, where), where, limits, now))
     return cols, times
 
 
-def _value(v: object, f, where: str, fillable: bool, limits: RequestLimits) -> object:
+def _value(v: object, f: Feature, where: str, fillable: bool, limits: RequestLimits,
+           alias: str | None = None) -> object:
     if v is None:
         if not f.nullable and not fillable:
-            raise RequestError(f"{where}: missing (required by the feature spec)")
+            also = f"; also accepted as {alias!r}" if alias is not None else ""
+            raise RequestError(f"{where}: missing (required by the feature spec{also})")
         return None
     if f.type is FeatureType.NUMERIC:
         if not isinstance(v, int | float):  # bool is an int: a flag column is a 0/1 number
@@ -206,12 +255,38 @@ def parse_feedback(body: object, label_domain: tuple[float, ...] = (0.0, 1.0),
     return out
 
 
-def _property(ftype: FeatureType, entity_key: str | None, limits: RequestLimits) -> dict:
+def _property(ftype: FeatureType, entity_key: str | None, limits: RequestLimits, note: str = "") -> dict:
     prop: dict = {"type": "number"} if ftype is FeatureType.NUMERIC else \
         {"type": ["string", "integer"], "maxLength": limits.max_string_chars}
     if entity_key is not None:
-        prop["description"] = f"Optional: when omitted, the online store's latest value for the row's {entity_key}."
+        note = f"Optional: when omitted, the online store's latest value for the row's {entity_key}. {note}"
+    if note.strip():
+        prop["description"] = note.strip()
     return prop
+
+
+def _row_schema(spec: FeatureSpec, fillable: dict[str, str], limits: RequestLimits) -> dict:
+    """A row: each feature under its spec name or its source name (exactly one of the two when the feature is
+    required, at most one otherwise), and the optional event time."""
+    sources = row_names(spec).sources
+    required = [n for n, f in spec.features.items() if not f.nullable and n not in fillable]
+    properties: dict[str, dict] = {}
+    either: list[dict] = []
+    for n, f in spec.features.items():
+        alias = sources.get(n)
+        note = "" if alias is None else f"Also accepted as '{alias}' (its source column); send one of the two."
+        properties[n] = _property(f.type, fillable.get(n), limits, note)
+        if alias is None:
+            continue
+        properties[alias] = _property(f.type, fillable.get(n), limits, f"Feature '{n}' under its source "
+                                      f"column name; send '{n}' or '{alias}', not both.")
+        either.append({"oneOf": [{"required": [n]}, {"required": [alias]}]} if n in required else
+                      {"not": {"required": [n, alias]}})
+    row = {"type": "object", "additionalProperties": False, "required": [n for n in required if n not in sources],
+           "properties": {**properties, spec.event_time: {"type": "string", "format": "date-time"}}}
+    if either:
+        row["allOf"] = either
+    return row
 
 
 def openapi_bodies(spec: FeatureSpec, max_rows: int, fillable: dict[str, str] | None = None,
@@ -220,16 +295,7 @@ def openapi_bodies(spec: FeatureSpec, max_rows: int, fillable: dict[str, str] | 
     clients (and fuzzers) exactly what /predict and /feedback accept. Ranges are deliberately not enforced
     here: out-of-range values are served, logged and quarantined by validation, not refused. `fillable` maps
     entity features to their entity's key: those are optional, the server fills them from the online store."""
-    fillable = fillable or {}
-    row = {
-        "type": "object",
-        "additionalProperties": False,
-        "required": [n for n, f in spec.features.items() if not f.nullable and n not in fillable],
-        "properties": {
-            **{n: _property(f.type, fillable.get(n), limits) for n, f in spec.features.items()},
-            spec.event_time: {"type": "string", "format": "date-time"},
-        },
-    }
+    row = _row_schema(spec, fillable or {}, limits)
     request_id = {"type": "string", "minLength": 1, "maxLength": limits.max_id_chars}
     predict = {"type": "object", "additionalProperties": False, "required": ["rows"], "properties": {
         "rows": {"type": "array", "minItems": 1, "maxItems": max_rows, "items": row},

@@ -35,6 +35,7 @@ T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 S = timedelta(seconds=1)
 CTR = load_spec(DEFAULT_SPEC)
 SIM = Simulator(seed=11, rows_per_day=300, horizon_days=6)
+SOURCES = {"user_segment": "UserSegment", "device": "Device"}  # the serving fixture's spec reads these
 
 
 def segments(*rows: tuple[str, datetime, str]) -> pd.DataFrame:
@@ -56,10 +57,17 @@ def rt(request, tmp_path):
     _cleanup(r)
 
 
-def _spec_copy(tmp_path, name: str):
-    """The CTR spec under a unique name: the store's namespace, so parallel runs never share Redis keys."""
+def _spec_copy(tmp_path, name: str, sources: bool = False):
+    """The CTR spec under a unique name: the store's namespace, so parallel runs never share Redis keys. With
+    `sources`, two features are read from differently named columns (`source:`); the model is the same (the
+    digest ignores where a feature is read from) and rows under spec names must still be served."""
+    text = DEFAULT_SPEC.read_text().replace("name: ctr", f"name: {name}", 1)
+    if sources:
+        for feature, source in SOURCES.items():
+            text = text.replace(f"  {feature}: {{type: categorical", f"  {feature}: {{source: {source}, "
+                                "type: categorical", 1)
     path = tmp_path / f"{name}.yaml"
-    path.write_text(DEFAULT_SPEC.read_text().replace("name: ctr", f"name: {name}", 1))
+    path.write_text(text)
     return path
 
 
@@ -141,7 +149,7 @@ def server(request, tmp_path_factory, mlflow_server, champion):
     home = tmp_path_factory.mktemp(f"fs-serving-{request.param}")
     uri = None if request.param == "sqlite" else REDIS_URI
     s = make_settings(home, mlflow_server[1], model_name=champion, serving_port=free_port(), online_store_uri=uri,
-                      spec_path=_spec_copy(home, f"ctr{uuid.uuid4().hex[:8]}"))
+                      spec_path=_spec_copy(home, f"ctr{uuid.uuid4().hex[:8]}", sources=True))
     rt = runtime(s)
     url = start_server_on_champion(s)
     yield s, rt, url
@@ -197,6 +205,37 @@ def test_server_fills_omitted_entity_features_from_the_store_and_logs_them(serve
     assert "user_id" in row["required"] and "price" in row["required"]
     assert "user_segment" not in row["required"] and "item_category" not in row["required"]
     assert "online store" in row["properties"]["user_segment"]["description"]
+
+
+def test_server_accepts_the_spec_source_names_and_logs_spec_names(server):
+    """A user who declared `source:` because live rows keep their history file's column names sends those
+    names; entity files under source names feed the store the server fills from."""
+    s, rt, url = server
+    base = request_rows(2)
+    by_source = [{SOURCES.get(k, k): v for k, v in r.items()} for r in base]
+    ingest("user", pd.DataFrame({"user_id": [base[1]["user_id"]], "event_time": [T0 + timedelta(minutes=5)],
+                                 "UserSegment": ["src-seg"]}), rt)  # newer than any other test's value
+    materialize(None, rt)
+    omitted = {k: v for k, v in by_source[1].items() if k != "UserSegment"}
+    r = httpx.post(f"{url}/predict", json={"rows": [by_source[0], omitted], "request_id": "fs-src"})
+    assert r.status_code == 200, r.text
+    same = httpx.post(f"{url}/predict", json={"rows": [base[0], {**base[1], "user_segment": "src-seg"}]}).json()
+    assert r.json()["scores"] == pytest.approx(same["scores"]), "source names score as their spec names do"
+    both = httpx.post(f"{url}/predict", json={"rows": [base[0], {**by_source[1], "device": base[1]["device"]}]})
+    assert both.status_code == 422
+    assert both.json()["detail"] == ("rows[1].Device: feature 'device' sent twice, as 'device' and as its source "
+                                     "column 'Device'; send one of the two")
+    admin = {"Authorization": f"Bearer {s.resolved_admin_token()}"}
+    assert httpx.post(f"{url}/admin/flush", headers=admin).status_code == 200
+    logged = pq.read_table(sorted((s.home_abs / "lake" / PREDICTIONS).rglob("*.parquet"))).to_pandas()
+    assert not {"Device", "UserSegment"} & set(logged.columns), "the lake is in spec names"
+    mine = logged[logged.request_id == "fs-src"].sort_values("row")
+    assert list(mine.device) == [base[0]["device"], base[1]["device"]]
+    assert list(mine.user_segment) == [base[0]["user_segment"], "src-seg"]
+    row = httpx.get(f"{url}/openapi.json").json()["paths"]["/predict"]["post"]["requestBody"]["content"][
+        "application/json"]["schema"]["properties"]["rows"]["items"]
+    assert {"Device", "device", "UserSegment", "user_segment"} <= set(row["properties"])
+    assert {"oneOf": [{"required": ["device"]}, {"required": ["Device"]}]} in row["allOf"]
 
 
 def test_lake_table_layout(rt):

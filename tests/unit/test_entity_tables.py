@@ -22,7 +22,7 @@ from feature_store.offline import Lake
 from feature_store.spec import FeatureSpec, load_spec
 from pipeline.config import DEFAULT_SPEC
 from pipeline.errors import EntityTableError
-from tests.helpers import LOANS_SPEC
+from tests.helpers import DATA, LOANS_SPEC
 
 CTR = load_spec(DEFAULT_SPEC)
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
@@ -187,3 +187,47 @@ def test_join_accepts_iso_strings_null_keys_and_any_index(lake):
         as_of_join(lake, CTR, rows.assign(event_time=[None, "2026-03-01T13:00:00Z", None]).head(1), "user")
     with pytest.raises(EntityTableError, match="'price'\\] are not features of this entity"):
         as_of_join(lake, CTR, rows, "user", ["price"])
+
+
+FLIGHTS = load_spec(DATA / "flights.yaml")  # key `carrier` read from UniqueCarrier, `carrier_size` from CarrierFleet
+
+
+def test_ingest_reads_source_columns_like_bootstrap(lake, tmp_path):
+    path = tmp_path / "carriers.parquet"
+    pd.DataFrame({"UniqueCarrier": ["AA", "UA"], "sched_dep": [T0, T0 + S],
+                  "CarrierFleet": [900, 800]}).to_parquet(path)
+    assert ingest(lake, FLIGHTS, "carrier", path).rows_in == 2
+    table = read_table(lake, FLIGHTS, "carrier")
+    assert table.column_names == ["carrier", "sched_dep", "carrier_size"], "the lake keeps spec names"
+    assert table.to_pydict()["carrier_size"] == [900.0, 800.0]
+    # a file written under the spec's names before `source:` was declared still reads the same
+    ingest(lake, FLIGHTS, "carrier", pd.DataFrame({"carrier": ["AA"], "sched_dep": [T0 + 2 * S],
+                                                   "carrier_size": [901]}))
+    latest = latest_values(read_table(lake, FLIGHTS, "carrier"), FLIGHTS, "carrier")
+    assert dict(zip(latest["key"], latest["value"], strict=True)) == {"AA": 901.0, "UA": 800.0}
+
+
+@pytest.mark.parametrize(
+    ("frame", "message"),
+    [
+        ({"carrier": ["AA"], "UniqueCarrier": ["AA"], "sched_dep": [T0], "CarrierFleet": [1]},
+         "feature 'carrier' is given twice, as column 'UniqueCarrier' (its source: in the spec) and as 'carrier'"),
+        ({"Carrier": ["AA"], "sched_dep": [T0], "CarrierFleet": [1]},
+         "column 'UniqueCarrier' is missing: the spec reads its key feature 'carrier' from it "
+         "(source: UniqueCarrier); columns: ['Carrier', 'sched_dep', 'CarrierFleet']"),
+        ({"UniqueCarrier": ["AA"], "sched_dep": [T0], "CarrierFleet": [-1]},
+         "column 'CarrierFleet' (feature 'carrier_size'): 1 value(s) outside the spec's range"),
+        ({"UniqueCarrier": ["AA"], "sched_dep": [T0], "DepDelay": [1.0]},
+         "column 'DepDelay' cannot be stored here (the spec reads feature 'dep_delay' from it; it is not an "
+         "entity feature)"),
+        ({"UniqueCarrier": ["AA"], "sched_dep": [T0]},
+         "no feature column; expected at least one of ['CarrierFleet (or carrier_size)']"),
+    ],
+)
+def test_source_column_errors_name_the_file_feature_and_column(lake, tmp_path, frame, message):
+    path = tmp_path / "carriers.parquet"
+    pd.DataFrame(frame).to_parquet(path)
+    with pytest.raises(EntityTableError) as e:
+        ingest(lake, FLIGHTS, "carrier", path)
+    assert str(e.value).startswith(f"{path}: entity 'carrier': ") and message in str(e.value)
+    assert "\n" not in str(e.value) and lake.partition_days(table_name("carrier")) == []

@@ -1,13 +1,18 @@
 from __future__ import annotations
 
+import jsonschema
 import pytest
 
-from feature_store.spec import load_spec
+from feature_store.spec import FeatureSpec, load_spec
 from pipeline.errors import RequestError
-from serving.schema import parse_feedback, parse_rows, warmup_frame
-from tests.helpers import LOANS_SPEC
+from serving.schema import openapi_bodies, parse_feedback, parse_rows, row_names, warmup_frame
+from tests.helpers import DATA, LOANS_SPEC
 
 SPEC = load_spec(LOANS_SPEC)
+FLIGHTS = load_spec(DATA / "flights.yaml")  # every feature but `distance` declares `source:`
+BY_SPEC = {"carrier": "AA", "carrier_size": 900, "origin": "JFK", "dep_delay": 12, "distance": 1000, "month": 3}
+BY_SOURCE = {"UniqueCarrier": "AA", "CarrierFleet": 900, "Origin": "JFK", "DepDelay": 12, "distance": 1000,
+             "Month": 3}
 ROW = {"account_no": "a1", "region": "r1", "product": "card", "amount": 10, "tenure_months": 3.0,
        "income_ratio": 0.2}
 
@@ -91,3 +96,59 @@ def test_recent_ids_allow_a_retry_and_refuse_other_rows():
     assert not ids.claim("a", b"rows-2")
     assert ids.claim("b", b"x") and ids.claim("c", b"x")
     assert ids.claim("a", b"rows-2"), "forgotten after `capacity` newer ids: the guarantee is a window"
+
+
+def test_features_are_accepted_under_their_source_names_and_parsed_under_spec_names():
+    rows = [BY_SPEC, BY_SOURCE, {**BY_SOURCE, "Origin": "LGA", "sched_dep": "2026-03-01T10:00:00Z"}]
+    cols, times = parse_rows({"rows": rows}, FLIGHTS, 10)
+    assert list(cols) == FLIGHTS.feature_names, "columns (and so the logged rows) keep the spec's names"
+    assert cols["dep_delay"] == [12.0, 12.0, 12.0] and cols["carrier"] == ["AA", "AA", "AA"]
+    assert cols["origin"] == ["JFK", "JFK", "LGA"] and times[2].isoformat() == "2026-03-01T10:00:00+00:00"
+    assert parse_rows({"rows": [BY_SOURCE]}, FLIGHTS, 10) == parse_rows({"rows": [BY_SPEC]}, FLIGHTS, 10)
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ({**BY_SOURCE, "dep_delay": 3}, r"rows\[1\].DepDelay: feature 'dep_delay' sent twice, as 'dep_delay' and "
+                                       r"as its source column 'DepDelay'; send one of the two"),
+        ({**BY_SPEC, "Month": None}, r"rows\[1\].Month: feature 'month' sent twice"),  # null or not: ambiguous
+        ({**BY_SOURCE, "DepDelay": "late"}, r"rows\[1\].DepDelay: expected a number, got str"),
+        ({k: v for k, v in BY_SOURCE.items() if k != "DepDelay"},
+         r"rows\[1\].dep_delay: missing \(required by the feature spec; also accepted as 'DepDelay'\)"),
+        ({**BY_SOURCE, "ArrDel15": 1}, r"rows\[1\]: unknown field\(s\) \['ArrDel15'\]"),  # the label's source
+    ],
+)
+def test_source_names_errors_name_the_field_as_sent(row, message):
+    with pytest.raises(RequestError, match=message) as e:
+        parse_rows({"rows": [BY_SPEC, row]}, FLIGHTS, 10)
+    assert e.value.status == 422
+
+
+def test_a_source_name_that_is_another_spec_name_keeps_its_spec_meaning():
+    """Rows sent under spec names before `source:` was declared must mean the same afterwards."""
+    spec = FeatureSpec.model_validate({
+        "name": "swap", "event_time": "ts", "label": {"name": "y", "attribution_window": "1h"},
+        "features": {"a": {"type": "numeric", "source": "b"}, "b": {"type": "numeric", "source": "B"}}})
+    cols, _ = parse_rows({"rows": [{"a": 1, "b": 2}, {"a": 1, "B": 2}]}, spec, 10)
+    assert cols == {"a": [1.0, 1.0], "b": [2.0, 2.0]}
+    assert row_names(spec).sources == {"b": "B"}
+    assert row_names(spec) is row_names(spec), "built once per spec, not per request"
+
+
+def test_published_row_schema_states_both_names_and_refuses_both_at_once():
+    body = openapi_bodies(FLIGHTS, 10, {"carrier_size": "carrier"})["predict"]["requestBody"]
+    schema = body["content"]["application/json"]["schema"]
+    row = schema["properties"]["rows"]["items"]
+    assert {"DepDelay", "dep_delay", "UniqueCarrier", "CarrierFleet", "Month"} <= set(row["properties"])
+    assert "'DepDelay'" in row["properties"]["dep_delay"]["description"]
+    assert "online store" in row["properties"]["CarrierFleet"]["description"]
+    assert row["required"] == ["distance"]
+    ok = [BY_SPEC, BY_SOURCE, {k: v for k, v in BY_SOURCE.items() if k not in ("Month", "CarrierFleet")}]
+    jsonschema.validate({"rows": ok}, schema)
+    for bad in ({**BY_SOURCE, "dep_delay": 1}, {**BY_SOURCE, "month": 1},
+                {k: v for k, v in BY_SOURCE.items() if k != "Origin"}, {**BY_SPEC, "ArrDel15": 1}):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate({"rows": [bad]}, schema)
+        with pytest.raises(RequestError):
+            parse_rows({"rows": [bad]}, FLIGHTS, 10)  # the server refuses what the schema refuses
