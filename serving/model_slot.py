@@ -9,6 +9,7 @@ cannot be loaded when the server starts is replaced by the newest loadable of `p
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -21,6 +22,7 @@ import pandas as pd
 
 from feature_store.spec import FeatureSpec
 from pipeline import registry
+from pipeline.learn.frozen import FrozenNet
 from pipeline.learn.model import ModelBundle
 from pipeline.runtime import Runtime
 from pipeline.tags import Alias
@@ -36,6 +38,20 @@ class Loaded:
     version: str
     bundle: ModelBundle
     data_day: date | None = None  # the last day of data it was trained on: how stale its answers are
+    frozen: FrozenNet | None = None  # the numpy forward, when it was checked to agree with the network
+
+
+def freeze(bundle: ModelBundle, frames: Iterator[pd.DataFrame]) -> FrozenNet | None:
+    """The bundle's numpy forward if it gives the network's scores on every warm-up row, else None (torch)."""
+    frozen = FrozenNet.of(bundle.net)
+    if frozen is None:
+        return None
+    for frame in frames:
+        cat, num = bundle.encode(frame)
+        if not frozen.agrees_with(bundle.net, cat.numpy(), num.numpy()):
+            log.warning("numpy forward disagrees with the network on warm-up rows; serving through torch")
+            return None
+    return frozen
 
 
 def warmup_frames(bundle: ModelBundle, spec: FeatureSpec, chunk: int = WARMUP_CHUNK_ROWS) -> Iterator[pd.DataFrame]:
@@ -150,7 +166,8 @@ class ModelSlot:
     def _swap(self, version: str, bundle: ModelBundle, fallback_from: str | None = None,
               data_day: date | None = None) -> str:
         previous = self.current.version if self.current else None
-        self.current = Loaded(version, bundle, data_day)
+        frozen = freeze(bundle, itertools.chain([self.warmup], warmup_frames(bundle, self.rt.spec)))
+        self.current = Loaded(version, bundle, data_day, frozen)
         self.fallback_from = fallback_from
         self.last_error = None if fallback_from is None else self.last_error
         log.info("model swapped", extra={"alias": self.alias, "from_version": previous, "to_version": version,

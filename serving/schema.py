@@ -121,45 +121,59 @@ def parse_rows(body: object, spec: FeatureSpec, max_rows: int, fillable: frozens
     if len(rows) > max_rows:
         raise RequestError(f"rows: {len(rows)} rows exceed the limit of {max_rows} per request", status=413)
     names = row_names(spec)
-    cols: dict[str, list] = {n: [] for n in spec.features}
-    times: list[datetime | None] = []
-    now = datetime.now(UTC)
     for i, row in enumerate(rows):
         if not isinstance(row, dict):
             raise RequestError(f"rows[{i}]: expected an object")
-        extra = row.keys() - names.allowed
-        if extra:
-            raise RequestError(f"rows[{i}]: unknown field(s) {sorted(extra)}")
-        for name, alias, f in names.fields:
-            v, sent = row.get(name), name
-            if alias is not None and alias in row:
-                if name in row:
-                    raise RequestError(f"rows[{i}].{alias}: feature {name!r} sent twice, as {name!r} and as its "
-                                       f"source column {alias!r}; send one of the two")
-                v, sent = row[alias], alias
-            cols[name].append(_value(v, f, f"rows[{i}].{sent}", name in fillable, limits, alias))
-        t = row.get(spec.event_time)
-        where = f"rows[{i}].{spec.event_time}"
-        times.append(None if t is None else _in_window(_parse_time(t, where), where, limits, now))
+        if not row.keys() <= names.allowed:
+            raise RequestError(f"rows[{i}]: unknown field(s) {sorted(row.keys() - names.allowed)}")
+    cols = {name: _column(rows, name, alias, f, name in fillable, limits) for name, alias, f in names.fields}
+    now, where = datetime.now(UTC), spec.event_time
+    times = [None if (t := row.get(where)) is None else
+             _in_window(_parse_time(t, f"rows[{i}].{where}"), f"rows[{i}].{where}", limits, now)
+             for i, row in enumerate(rows)]
     return cols, times
 
 
-def _value(v: object, f: Feature, where: str, fillable: bool, limits: RequestLimits,
+def _column(rows: list[dict], name: str, alias: str | None, f: Feature, fillable: bool,
+            limits: RequestLimits) -> list:
+    """One feature's values over the rows. Column by column with a check of the whole column first, because
+    the common case (every value already of the right type) then costs one pass and no per-value call:
+    per-value parsing with an error location built for every value was a third of the server's CPU at 256
+    rows per request (py-spy)."""
+    values = [row.get(name) for row in rows]
+    sent = [name] * len(rows)
+    if alias is not None:
+        for i, row in enumerate(rows):
+            if alias in row:
+                if name in row:
+                    raise RequestError(f"rows[{i}].{alias}: feature {name!r} sent twice, as {name!r} and as its "
+                                       f"source column {alias!r}; send one of the two")
+                values[i], sent[i] = row[alias], alias
+    if f.type is FeatureType.NUMERIC:
+        if all(type(v) is float for v in values):
+            return values
+    elif all(type(v) is str and len(v) <= limits.max_string_chars for v in values):
+        return values
+    return [_value(v, f, i, sent[i], fillable, limits, alias) for i, v in enumerate(values)]
+
+
+def _value(v: object, f: Feature, i: int, sent: str, fillable: bool, limits: RequestLimits,
            alias: str | None = None) -> object:
     if v is None:
         if not f.nullable and not fillable:
             also = f"; also accepted as {alias!r}" if alias is not None else ""
-            raise RequestError(f"{where}: missing (required by the feature spec{also})")
+            raise RequestError(f"rows[{i}].{sent}: missing (required by the feature spec{also})")
         return None
     if f.type is FeatureType.NUMERIC:
         if not isinstance(v, int | float):  # bool is an int: a flag column is a 0/1 number
-            raise RequestError(f"{where}: expected a number, got {type(v).__name__}")
+            raise RequestError(f"rows[{i}].{sent}: expected a number, got {type(v).__name__}")
         return float(v)
     if not isinstance(v, str | int | float):
-        raise RequestError(f"{where}: expected a string (or a number used as an id), got {type(v).__name__}")
+        raise RequestError(f"rows[{i}].{sent}: expected a string (or a number used as an id), got "
+                           f"{type(v).__name__}")
     v = canonical_value(v)
     if len(v) > limits.max_string_chars:
-        raise RequestError(f"{where}: {len(v)} characters exceed the limit of {limits.max_string_chars}")
+        raise RequestError(f"rows[{i}].{sent}: {len(v)} characters exceed the limit of {limits.max_string_chars}")
     return v
 
 

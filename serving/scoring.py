@@ -20,12 +20,13 @@ import torch
 
 from feature_store.spec import FeatureSpec
 from pipeline.errors import LogUnavailable, ModelOutputInvalid
+from pipeline.learn.frozen import FrozenNet
 from pipeline.learn.model import ModelBundle
 from serving.log_sink import SegmentLog
 from serving.model_slot import Loaded
 
 
-def encode_columns(bundle: ModelBundle, cols: dict[str, list], n: int) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_arrays(bundle: ModelBundle, cols: dict[str, list], n: int) -> tuple[np.ndarray, np.ndarray]:
     if bundle.categorical:
         cat = np.empty((n, len(bundle.categorical)), dtype=np.int64)
         for j, name in enumerate(bundle.categorical):
@@ -39,13 +40,22 @@ def encode_columns(bundle: ModelBundle, cols: dict[str, list], n: int) -> tuple[
             num[:, j] = bundle.scale(name, np.asarray(cols[name], dtype=np.float64))
     else:
         num = np.zeros((n, 0), dtype=np.float32)
+    return cat, num
+
+
+def encode_columns(bundle: ModelBundle, cols: dict[str, list], n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    cat, num = encode_arrays(bundle, cols, n)
     return torch.from_numpy(cat), torch.from_numpy(num)
 
 
-@torch.inference_mode()
-def score_columns(bundle: ModelBundle, cols: dict[str, list], n: int) -> np.ndarray:
-    cat, num = encode_columns(bundle, cols, n)
-    return torch.sigmoid(bundle.net(cat, num)).numpy().astype(np.float64)
+def score_columns(bundle: ModelBundle, cols: dict[str, list], n: int, frozen: FrozenNet | None = None
+                  ) -> np.ndarray:
+    """Probabilities for `n` rows of spec columns; through `frozen` (the checked numpy copy) when given."""
+    cat, num = encode_arrays(bundle, cols, n)
+    if frozen is not None:
+        return frozen.scores(cat, num)
+    with torch.inference_mode():
+        return torch.sigmoid(bundle.net(torch.from_numpy(cat), torch.from_numpy(num))).numpy().astype(np.float64)
 
 
 @dataclass
@@ -103,7 +113,7 @@ class Scorer:
         try:
             names = self.spec.feature_names
             cols = {k: [v for j in jobs for v in j.cols[k]] for k in names} if len(jobs) > 1 else jobs[0].cols
-            scores = score_columns(jobs[0].loaded.bundle, cols, rows)
+            scores = score_columns(jobs[0].loaded.bundle, cols, rows, jobs[0].loaded.frozen)
             if not np.isfinite(scores).all():
                 jobs, cols, scores, rows = self._refuse_non_finite(jobs, cols, scores)
                 if not jobs:
@@ -179,4 +189,4 @@ def _answer(jobs: list[Job], scores: np.ndarray) -> None:
         start += j.n
 
 
-__all__ = ["Job", "LogUnavailable", "ModelOutputInvalid", "Scorer", "encode_columns", "score_columns"]
+__all__ = ["Job", "LogUnavailable", "ModelOutputInvalid", "Scorer", "encode_arrays", "encode_columns", "score_columns"]
