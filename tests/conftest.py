@@ -8,7 +8,6 @@ from pipeline.ops import stack
 from tests.helpers import free_port, make_settings
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 
 
 @pytest.fixture(scope="session")

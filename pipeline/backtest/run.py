@@ -25,8 +25,7 @@ from pipeline.backtest import data as bt_data
 from pipeline.backtest.references import GradientBoosted, scratch_model
 from pipeline.backtest.replay import send_period
 from pipeline.backtest.store import Store
-from pipeline.checks.gate import ece
-from pipeline.checks.metrics import auc, logloss, scores_valid
+from pipeline.checks.metrics import auc, ece, logloss, scores_valid
 from pipeline.config import Settings, get_settings
 from pipeline.errors import GateFailed, NoDataError, StageError
 from pipeline.runtime import Runtime, runtime

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.checks.gate import Check, Interval, SliceMetrics, reliability
+from pipeline.checks.gate import Check, Interval, SliceMetrics
+from pipeline.checks.metrics import reliability
 
 
 def _reliability_png(y: np.ndarray, scores: dict[str, np.ndarray], bins: int, path: Path) -> Path:

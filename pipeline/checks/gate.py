@@ -2,7 +2,7 @@
 small arrays and the same code judges the nightly candidate (offline) and the live champion (online).
 
 Differences between candidate and champion are judged by a paired bootstrap confidence interval of
-candidate-minus-champion: a regression beyond the margin blocks only when the whole interval lies past it, and a
+candidate-minus-champion (`pipeline.checks.paired`, the comparison the online evaluation uses too): a regression beyond the margin blocks only when the whole interval lies past it, and a
 noise-level difference (an interval that straddles the margin) is decided by `gate_on_inconclusive`, never by
 which side of the line one lucky sample fell on. Every check is sized to its sample: ECE gets a paired CI too,
 and is only reported below `ece_min_rows`.
@@ -18,28 +18,25 @@ blocking, so the report shows what was overruled and why.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 import pandas as pd
 from pydantic import BaseModel
-from scipy.stats import rankdata
 
 from feature_store.spec import FeatureSpec
 from feature_store.vocab import Vocabulary, canonical
-from pipeline.checks.metrics import scores_valid
+from pipeline.checks.metrics import rank_auc, scores_valid
+from pipeline.checks.paired import (
+    Interval,
+    Verdict,
+    compare_paired,
+    paired_auc_diff,
+    paired_ece_diff,
+    verdict,
+)
 from pipeline.config import knob
-
-Verdict = Literal["better", "non_inferior", "inconclusive", "worse"]
-
-
-class Interval(BaseModel):
-    estimate: float
-    low: float
-    high: float
-    samples: int
 
 
 class Check(BaseModel):
@@ -85,104 +82,6 @@ class GateConfig:
                    s.champion_collapse_auc_drop)
 
 
-def reliability(y: np.ndarray, p: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per equal-width score bin: mean score, observed positive rate, row count (NaN where a bin is empty)."""
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    idx = np.clip(np.digitize(p, edges[1:-1]), 0, bins - 1)
-    counts = np.bincount(idx, minlength=bins).astype(np.float64)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean_p = np.bincount(idx, weights=p, minlength=bins) / counts
-        rate = np.bincount(idx, weights=y, minlength=bins) / counts
-    return mean_p, rate, counts
-
-
-def ece(y: np.ndarray, p: np.ndarray, bins: int = 10) -> float:
-    """Expected calibration error: the row-weighted gap between predicted and observed rate per score bin."""
-    if len(y) == 0 or not scores_valid(p):
-        return math.inf
-    mean_p, rate, counts = reliability(y, p, bins)
-    full = counts > 0
-    return float(np.sum(counts[full] * np.abs(mean_p[full] - rate[full])) / counts.sum())
-
-
-def _auc_fast(y: np.ndarray, p: np.ndarray) -> float:
-    """Mann-Whitney AUC (ties averaged); NaN when a resample has one class."""
-    pos = y > 0.5
-    n_pos = int(pos.sum())
-    n_neg = len(y) - n_pos
-    if n_pos == 0 or n_neg == 0:
-        return math.nan
-    ranks = rankdata(p)
-    return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
-def paired_auc_diff(y: np.ndarray, pc: np.ndarray, pp: np.ndarray, samples: int, confidence: float,
-                    seed: int) -> Interval | None:
-    """Bootstrap CI of AUC(candidate) - AUC(champion), resampling rows once for both models (paired), so the
-    shared difficulty of the sample cancels and only the models' difference is left in the interval."""
-    if len(np.unique(y)) < 2:
-        return None
-    rng = np.random.default_rng(seed)
-    n = len(y)
-    diffs = np.empty(samples)
-    for i in range(samples):
-        idx = rng.integers(0, n, n)
-        diffs[i] = _auc_fast(y[idx], pc[idx]) - _auc_fast(y[idx], pp[idx])
-    diffs = diffs[np.isfinite(diffs)]
-    if len(diffs) < samples // 2:
-        return None
-    a = (1 - confidence) / 2
-    return Interval(estimate=_auc_fast(y, pc) - _auc_fast(y, pp), low=float(np.quantile(diffs, a)),
-                    high=float(np.quantile(diffs, 1 - a)), samples=len(diffs))
-
-
-def row_logloss(y: np.ndarray, p: np.ndarray) -> np.ndarray:
-    q = np.clip(p, 1e-7, 1 - 1e-7)
-    return -(y * np.log(q) + (1 - y) * np.log(1 - q))
-
-
-def paired_logloss_diff(y: np.ndarray, pc: np.ndarray, pp: np.ndarray, samples: int, confidence: float,
-                        seed: int) -> Interval:
-    """Bootstrap CI of log-loss(candidate) - log-loss(champion): a mean of per-row differences, so cheap."""
-    d = row_logloss(y, pc) - row_logloss(y, pp)
-    rng = np.random.default_rng(seed)
-    means = np.array([d[rng.integers(0, len(d), len(d))].mean() for _ in range(samples)])
-    a = (1 - confidence) / 2
-    return Interval(estimate=float(d.mean()), low=float(np.quantile(means, a)),
-                    high=float(np.quantile(means, 1 - a)), samples=samples)
-
-
-def paired_ece_diff(y: np.ndarray, pc: np.ndarray, pp: np.ndarray, bins: int, samples: int, confidence: float,
-                    seed: int) -> tuple[Interval, Interval]:
-    """Bootstrap CIs of ECE(candidate) - ECE(champion) (paired, like AUC) and of the candidate's own ECE: a
-    binned calibration error is as noisy as its sample is small, so it is judged by an interval too."""
-    rng = np.random.default_rng(seed)
-    n = len(y)
-    diffs, own = np.empty(samples), np.empty(samples)
-    for i in range(samples):
-        idx = rng.integers(0, n, n)
-        own[i] = ece(y[idx], pc[idx], bins)
-        diffs[i] = own[i] - ece(y[idx], pp[idx], bins)
-    a = (1 - confidence) / 2
-    c_ece = ece(y, pc, bins)
-    return (Interval(estimate=c_ece - ece(y, pp, bins), low=float(np.quantile(diffs, a)),
-                     high=float(np.quantile(diffs, 1 - a)), samples=samples),
-            Interval(estimate=c_ece, low=float(np.quantile(own, a)), high=float(np.quantile(own, 1 - a)),
-                     samples=samples))
-
-
-def verdict(diff: Interval, margin: float, higher_is_better: bool = True) -> Verdict:
-    """Where the CI of candidate-minus-champion lies relative to the allowed regression `margin`."""
-    lo, hi = (diff.low, diff.high) if higher_is_better else (-diff.high, -diff.low)
-    if hi < -margin:
-        return "worse"
-    if lo > 0:
-        return "better"
-    if lo >= -margin:
-        return "non_inferior"
-    return "inconclusive"
-
-
 def _judge(name: str, v: Verdict, detail: str, on_inconclusive: str, setting: str) -> Check:
     passed = v in ("better", "non_inferior") or (v == "inconclusive" and on_inconclusive == "pass")
     hint = "" if passed else f" (to allow more, raise {knob(setting)}" + (
@@ -218,8 +117,8 @@ def slice_metrics(y: np.ndarray, pc: np.ndarray, pp: np.ndarray, labels: dict[st
             gated = two and int(m.sum()) >= cfg.min_slice_rows
             rows.append(SliceMetrics(
                 slice=name, value=str(value), rows=int(m.sum()), positives=int(ys.sum()),
-                candidate_auc=_auc_fast(ys, pc[m]) if two else None,
-                champion_auc=_auc_fast(ys, pp[m]) if two else None,
+                candidate_auc=rank_auc(ys, pc[m]) if two else None,
+                champion_auc=rank_auc(ys, pp[m]) if two else None,
                 auc_diff=paired_auc_diff(ys, pc[m], pp[m], cfg.bootstrap_samples, cfg.confidence, cfg.seed)
                 if gated else None, gated=gated))
     return rows
@@ -279,11 +178,11 @@ def decide(y: np.ndarray, pc: np.ndarray, pp: np.ndarray, cand: dict, champ: dic
     checks.append(Check(name="champion_health", passed=failing is None, blocking=False,
                         detail=failing or f"champion holdout AUC {champ.get('auc')} (registered with "
                                           f"{champion_registered_auc})"))
-    ll = paired_logloss_diff(y, pc, pp, cfg.bootstrap_samples, cfg.confidence, cfg.seed)
-    margin = cfg.max_logloss_regression * champ["logloss"]
-    ll_v = verdict(ll, margin, higher_is_better=False)
+    ll = compare_paired("logloss", y, pc, pp, cfg.max_logloss_regression * champ["logloss"],
+                        cfg.bootstrap_samples, cfg.confidence, cfg.seed)
+    ll_v = ll.verdict
     ll_check = _judge("logloss_vs_champion", ll_v, f"log-loss {cand['logloss']:.4f} vs {champ['logloss']:.4f}, "
-                      f"diff CI [{ll.low:+.4f}, {ll.high:+.4f}], allowed +{margin:.4f}", cfg.on_inconclusive,
+                      f"diff CI [{ll.low:+.4f}, {ll.high:+.4f}], allowed +{ll.margin:.4f}", cfg.on_inconclusive,
                       "max_logloss_regression")
     auc_ci, auc_v, auc_checks = None, None, []
     if cand["auc"] is None:
@@ -292,11 +191,13 @@ def decide(y: np.ndarray, pc: np.ndarray, pp: np.ndarray, cand: dict, champ: dic
         floor_ok = cand["auc"] >= cfg.min_auc
         auc_checks.append(Check(name="auc_floor", passed=floor_ok, detail=f"AUC {cand['auc']:.4f} (floor min_auc "
                                 f"{cfg.min_auc}{'' if floor_ok else '; lower ' + knob('min_auc')})"))
-        auc_ci = paired_auc_diff(y, pc, pp, cfg.bootstrap_samples, cfg.confidence, cfg.seed)
+        auc_cmp = compare_paired("auc", y, pc, pp, cfg.max_auc_regression, cfg.bootstrap_samples,
+                                 cfg.confidence, cfg.seed)
+        auc_ci = auc_cmp.interval
         if auc_ci is not None:
-            auc_v = verdict(auc_ci, cfg.max_auc_regression)
+            auc_v = auc_cmp.verdict
             auc_checks.append(_judge("auc_vs_champion", auc_v, f"AUC {cand['auc']:.4f} vs {champ['auc']:.4f}, diff "
-                                     f"CI [{auc_ci.low:+.4f}, {auc_ci.high:+.4f}], allowed "
+                                     f"CI [{auc_cmp.low:+.4f}, {auc_cmp.high:+.4f}], allowed "
                                      f"-{cfg.max_auc_regression}", cfg.on_inconclusive, "max_auc_regression"))
     calibration = _calibration(y, pc, pp, eces, cfg)
     slice_checks = [_judge(f"slice:{sm.slice}={sm.value}", verdict(sm.auc_diff, cfg.max_slice_auc_regression),
@@ -316,7 +217,7 @@ def decide(y: np.ndarray, pc: np.ndarray, pp: np.ndarray, cand: dict, champ: dic
     elif clearly_better:
         calibration = _outweigh(calibration, f"clearly better on the primary metrics (AUC {auc_v}, log-loss "
                                              f"{ll_v}); calibration alone does not keep the worse ranker")
-    return [*checks, ll_check, calibration, *auc_checks, *slice_checks], auc_ci, ll
+    return [*checks, ll_check, calibration, *auc_checks, *slice_checks], auc_ci, ll.interval
 
 
 def summarize(checks: list[Check]) -> tuple[bool, str]:

@@ -4,7 +4,7 @@ replaced on the very rows it served, and roll it back automatically when it is w
 The collected `training/dt=D` partitions (and, for a day not collected yet, its sealed log segments joined with
 the feedback that has arrived: `live_rows`) hold, per row, the served model version, its score and the exact
 features it saw; the previous champion is scored offline on those same features. Both models are thus judged
-on identical rows (a paired comparison, with the same bootstrap as the offline gate), with no canary split
+on identical rows (`pipeline.checks.paired.compare_paired`, the comparison the offline gate makes), with no canary split
 needed. Too few labeled rows means "wait", never a decision on noise.
 """
 
@@ -18,8 +18,8 @@ import pandas as pd
 from pydantic import BaseModel
 
 from pipeline import registry
-from pipeline.checks.gate import Interval, paired_auc_diff, paired_logloss_diff, verdict
 from pipeline.checks.metrics import scores_valid, summary
+from pipeline.checks.paired import Interval, compare_paired
 from pipeline.errors import StageError
 from pipeline.release.live_rows import live_rows
 from pipeline.runtime import Runtime, parse_day, runtime
@@ -107,18 +107,17 @@ def compare(rt: Runtime, client, days: list[date], served: str, baseline: str) -
     if not scores_valid(pp):
         raise StageError(f"v{baseline} produced NaN or out-of-range scores on the logged features; it is no "
                          "baseline to compare with")
-    auc_ci = paired_auc_diff(y, pc, pp, s.bootstrap_samples, s.bootstrap_confidence, s.seed)
-    ll_ci = paired_logloss_diff(y, pc, pp, s.bootstrap_samples, s.bootstrap_confidence, s.seed)
     cm, pm = summary(y, pc), summary(y, pp)
-    ll_margin = s.online_max_logloss_regression * pm["logloss"]
-    auc_v = verdict(auc_ci, s.online_max_auc_regression) if auc_ci else "inconclusive"
-    ll_v = verdict(ll_ci, ll_margin, higher_is_better=False)
+    boot = (s.bootstrap_samples, s.bootstrap_confidence, s.seed)
+    auc = compare_paired("auc", y, pc, pp, s.online_max_auc_regression, *boot)
+    ll = compare_paired("logloss", y, pc, pp, s.online_max_logloss_regression * pm["logloss"], *boot)
     detail = (f"on {n} live rows ({pos} positive): AUC v{served} {cm['auc']:.4f} vs v{baseline} "
-              f"{pm['auc']:.4f} (diff CI {_ci(auc_ci)}, allowed -{s.online_max_auc_regression}: {auc_v}); "
-              f"log-loss {cm['logloss']:.4f} vs {pm['logloss']:.4f} (diff CI {_ci(ll_ci)}, allowed "
-              f"+{ll_margin:.4f}: {ll_v})")
-    return Comparison(rows=n, positives=pos, enough=True, served_metrics=cm, baseline_metrics=pm, auc_diff=auc_ci,
-                      logloss_diff=ll_ci, auc_verdict=auc_v, logloss_verdict=ll_v, detail=detail)
+              f"{pm['auc']:.4f} (diff CI {_ci(auc.interval)}, allowed -{auc.margin}: {auc.verdict}); "
+              f"log-loss {cm['logloss']:.4f} vs {pm['logloss']:.4f} (diff CI {_ci(ll.interval)}, allowed "
+              f"+{ll.margin:.4f}: {ll.verdict})")
+    return Comparison(rows=n, positives=pos, enough=True, served_metrics=cm, baseline_metrics=pm,
+                      auc_diff=auc.interval, logloss_diff=ll.interval, auc_verdict=auc.verdict,
+                      logloss_verdict=ll.verdict, detail=detail)
 
 
 def window(rt: Runtime, day: date) -> list[date]:

@@ -22,12 +22,11 @@ from pipeline.checks.gate import (
     Interval,
     SliceMetrics,
     decide,
-    ece,
     slice_labels,
     slice_metrics,
     summarize,
 )
-from pipeline.checks.metrics import scores_valid, summary
+from pipeline.checks.metrics import ece, scores_valid, summary
 from pipeline.config import Settings
 from pipeline.errors import StageError
 from pipeline.learn.holdout import split_by_time

@@ -22,11 +22,11 @@ import html
 import json
 import logging
 import math
-import os
 import shutil
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
@@ -45,6 +45,9 @@ from pipeline.config import Settings, knob
 from pipeline.errors import GateFailed, StageError, SuiteFileError
 from pipeline.runtime import Runtime, day_bounds, file_lock, parse_day, runtime
 from pipeline.stages.collect import TRAINING
+
+if TYPE_CHECKING:
+    from great_expectations.data_context.types.base import DataContextConfig
 
 log = logging.getLogger("flywheel.validate")
 VALIDATED, QUARANTINE = "validated", "quarantine"
@@ -258,6 +261,20 @@ def _describe(cfg) -> str:
     return f"{cfg.type}({', '.join(f'{k}={v}' for k, v in kw.items())})"
 
 
+def _ephemeral_config() -> DataContextConfig:
+    """The chunk validator's context config: in-memory stores, no Data Docs site, no progress bars and
+    analytics off, set on the context itself rather than through `GX_ANALYTICS_ENABLED` in the process
+    environment, so validating a day changes nothing for the rest of the process."""
+    from great_expectations.data_context.types.base import (
+        DataContextConfig,
+        InMemoryStoreBackendDefaults,
+        ProgressBarsConfig,
+    )
+
+    return DataContextConfig(store_backend_defaults=InMemoryStoreBackendDefaults(), analytics_enabled=False,
+                             progress_bars=ProgressBarsConfig(globally=False))
+
+
 class _ChunkValidator:
     """One GE ephemeral context, suite and batch definition, run once per chunk. Failing rows are read from
     `unexpected_index_list` over the chunk's index (set to the rows' positions in the day), with unexpected
@@ -267,12 +284,9 @@ class _ChunkValidator:
                      "return_unexpected_index_query": False}
 
     def __init__(self, name: str, expectations: list) -> None:
-        os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
         import great_expectations as gx
-        from great_expectations.data_context.types.base import ProgressBarsConfig
 
-        ctx = gx.get_context(mode="ephemeral")
-        ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
+        ctx = gx.get_context(mode="ephemeral", project_config=_ephemeral_config())
         batch = ctx.data_sources.add_pandas("flywheel").add_dataframe_asset(name) \
             .add_batch_definition_whole_dataframe("whole")
         self.suite = ctx.suites.add(gx.ExpectationSuite(name=name))
@@ -320,37 +334,58 @@ class _RowTally:
         self.sample += bad[: max(0, 20 - len(self.sample))]
 
 
+@dataclass
+class _Moments:
+    """One column's running count, sum, mean, sum of squared deviations (M2), min and max. Chunks are merged
+    with Chan et al.'s parallel update of (n, mean, M2): the sum-of-squares shortcut cancels catastrophically
+    on a column whose mean is large next to its spread (an epoch timestamp, an id), reporting a standard
+    deviation of noise, or zero."""
+
+    n: int = 0
+    sum: float = 0.0
+    mean: float = 0.0
+    m2: float = 0.0
+    min: float = math.inf
+    max: float = -math.inf
+
+    def add(self, v: np.ndarray) -> None:
+        if not len(v):
+            return
+        n_b, mean_b = len(v), float(v.mean())
+        m2_b = float(np.square(v - mean_b).sum())
+        n = self.n + n_b
+        delta = mean_b - self.mean
+        self.mean += delta * n_b / n
+        self.m2 += m2_b + delta * delta * self.n * n_b / n
+        self.n, self.sum = n, self.sum + float(v.sum())
+        self.min, self.max = min(self.min, float(v.min())), max(self.max, float(v.max()))
+
+    @property
+    def stdev(self) -> float | None:
+        """Sample standard deviation (ddof=1, as pandas and GE's stdev expectation compute it)."""
+        return math.sqrt(self.m2 / (self.n - 1)) if self.n >= 2 else None
+
+
 class _Aggregates:
-    """Running count/sum/sum of squares/min/max per column over the good rows, enough for the batch gate."""
+    """Running moments per column over the good rows, enough for the batch gate."""
 
     def __init__(self, columns: set[str]) -> None:
         self.rows = 0
-        self.stats = {c: {"n": 0, "sum": 0.0, "sumsq": 0.0, "min": math.inf, "max": -math.inf} for c in columns}
+        self.stats = {c: _Moments() for c in columns}
 
     def update(self, batch: pa.RecordBatch) -> None:
         self.rows += batch.num_rows
         for c, st in self.stats.items():
             v = pd.to_numeric(batch.column(c).to_pandas(), errors="coerce").to_numpy(dtype=float, na_value=np.nan)
-            v = v[~np.isnan(v)]
-            if len(v):
-                st["n"] += len(v)
-                st["sum"] += float(v.sum())
-                st["sumsq"] += float(np.square(v).sum())
-                st["min"], st["max"] = min(st["min"], float(v.min())), max(st["max"], float(v.max()))
+            st.add(v[~np.isnan(v)])
 
     def statistic(self, stat: str, column: str | None) -> float | None:
         if stat == "rows":
             return float(self.rows)
         st = self.stats[column]
-        if st["n"] == 0:
+        if st.n == 0:
             return None
-        if stat == "mean":
-            return st["sum"] / st["n"]
-        if stat == "stdev":
-            if st["n"] < 2:
-                return None
-            return math.sqrt(max(0.0, (st["sumsq"] - st["sum"] ** 2 / st["n"]) / (st["n"] - 1)))
-        return st[stat]
+        return getattr(st, stat)
 
 
 def _within(value: float | None, e) -> bool:
@@ -369,8 +404,8 @@ def _data_docs(s: Settings, day: date, tallies: list[_RowTally], batch_rows: lis
     """The day's results as one GE validation result in a file context under home/gx, rendered to Data Docs.
     The chunks' results are summed first, so the site shows one run per day, not one per chunk. Only this
     run's page is rendered (the site does not get slower with every past day), and a copy of it lands in the
-    day's report directory, which the train step logs to MLflow."""
-    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    day's report directory, which the train step logs to MLflow. Analytics are switched off in the file
+    context's own config (written once into its great_expectations.yml), not in the process environment."""
     import great_expectations as gx
     from great_expectations.core import ExpectationSuiteValidationResult, ExpectationValidationResult
     from great_expectations.core.run_identifier import RunIdentifier
@@ -406,6 +441,8 @@ def _data_docs(s: Settings, day: date, tallies: list[_RowTally], batch_rows: lis
                                                             "batch_definition_name": f"dt={day.isoformat()}"}})
     with file_lock(root / "flywheel.lock"):
         ctx = gx.get_context(mode="file", project_root_dir=str(s.home_abs))
+        if ctx.variables.analytics_enabled is not False:
+            ctx.enable_analytics(False)
         key = ValidationResultIdentifier(expectation_suite_identifier=ExpectationSuiteIdentifier(name=name),
                                          run_id=run_id, batch_identifier=f"{TRAINING}-dt={day.isoformat()}")
         ctx.validation_results_store.set(key, suite_result)

@@ -12,8 +12,7 @@ import numpy as np
 import torch
 
 from feature_store.spec import load_spec
-from pipeline.checks.gate import ece
-from pipeline.checks.metrics import auc, logloss
+from pipeline.checks.metrics import auc, ece, logloss
 from pipeline.config import Settings
 from pipeline.learn import calibration
 from pipeline.learn.calibration import Calibration

@@ -12,14 +12,13 @@ from pipeline.checks.gate import (
     GateConfig,
     Interval,
     decide,
-    ece,
     paired_auc_diff,
     slice_labels,
     slice_metrics,
     summarize,
     verdict,
 )
-from pipeline.checks.metrics import summary
+from pipeline.checks.metrics import ece, summary
 from pipeline.errors import SpecError
 from tests.helpers import LOANS_SPEC
 
@@ -238,3 +237,72 @@ def test_ece_interval_is_paired_and_sized_to_the_sample():
     small, _ = paired_ece_diff(y[:100], np.clip(p[:100] + 0.05, 0, 1), p[:100], 10, 200, 0.95, seed=0)
     large, _ = paired_ece_diff(y, np.clip(p + 0.05, 0, 1), p, 10, 200, 0.95, seed=0)
     assert large.high - large.low < small.high - small.low
+
+
+def _old_rank_auc(y: np.ndarray, p: np.ndarray) -> float:
+    from scipy.stats import rankdata
+
+    pos = y > 0.5
+    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    return float((rankdata(p)[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def _old_paired(metric: str, y: np.ndarray, pc: np.ndarray, pp: np.ndarray, margin: float, samples: int,
+                confidence: float, seed: int) -> tuple[float, float, float, int, str] | None:
+    """The formulas the gate and the online evaluation each wrote out before they shared `compare_paired`:
+    paired resampling, quantile interval, verdict against the margin. Kept to pin that nothing moved."""
+    rng = np.random.default_rng(seed)
+    n, a = len(y), (1 - confidence) / 2
+    if metric == "auc":
+        if len(np.unique(y)) < 2:
+            return None
+        diffs = np.empty(samples)
+        for i in range(samples):
+            idx = rng.integers(0, n, n)
+            diffs[i] = _old_rank_auc(y[idx], pc[idx]) - _old_rank_auc(y[idx], pp[idx])
+        diffs = diffs[np.isfinite(diffs)]
+        if len(diffs) < samples // 2:
+            return None
+        est, lo, hi = _old_rank_auc(y, pc) - _old_rank_auc(y, pp), np.quantile(diffs, a), np.quantile(diffs, 1 - a)
+        count = len(diffs)
+    else:
+        q_c, q_p = np.clip(pc, 1e-7, 1 - 1e-7), np.clip(pp, 1e-7, 1 - 1e-7)
+        d = -(y * np.log(q_c) + (1 - y) * np.log(1 - q_c)) + (y * np.log(q_p) + (1 - y) * np.log(1 - q_p))
+        means = np.array([d[rng.integers(0, n, n)].mean() for _ in range(samples)])
+        est, lo, hi, count = d.mean(), np.quantile(means, a), np.quantile(means, 1 - a), samples
+    low, high = (lo, hi) if metric == "auc" else (-hi, -lo)
+    v = ("worse" if high < -margin else "better" if low > 0 else "non_inferior" if low >= -margin
+         else "inconclusive")
+    return float(est), float(lo), float(hi), count, v
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("metric", ["auc", "logloss"])
+def test_compare_paired_reproduces_the_old_formulas_exactly(seed, metric):
+    from pipeline.checks.paired import compare_paired
+
+    n = [30, 200, 1000, 2500, 12][seed]
+    y, p = data(n, seed)
+    rng = np.random.default_rng(100 + seed)
+    pc = np.clip(p + rng.normal(scale=[0.3, 0.05, 0.1, 0.02, 0.2][seed], size=n), 0, 1)
+    pp = np.round(p, 1) if seed % 2 else p
+    for margin in (0.0, 0.005, 0.02, 0.1):
+        got = compare_paired(metric, y, pc, pp, margin, 200, 0.9, seed)
+        old = _old_paired(metric, y, pc, pp, margin, 200, 0.9, seed)
+        assert got.rows == n and got.margin == margin
+        if old is None:
+            assert got.interval is None and got.verdict == "inconclusive"
+        else:
+            assert (got.delta, got.low, got.high, got.interval.samples, got.verdict) == old
+
+
+def test_compare_paired_on_one_class_decides_nothing():
+    from pipeline.checks.paired import compare_paired
+
+    y, p = np.ones(300), data(300)[1]
+    auc_cmp = compare_paired("auc", y, p, p, 0.01, 100, 0.95, 0)
+    assert auc_cmp.interval is None and auc_cmp.delta is None and auc_cmp.verdict == "inconclusive"
+    ll_cmp = compare_paired("logloss", y, np.clip(p - 0.2, 0, 1), p, 0.01, 100, 0.95, 0)
+    assert ll_cmp.verdict == "worse" and ll_cmp.delta > 0

@@ -4,6 +4,7 @@ the user's suite file, and the report plus Data Docs it leaves behind."""
 from __future__ import annotations
 
 import json
+import os
 from datetime import date, timedelta
 from pathlib import Path
 
@@ -264,11 +265,15 @@ def test_an_expectation_that_cannot_run_stops_the_gate(tmp_path):
     assert rt.lake.read_manifest(VALIDATED, day) is None and rt.lake.read_manifest(QUARANTINE, day) is None
 
 
-def test_report_dir_and_data_docs(tmp_path):
+def test_report_dir_and_data_docs(tmp_path, monkeypatch):
+    monkeypatch.delenv("GX_ANALYTICS_ENABLED", raising=False)
     day, frame = sim_day(1, rows=1000)
     rt = make_rt(tmp_path / "home")
     write_training(rt, day, frame)
     result = validate(day, rt)
+    # GX is configured on its contexts, not through the process environment.
+    assert "GX_ANALYTICS_ENABLED" not in os.environ
+    assert "analytics_enabled: false" in (rt.settings.home_abs / "gx" / "great_expectations.yml").read_text()
     directory = rt.settings.reports_dir / "validation" / f"dt={day}"
     assert Path(result.report) == directory / "index.html"
     assert {"index.html", "validation.json", "drift.html", "drift.json"} <= {p.name for p in directory.iterdir()}
@@ -303,3 +308,41 @@ def test_running_aggregates_match_the_whole_column():
     for stat, expected in (("mean", whole.mean()), ("stdev", whole.std()), ("min", whole.min()),
                            ("max", whole.max()), ("sum", whole.sum())):
         assert agg.statistic(stat, "x") == pytest.approx(expected, rel=1e-9), stat
+
+
+def _old_sum_of_squares_stdev(chunks: list[np.ndarray]) -> float:
+    """The formula this replaced, kept here to show the test tells the two apart."""
+    n = sum(len(c) for c in chunks)
+    total = sum(float(c.sum()) for c in chunks)
+    sumsq = sum(float(np.square(c).sum()) for c in chunks)
+    return float(np.sqrt(max(0.0, (sumsq - total**2 / n) / (n - 1))))
+
+
+def test_streamed_stdev_is_stable_on_a_large_mean_column():
+    """An epoch-like column (1e9 plus unit noise) over uneven chunks: the stdev must match numpy's two-pass
+    float64 answer, which the sum-of-squares formula misses by orders of magnitude."""
+    from pipeline.stages.validate import _Aggregates
+
+    rng = np.random.default_rng(7)
+    values = 1e9 + rng.normal(0.0, 1.0, 50_000)
+    bounds = [0, 1, 7, 1000, 4096, 20_000, 33_333, 50_000]
+    chunks = [values[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+    agg = _Aggregates({"x"})
+    for c in chunks:
+        agg.update(pa.RecordBatch.from_pydict({"x": pa.array(c)}))
+    expected = float(np.std(values, ddof=1))
+    assert agg.statistic("stdev", "x") == pytest.approx(expected, rel=1e-6)
+    assert agg.statistic("mean", "x") == pytest.approx(float(np.mean(values)), rel=1e-12)
+    assert _old_sum_of_squares_stdev(chunks) != pytest.approx(expected, rel=1e-6)
+
+
+def test_stdev_needs_two_values_and_skips_empty_chunks():
+    from pipeline.stages.validate import _Aggregates
+
+    agg = _Aggregates({"x"})
+    agg.update(pa.RecordBatch.from_pydict({"x": pa.array([np.nan, np.nan], from_pandas=True)}))
+    assert agg.statistic("stdev", "x") is None and agg.statistic("mean", "x") is None
+    agg.update(pa.RecordBatch.from_pydict({"x": pa.array([5.0])}))
+    assert agg.statistic("stdev", "x") is None and agg.statistic("mean", "x") == 5.0
+    agg.update(pa.RecordBatch.from_pydict({"x": pa.array([7.0])}))
+    assert agg.statistic("stdev", "x") == pytest.approx(float(np.std([5.0, 7.0], ddof=1)), rel=1e-12)
