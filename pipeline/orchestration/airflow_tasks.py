@@ -133,28 +133,30 @@ def _stage_task(stage, asset=None):
     return task(task_id=stage.name, doc_md=stage.doc, **({"outlets": [asset]} if asset else {}))(body)
 
 
+#: The reviewer's decision (a deferrable task, Airflow only) comes right before this stage.
+REVIEW_TASK, REVIEW_BEFORE = "await_approval", "promote"
+
+
 def nightly_stage_tasks(after, outlets: dict[str, Any]) -> dict[str, Any]:
     """One task per stage of `stages.sequence.NIGHTLY`, each after the one before (`after` first), keyed by
-    task id in creation order. Two steps exist only here: with `training_runner=kubernetes` the `train` stage
-    is the training pod, and `await_approval` (the reviewer's decision, deferred) comes before `promote`."""
+    task id in creation order; a stage's XComArg doubles as its task. Two steps exist only here: with
+    `training_runner=kubernetes` the `train` stage is the training pod, and `REVIEW_TASK` (the reviewer's
+    decision, deferred) comes before `REVIEW_BEFORE`."""
     from pipeline.orchestration.review_trigger import AwaitApprovalOperator
     from pipeline.stages.sequence import NIGHTLY
 
     tasks: dict[str, Any] = {}
-    results: dict[str, Any] = {}  # XComArgs of the stages' results
     previous = after
     for stage in NIGHTLY:
-        if stage.name == "promote":
-            previous = tasks["await_approval"] = AwaitApprovalOperator(task_id="await_approval",
-                                                                       registered=results["register"])
+        if stage.name == REVIEW_BEFORE:
+            previous = tasks[REVIEW_TASK] = AwaitApprovalOperator(task_id=REVIEW_TASK, registered=tasks["register"])
         if stage.name == "train" and training_runner() == "kubernetes":
-            pod = train_pod_operator(stage.name)
-            made = pod.output
+            made = train_pod_operator(stage.name).output
         else:
-            upstream = {name: results[name] for name in stage.needs()}
+            upstream = {name: tasks[name] for name in stage.needs()}
             made = _stage_task(stage, outlets.get(stage.name))(**({"upstream": upstream} if upstream else {}))
         previous >> made
-        previous = tasks[stage.name] = results[stage.name] = made
+        previous = tasks[stage.name] = made
     return tasks
 
 
@@ -162,7 +164,8 @@ def stage_task_ids() -> tuple[str, ...]:
     """The nightly's stage tasks in order, the approval included (what `nightly_stage_tasks` makes)."""
     from pipeline.stages.sequence import STAGE_NAMES
 
-    return tuple(n for name in STAGE_NAMES for n in (("await_approval", name) if name == "promote" else (name,)))
+    return tuple(task for name in STAGE_NAMES
+                 for task in ((REVIEW_TASK, name) if name == REVIEW_BEFORE else (name,)))
 
 
 def loop_health(ds: str) -> dict:
