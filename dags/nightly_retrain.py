@@ -23,7 +23,6 @@ from airflow.providers.standard.sensors.date_time import DateTimeSensorAsync
 from airflow.sdk import Asset, dag, task, teardown
 
 from pipeline.orchestration import airflow_tasks as t
-from pipeline.orchestration.review_trigger import AwaitApprovalOperator
 
 # Partitioned by day (the partition key is D): the asset view lists which days were collected, validated and
 # produced a registered candidate.
@@ -46,41 +45,6 @@ def flywheel_nightly():
         ),
     )
 
-    @task(outlets=[TRAINING_DAY], doc_md="Reads the sealed `logs/predictions` and `logs/feedback` segments of D; "
-          "writes `training/dt=D` (joined, labelled, deduplicated) and lists rejected and late segments.")
-    def collect(ds: str | None = None, outlet_events=None) -> dict:
-        return t.with_partition(t.collect(ds), outlet_events, TRAINING_DAY)
-
-    @task(outlets=[VALIDATED_DAY], doc_md="Reads `training/dt=D`; writes `validated/dt=D`, `quarantine/dt=D` (with the reason), "
-          "`drift/dt=D` and the report in `reports/validation/dt=D`. Fails the night when the gate fails.")
-    def validate(collected: dict, outlet_events=None) -> dict:
-        return t.with_partition(t.validate(collected["day"]), outlet_events, VALIDATED_DAY)
-
-    @task(doc_md="Reads `validated/dt=D`, the replay reservoir and the champion; writes one MLflow run "
-          "(warm-started weights, metrics, the day's validation report) and updates the reservoir.")
-    def train(validated: dict) -> dict:
-        return t.train(validated["day"])
-
-    @task(doc_md="Reads the candidate run and the champion; scores both on D's held-out slice and logs the "
-          "evaluation report (paired CIs, calibration, slices) to the candidate's run.")
-    def evaluate(trained: dict) -> dict:
-        return t.evaluate(trained["day"], trained)
-
-    @task(outlets=[CANDIDATE], doc_md="Registers the candidate as a model version with its lineage and gate outcome (tags); "
-          "a passing candidate becomes `challenger`.")
-    def register(evaluation: dict, outlet_events=None) -> dict:
-        return t.with_partition(t.register(evaluation["day"], evaluation), outlet_events, CANDIDATE,
-                                evaluation["day"])
-
-    @task(doc_md="Moves `champion` to the candidate when it passed (and was approved in review mode), "
-          "keeping the replaced one as `previous`; compare-and-set under the registry lock.")
-    def promote(registered: dict, review: dict) -> dict:
-        return t.promote(registered, review)
-
-    @task(doc_md="Asks the model server to reload and waits until it serves the new champion.")
-    def rollout(promoted: dict) -> dict:
-        return t.rollout(promoted)
-
     # A teardown: it runs whatever the stages did, does not turn a failed night into a successful run, and
     # fails the run itself when the loop has been stuck too long.
     @teardown(on_failure_fail_dagrun=True)
@@ -94,23 +58,12 @@ def flywheel_nightly():
     def note(ti=None, dag_run=None) -> str:
         return t.run_note(ti, dag_run)
 
-    collected = collect()
-    wait_for_labels >> collected
-    validated = validate(collected)
-    if t.training_runner() == "kubernetes":
-        pod = t.train_pod_operator("train")
-        validated >> pod
-        trained = pod.output
-    else:
-        trained = train(validated)
-    registered = register(evaluate(trained))
-    review = AwaitApprovalOperator(task_id="await_approval", registered=registered)
-    promoted = promote(registered, review.output)
-    rolled_out = rollout(promoted)
+    # One task per stage of `pipeline.stages.sequence.NIGHTLY`, in order; each reads the day from the run.
+    stages = t.nightly_stage_tasks(after=wait_for_labels, outlets={
+        "collect": TRAINING_DAY, "validate": VALIDATED_DAY, "register": CANDIDATE})
     health = loop_health()
-    rolled_out >> health
-    [wait_for_labels, collected, validated, trained, registered, review.output, promoted, rolled_out,
-     health] >> note()
+    stages["rollout"] >> health
+    [wait_for_labels, *stages.values(), health] >> note()
 
 
 flywheel_nightly()

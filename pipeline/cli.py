@@ -19,6 +19,7 @@ from typer.core import TyperGroup
 from pipeline.config import get_settings
 from pipeline.errors import FlywheelError
 from pipeline.logs import setup_logging
+from pipeline.stages.sequence import STAGE_NAMES
 
 _TRACEBACK = False
 
@@ -348,9 +349,15 @@ def materialize(
     _run(stage, up_to)
 
 
-@app.command()
+#: `flywheel nightly`'s exit status when every stage ran but loop health failed (`LOOP_HEALTH_FAIL_NIGHTS`
+#: reached): unattended runs (cron, CI) must see a stuck loop, not a green night. A stage that refused exits 2.
+LOOP_HEALTH_FAILED = 3
+
+
+@app.command(help=f"All of the nightly stages ({', '.join(STAGE_NAMES)}) for day D, in-process, without "
+             f"Airflow, then loop health. Exit 0 (loop health ok or warn), 2 (a stage refused), "
+             f"{LOOP_HEALTH_FAILED} (loop health failed; the result is still printed).")
 def nightly(day: Day) -> None:
-    """All of the nightly DAG's stages for day D, in-process, without Airflow."""
     from pipeline.stages.nightly import run_nightly
 
     out = _call(partial(run_nightly, day, rollout=True))
@@ -362,6 +369,17 @@ def nightly(day: Day) -> None:
                       f"Undo: flywheel --home {home} rollback")
     else:
         console.print(f"nightly {day}: champion unchanged ({promoted['reason']})")
+    _loop_health_exit(out["loop_health"])
+
+
+def _loop_health_exit(health: dict) -> None:
+    """The loop-health line itself is already logged at its level (a warning leaves the night green); a failure
+    also ends the command with `LOOP_HEALTH_FAILED`."""
+    if health["status"] == "fail":
+        console.print(f"[red]error:[/red] loop health failed on {health['day']} (exit {LOOP_HEALTH_FAILED}): "
+                      f"{health['nights_without_training']} nights without training, "
+                      f"{health['nights_without_promotion']} without a promotion", highlight=False)
+        raise typer.Exit(LOOP_HEALTH_FAILED)
 
 
 @app.command()

@@ -28,6 +28,7 @@ from pipeline.backtest.store import Store
 from pipeline.checks.metrics import auc, ece, logloss, scores_valid
 from pipeline.config import Settings, get_settings
 from pipeline.errors import GateFailed, NoDataError, StageError
+from pipeline.poll import wait_until
 from pipeline.runtime import Runtime, runtime
 
 MODELS = ("loop", "frozen", "scratch", "hgb_all", "hgb_last")
@@ -237,12 +238,8 @@ def _settings_env(s: Settings) -> dict[str, str]:
 def _wait_serving(s: Settings, version: str, timeout: float = 60) -> None:
     from pipeline.stages.promote import served_version
 
-    deadline = time.monotonic() + timeout
-    while served_version(s.resolved_serving_url()) is None:
-        if time.monotonic() > deadline:
-            raise StageError(f"the backtest's model server never loaded a champion (v{version}); see "
-                             f"{s.run_dir / 'serving.log'}")
-        time.sleep(0.5)
+    wait_until(lambda: served_version(s.resolved_serving_url()), timeout, 0.5, lambda: StageError(
+        f"the backtest's model server never loaded a champion (v{version}); see {s.run_dir / 'serving.log'}"))
 
 
 def _fmt(v) -> str:

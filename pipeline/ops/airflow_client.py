@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from datetime import date
 
 import httpx
+
+from pipeline.poll import wait_until
 
 
 @dataclass
@@ -34,15 +35,16 @@ class AirflowClient:
         return r
 
     def wait_for_dag(self, dag_id: str, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def parsed() -> bool | None:
             if self.request("GET", f"/api/v2/dags/{dag_id}").status_code == 200:
-                return
+                return True
             errors = self.request("GET", "/api/v2/importErrors").json().get("import_errors", [])
             if errors:
                 raise RuntimeError(f"DAG files failed to import: {errors}")
-            time.sleep(1)
-        raise RuntimeError(f"DAG {dag_id} not parsed within {timeout}s and no import error reported")
+            return None
+
+        wait_until(parsed, timeout, 1, lambda: RuntimeError(
+            f"DAG {dag_id} not parsed within {timeout}s and no import error reported"))
 
     def unpause(self, dag_id: str) -> None:
         self.request("PATCH", f"/api/v2/dags/{dag_id}", json={"is_paused": False}).raise_for_status()
@@ -58,13 +60,12 @@ class AirflowClient:
         return r.json()["dag_run_id"]
 
     def wait_run(self, dag_id: str, run_id: str, timeout: float = 900) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def finished() -> str | None:
             state = self.request("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}").json()["state"]
-            if state in ("success", "failed"):
-                return state
-            time.sleep(2)
-        raise TimeoutError(f"run {run_id} of {dag_id} did not finish within {timeout}s")
+            return state if state in ("success", "failed") else None
+
+        return wait_until(finished, timeout, 2, lambda: TimeoutError(
+            f"run {run_id} of {dag_id} did not finish within {timeout}s"))
 
     def task_states(self, dag_id: str, run_id: str) -> dict[str, str | None]:
         r = self.request("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances")

@@ -14,12 +14,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 
 from pipeline.config import REPO, Settings
+from pipeline.poll import wait_until
 
 BIN = Path(sys.executable).parent
 
@@ -220,24 +220,28 @@ def _alive(pid: int) -> bool:
 
 def wait_http(url: str, timeout: float, what: str, log: Path | None = None, pid: int | None = None) -> None:
     """Wait until `url` answers; a process that exits meanwhile is reported at once, with its log's tail."""
-    deadline = time.monotonic() + timeout
     last = ""
-    while time.monotonic() < deadline:
+
+    def unhealthy(reason: str) -> RuntimeError:
+        tail = ""
+        if log and log.exists():
+            tail = "\n" + "\n".join(log.read_text(errors="replace").splitlines()[-30:])
+        return RuntimeError(f"{what} did not become healthy at {url} within {timeout:.0f}s ({reason}){tail}")
+
+    def answers() -> bool | None:
+        nonlocal last
         if pid is not None and not _alive(pid):
-            last = f"the process {pid} exited"
-            break
+            raise unhealthy(f"the process {pid} exited")
         try:
             r = httpx.get(url, timeout=3)
             if r.status_code < 500:
-                return
+                return True
             last = f"HTTP {r.status_code}"
         except httpx.HTTPError as e:
             last = str(e)
-        time.sleep(0.5)
-    tail = ""
-    if log and log.exists():
-        tail = "\n" + "\n".join(log.read_text(errors="replace").splitlines()[-30:])
-    raise RuntimeError(f"{what} did not become healthy at {url} within {timeout:.0f}s ({last}){tail}")
+        return None
+
+    wait_until(answers, timeout, 0.5, lambda: unhealthy(last))
 
 
 def start_mlflow(s: Settings) -> None:
@@ -321,9 +325,7 @@ def stop_all(s: Settings, timeout: float = 20) -> list[str]:
                 os.killpg(pid, signal.SIGTERM)
             except OSError:
                 pass
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and any(_alive(p) for p in pids.values()):
-        time.sleep(0.2)
+    wait_until(lambda: None if any(_alive(p) for p in pids.values()) else True, timeout, 0.2)
     for name, pid in pids.items():
         try:
             os.killpg(pid, signal.SIGKILL)

@@ -1,4 +1,5 @@
-"""The bodies of the nightly DAG's tasks: each runs one stage and returns its small result as a dict (XCom).
+"""The bodies of the DAGs' tasks: each runs one stage and returns its small result as a dict (XCom). The nightly's
+stage tasks are made from `stages.sequence.NIGHTLY` (`nightly_stage_tasks`), not listed again here.
 
 A `StageError` is a decision, not a glitch (no data, gate failed), so it fails the task without retries;
 anything else is left to Airflow's retry policy.
@@ -72,7 +73,7 @@ def dag_defaults(doc: str | None, *tags: str, retries: int = 2, retry_delay_s: f
 
 def with_partition(result: dict, outlet_events, asset, day: str | None = None) -> dict:
     """Tag the task's asset event with the day it produced (partition key D)."""
-    if outlet_events is not None:
+    if outlet_events is not None and asset is not None:
         outlet_events[asset].add_partitions(day or result["day"])
     return result
 
@@ -108,51 +109,63 @@ def label_lag_s() -> int:
     return int(load_spec(s.spec_path).label.attribution_window.total_seconds() + s.label_lateness_s)
 
 
-def collect(ds: str) -> dict:
-    from pipeline.stages.collect import collect as stage
-
-    return _stage(stage, ds)
-
-
-def validate(ds: str) -> dict:
-    from pipeline.stages.validate import validate as stage
-
-    return _stage(stage, ds)
-
-
-def train(ds: str) -> dict:
-    from pipeline.stages.train import train as stage
-
-    return _stage(stage, ds)
-
-
-def evaluate(ds: str, trained: dict) -> dict:
-    from pipeline.stages.evaluate import evaluate as stage
-
-    return _stage(stage, ds, trained["run_id"])
-
-
-def register(ds: str, evaluation: dict) -> dict:
-    from pipeline.stages.register import register_candidate as stage
-
-    return _stage(stage, ds, evaluation)
-
-
-def promote(registered: dict, review: dict | None = None) -> dict:
-    """`review` only orders this after the reviewer's decision; promote re-reads the decision from the registry."""
-    from pipeline.stages.promote import promote as stage
-
-    return _stage(stage, registered["version"])
-
-
-def rollout(promoted: dict) -> dict:
+def run_stage(name: str, ds: str | None, upstream: dict[str, dict], outlet_events=None, asset=None) -> dict:
+    """The body of every nightly stage task: the day is the run's own (its logical date), never an upstream
+    XCom; only the earlier results the stage declares it reads come through XCom."""
     from airflow.sdk.exceptions import AirflowSkipException
 
-    from pipeline.stages.promote import rollout as stage
+    from pipeline.stages.sequence import stage as declared
 
-    if not promoted["promoted"]:
-        raise AirflowSkipException(f"v{promoted['version']} was not promoted: {promoted['reason']}")
-    return _stage(stage)
+    stage = declared(name)
+    if why := stage.skip_reason(upstream):
+        raise AirflowSkipException(why)
+    return with_partition(_stage(stage.function(), *stage.arguments(ds, upstream)), outlet_events, asset, ds)
+
+
+def _stage_task(stage, asset=None):
+    """`stage` as a TaskFlow task named after it: Airflow injects `ds`, `outlet_events` and, for a stage that
+    reads earlier results, `upstream` (their XComs)."""
+    from airflow.sdk import task
+
+    def body(upstream: dict | None = None, ds: str | None = None, outlet_events=None) -> dict:
+        return run_stage(stage.name, ds, upstream or {}, outlet_events, asset)
+
+    return task(task_id=stage.name, doc_md=stage.doc, **({"outlets": [asset]} if asset else {}))(body)
+
+
+#: The reviewer's decision (a deferrable task, Airflow only) comes right before this stage.
+REVIEW_TASK, REVIEW_BEFORE = "await_approval", "promote"
+
+
+def nightly_stage_tasks(after, outlets: dict[str, Any]) -> dict[str, Any]:
+    """One task per stage of `stages.sequence.NIGHTLY`, each after the one before (`after` first), keyed by
+    task id in creation order; a stage's XComArg doubles as its task. Two steps exist only here: with
+    `training_runner=kubernetes` the `train` stage is the training pod, and `REVIEW_TASK` (the reviewer's
+    decision, deferred) comes before `REVIEW_BEFORE`."""
+    from pipeline.orchestration.review_trigger import AwaitApprovalOperator
+    from pipeline.stages.sequence import NIGHTLY
+
+    tasks: dict[str, Any] = {}
+    previous = after
+    for stage in NIGHTLY:
+        if stage.name == REVIEW_BEFORE:
+            previous = tasks[REVIEW_TASK] = AwaitApprovalOperator(task_id=REVIEW_TASK, registered=tasks["register"])
+        if stage.name == "train" and training_runner() == "kubernetes":
+            made = train_pod_operator(stage.name).output
+        else:
+            upstream = {name: tasks[name] for name in stage.needs()}
+            made = _stage_task(stage, outlets.get(stage.name))(**({"upstream": upstream} if upstream else {}))
+        previous >> made
+        previous = tasks[stage.name] = made
+    return tasks
+
+
+def stage_task_ids() -> tuple[str, ...]:
+    """The nightly's stage tasks in order, the approval included (what `nightly_stage_tasks` makes)."""
+    from pipeline.stages.sequence import STAGE_NAMES
+
+    return tuple(task for name in STAGE_NAMES
+                 for task in ((REVIEW_TASK, name) if name == REVIEW_BEFORE else (name,)))
 
 
 def loop_health(ds: str) -> dict:

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import logging
 
+from pipeline.orchestration.airflow_tasks import stage_task_ids
+
 log = logging.getLogger("flywheel.run_note")
 
-#: The nightly's stages, in order, whose results (XCom) or decisions (the `error` XCom of a failed stage) make
-#: up the note.
-STAGES = ("collect", "validate", "train", "evaluate", "register", "await_approval", "promote", "rollout")
+#: The nightly's stage tasks, in order, whose results (XCom) or decisions (the `error` XCom of a failed stage)
+#: make up the note.
+STAGES = stage_task_ids()
 ERROR_KEY = "error"
 
 

@@ -1,5 +1,6 @@
-"""The nightly sequence in-process, for `flywheel nightly` and for debugging a day without Airflow. The DAG
-wires exactly these stages, one task each, and ends, like this, with the loop-health line."""
+"""The nightly sequence (`stages.sequence.NIGHTLY`) in-process, for `flywheel nightly` and for debugging a day
+without Airflow. The DAG makes one task of each of the same stages and ends, like this, with the loop-health
+line."""
 
 from __future__ import annotations
 
@@ -11,12 +12,8 @@ from pydantic import BaseModel
 from pipeline.checks.loop_health import LoopHealth, assess, report
 from pipeline.preflight import model_server_down, require_mlflow
 from pipeline.runtime import Runtime, parse_day, runtime
-from pipeline.stages.collect import collect
-from pipeline.stages.evaluate import evaluate
-from pipeline.stages.promote import PromoteResult, promote
-from pipeline.stages.register import register_candidate
-from pipeline.stages.train import train
-from pipeline.stages.validate import validate
+from pipeline.stages.promote import PromoteResult
+from pipeline.stages.sequence import NIGHTLY
 from pipeline.tags import Alias, Tag
 
 log = logging.getLogger("flywheel.nightly")
@@ -38,13 +35,17 @@ def loop_health(day: str | date, rt: Runtime | None = None) -> LoopHealth:
 
 
 def _stages(day: str | date, rt: Runtime, rollout: bool) -> dict:
-    out: dict = {"collect": collect(day, rt), "validate": validate(day, rt)}
-    trained = train(day, rt)
-    ev = evaluate(day, trained.run_id, rt)
-    reg = register_candidate(day, ev, rt)
-    out |= {"train": trained, "evaluate": ev, "register": reg, "promote": promote(reg.version, rt)}
-    if rollout:
-        out["rollout"] = roll_out_if_served(out["promote"], rt)
+    """`NIGHTLY` in order. Without Airflow there may be no model server, so rollout says so instead of failing
+    (`roll_out_if_served`), and it runs only when asked for."""
+    out: dict = {}
+    for stage in NIGHTLY:
+        if stage.name == "rollout":
+            if rollout:
+                out["rollout"] = roll_out_if_served(out["promote"], rt)
+        elif why := stage.skip_reason(out):
+            out[stage.name] = {"skipped": why}
+        else:
+            out[stage.name] = stage.run(day, out, rt)
     return {k: v.model_dump() if isinstance(v, BaseModel) else v for k, v in out.items()}
 
 

@@ -12,6 +12,7 @@ from pydantic import BaseModel
 
 from pipeline import registry
 from pipeline.errors import AliasConflict, PromotionRefused, StageError
+from pipeline.poll import wait_until
 from pipeline.release.review_card import refresh_cards
 from pipeline.runtime import Runtime, runtime
 from pipeline.tags import Alias, Tag, Why
@@ -89,14 +90,16 @@ def rollout(rt: Runtime | None = None) -> RolloutResult:
     try:
         httpx.post(f"{url}/admin/reload", headers={"Authorization": f"Bearer {s.resolved_admin_token()}"},
                    timeout=30).raise_for_status()
-        while True:
+        current = None
+
+        def serves_champion() -> str | None:
+            nonlocal current
             current = served_version(url)
-            if current == champion.version:
-                break
-            if time.monotonic() - start > s.rollout_timeout_s:
-                raise StageError(f"server at {url} still serves v{current} {s.rollout_timeout_s}s after champion "
-                                 f"moved to v{champion.version}; see the server's /health and log")
-            time.sleep(0.5)
+            return current if current == champion.version else None
+
+        wait_until(serves_champion, s.rollout_timeout_s, 0.5, lambda: StageError(
+            f"server at {url} still serves v{current} {s.rollout_timeout_s}s after champion moved to "
+            f"v{champion.version}; see the server's /health and log"))
     except httpx.HTTPError as e:
         raise StageError(f"model server at {url} not reachable for rollout ({e}); the registry's champion is "
                          f"v{champion.version} and the server loads it when it next polls the alias") from e
