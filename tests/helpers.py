@@ -38,8 +38,8 @@ def start_server_on_champion(s: Settings, version: str | None = None, timeout: f
 
     from pipeline import registry
     from pipeline.ops import stack
-    from pipeline.tags import Alias
     from pipeline.runtime import runtime
+    from pipeline.tags import Alias
 
     if version is None:
         version = registry.get_alias(runtime(s).client(), s.model_name, Alias.CHAMPION).version
