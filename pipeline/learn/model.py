@@ -105,9 +105,12 @@ class ModelBundle:
 
     @classmethod
     def create(cls, spec: FeatureSpec, frame: pd.DataFrame, embedding_dim: int, hidden: tuple[int, ...],
-               min_count: int, seed: int = 0, numeric_clip: float = 5.0) -> ModelBundle:
+               min_count: int, seed: int = 0, numeric_clip: float = 5.0,
+               vocabs: dict[str, Vocabulary] | None = None) -> ModelBundle:
+        """A new network for `frame`; `vocabs` (copied, then grown by the frame's values) start the id space
+        from another model's instead of from nothing."""
         torch.manual_seed(seed)
-        vocabs = {c: Vocabulary() for c in spec.categorical}
+        vocabs = {c: copy.deepcopy(vocabs[c]) if vocabs and c in vocabs else Vocabulary() for c in spec.categorical}
         for c, v in vocabs.items():
             v.update(frame[c], min_count)
         norm = {n: norm_stats(frame[n].to_numpy(dtype=np.float64, na_value=np.nan)) for n in spec.numeric}

@@ -7,8 +7,11 @@ drift night the trainer therefore also tries
   parameter becomes `shrink * theta + noise * theta_init` with `theta_init` a freshly initialised network, the
   optimizer restarts cold and the step is larger, so the model keeps the direction of what it knew but regains
   the plasticity to move away from it;
-- `fresh`: a new model (new vocabularies and normalisation) trained from scratch on the recent window only,
-  which forgets the old concept entirely.
+- `fresh`: a new network and normalisation trained from scratch on the recent window only, which forgets the
+  old concept entirely. It keeps the parent's vocabularies (and adds the window's values): a window of a few
+  days holds one weekday, one season, a few regions, and a model that no longer knew the others scored them as
+  unseen and made the validation gate refuse every day that brought them back (measured on the flights stream:
+  three nights refused in a row after a fresh model built on Wednesday to Friday was promoted).
 The promotion gate then picks among them on the held-out slice (see `stages/train.py`).
 """
 
@@ -84,13 +87,14 @@ def shrink_settings(settings):
 
 
 def fit_fresh(spec: FeatureSpec, rows: pd.DataFrame, valid: pd.DataFrame | None, settings, *,
-              device: torch.device | None = None, checkpointer: Checkpointer | None = None
-              ) -> tuple[ModelBundle, FitResult]:
+              device: torch.device | None = None, checkpointer: Checkpointer | None = None,
+              known: ModelBundle | None = None) -> tuple[ModelBundle, FitResult]:
     """A model from scratch on the recent window, sized like a bootstrap (small windows get more epochs), with
-    the night's validation slice for the best epoch and the calibration."""
+    the night's validation slice for the best epoch and the calibration. `known` (the parent) lends its
+    vocabularies, so every id it knew keeps its meaning."""
     s = settings
     bundle = ModelBundle.create(spec, rows, s.embedding_dim, s.hidden_units, s.vocab_min_count, s.seed,
-                                numeric_clip=s.numeric_clip)
+                                numeric_clip=s.numeric_clip, vocabs=known.vocabs if known is not None else None)
     epochs = max(s.epochs, math.ceil(s.bootstrap_min_steps / max(1, math.ceil(len(rows) / s.batch_size))))
     has_valid = valid is not None and len(valid) > 0
     result = fit(bundle, rows, spec.label.name, epochs=epochs, batch_size=s.batch_size, lr=s.learning_rate,

@@ -380,7 +380,8 @@ def train_fresh(rt: Runtime, night: Night, start: ModelBundle) -> Candidate:
     rows = pd.concat(parts, ignore_index=True).iloc[:s.drift_window_max_rows]
     valid = night.reader.rows(columns, night.val_pos, night.total) if len(night.val_pos) else None
     checkpointer = Checkpointer(night.ckpt_dir / FRESH, s.checkpoint_every_steps, mlflow_logger(f"checkpoints/{FRESH}"))
-    bundle, result = policies.fit_fresh(spec, rows, valid, s, device=night.device, checkpointer=checkpointer)
+    bundle, result = policies.fit_fresh(spec, rows, valid, s, device=night.device, checkpointer=checkpointer,
+                                        known=start)
     return Candidate(FRESH, bundle, result, time.monotonic() - t0, f"{first.isoformat()}/{night.day.isoformat()}")
 
 
