@@ -99,7 +99,8 @@ class SegmentLog:
         self.durability = durability
         self._header = schema.serialize().to_pybytes()
         self._buf_lock = threading.Lock()  # guards the in-memory buffers; held for microseconds
-        self._io_lock = threading.Lock()  # serialises spool writes and sealing; never taken by append
+        self._io_lock = threading.Lock()  # serialises spool writes and the spool switch; never taken by append
+        self._seal_lock = threading.Lock()  # one seal at a time; writes go on to the new spool meanwhile
         self._pending: list[pa.RecordBatch] = []
         self._columns: dict[str, list] = {name: [] for name in schema.names}
         self._column_rows = 0
@@ -231,7 +232,10 @@ class SegmentLog:
 
     def seal(self) -> int:
         """Flush, close the current spool and turn it, and every spool whose sealing failed before, into Parquet
-        segments; returns rows sealed. A failed flush does not stop the sealing of what is already written."""
+        segments; returns rows sealed. A failed flush does not stop the sealing of what is already written.
+
+        Only the switch to a new spool holds the write lock: the Parquet work runs beside the group commits,
+        which would otherwise wait for a whole seal (a few hundred ms for a busy 10 s) and make the tail."""
         with self._io_lock:
             flush_error: LogUnavailable | None = None
             try:
@@ -239,8 +243,11 @@ class SegmentLog:
             except LogUnavailable as e:
                 flush_error = e
             self._retire()
+        with self._seal_lock:
+            with self._io_lock:
+                retired = list(self._retired)
             total = 0
-            for spool in list(self._retired):
+            for spool in retired:
                 try:
                     total += self._seal_file(spool.path)
                 except Exception as e:
@@ -248,12 +255,13 @@ class SegmentLog:
                     log.error("seal failed", extra={"stream": self.stream, "spool": spool.path.name,
                                                     "error": str(e)})
                     raise LogUnavailable(self.seal_error) from e
-                self._retired.remove(spool)
+                with self._io_lock:
+                    self._retired.remove(spool)
                 spool.close()
             self.seal_error = None
-            if flush_error is not None:
-                raise flush_error
-            return total
+        if flush_error is not None:
+            raise flush_error
+        return total
 
     def _seal_file(self, path: Path) -> int:
         table = read_spool(path, self.schema)
