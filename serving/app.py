@@ -8,11 +8,13 @@ import gc
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import Response
 
 from pipeline.config import Settings, get_settings
 from pipeline.errors import RequestError
+from serving.fast_path import FastRoutes
 from serving.limits import InFlightLimit
+from serving.responses import refused
 from serving.routes import admin, feedback, health, predict
 from serving.schema import openapi_bodies
 from serving.state import ServerState
@@ -59,17 +61,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for router in ROUTERS:
         app.include_router(router)
 
+    app.add_middleware(FastRoutes, state=state)  # inside the in-flight limit, which is added after it
     app.add_middleware(InFlightLimit, limit=state.settings.max_concurrency,
                        retry_after_s=state.settings.retry_after_s,
                        on_reject=lambda path: state.metrics.requests.labels("overload", "503").inc())
 
     @app.exception_handler(RequestError)
-    async def request_error(request: Request, exc: RequestError) -> JSONResponse:
+    async def request_error(request: Request, exc: RequestError) -> Response:
         route = getattr(request.scope.get("route"), "path", "unmatched")  # a template: bounded label values
-        state.metrics.requests.labels(route, str(exc.status)).inc()
-        # A refused body may still be arriving: closing the connection stops the upload instead of draining it.
-        close = {"Connection": "close"} if exc.status in (408, 413) else None
-        return JSONResponse({"detail": str(exc)}, status_code=exc.status, headers=close)
+        return refused(exc, route, state.metrics)
 
     _publish_bodies(app, state)
     return app
