@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 from feature_store.offline import Lake  # noqa: E402
 from feature_store.spec import FeatureSpec, load_spec  # noqa: E402
 from pipeline.checks.metrics import summary  # noqa: E402
-from pipeline.config import DEFAULT_SPEC, Settings  # noqa: E402
+from pipeline.config import DEFAULT_SPEC, Settings, locate  # noqa: E402
 from pipeline.demo.simulate import Simulator  # noqa: E402
 from pipeline.learn import replay  # noqa: E402
 from pipeline.learn.model import ModelBundle  # noqa: E402
@@ -275,9 +275,9 @@ def main() -> None:
                         "work_ratio_d": round(summ[n]["d"]["work_ratio_last_vs_first"], 3),
                         "work_ratio_b": round(summ[n]["b"]["work_ratio_last_vs_first"], 3)}
                     for n in results},
-        "settings": {k: getattr(s, k) for k in ("epochs", "learning_rate", "batch_size", "replay_rows",
-                                                "replay_ratio", "replay_half_life_days", "anchor_l2",
-                                                "early_stopping_patience", "validation_fraction")},
+        "settings": {k: getattr(getattr(s, section), field) for k in (
+            "epochs", "learning_rate", "batch_size", "replay_rows", "replay_ratio", "replay_half_life_days",
+            "anchor_l2", "early_stopping_patience", "validation_fraction") for section, field in [locate(k)]},
         "cost_per_epoch_ratio_last_vs_first": {  # early stopping varies epochs per night; this factors it out
             "d": max(summ[n]["d"]["cost_per_epoch_ratio_last_vs_first"] for n in results),
             "b": min(summ[n]["b"]["cost_per_epoch_ratio_last_vs_first"] for n in results)},

@@ -10,6 +10,7 @@ import pandas as pd
 
 from feature_store.spec import Feature, FeatureSpec, FeatureType
 from feature_store.vocab import canonical_value
+from pipeline.config import Settings
 from pipeline.errors import RequestError
 
 
@@ -25,9 +26,10 @@ class RequestLimits:
     future: timedelta = timedelta(days=366)
 
     @classmethod
-    def from_settings(cls, s) -> RequestLimits:
-        return cls(s.max_request_id_chars, s.max_string_chars, timedelta(days=s.event_time_past_days),
-                   timedelta(days=s.event_time_future_days))
+    def from_settings(cls, s: Settings) -> RequestLimits:
+        v = s.serving
+        return cls(max_id_chars=v.max_request_id_chars, max_string_chars=v.max_string_chars,
+                   past=timedelta(days=v.event_time_past_days), future=timedelta(days=v.event_time_future_days))
 
 
 DEFAULT_LIMITS = RequestLimits()

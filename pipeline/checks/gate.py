@@ -36,7 +36,7 @@ from pipeline.checks.paired import (
     paired_ece_diff,
     verdict,
 )
-from pipeline.config import knob
+from pipeline.config import Settings, knob
 
 
 class Check(BaseModel):
@@ -75,11 +75,10 @@ class GateConfig:
     champion_collapse_auc_drop: float = 0.1
 
     @classmethod
-    def from_settings(cls, s) -> GateConfig:
-        return cls(s.min_auc, s.max_auc_regression, s.max_logloss_regression, s.max_ece,
-                   s.max_slice_auc_regression, s.min_slice_rows, s.bootstrap_samples, s.bootstrap_confidence,
-                   s.gate_on_inconclusive, s.ece_bins, s.seed, s.max_ece_regression, s.ece_min_rows,
-                   s.champion_collapse_auc_drop)
+    def from_settings(cls, s: Settings) -> GateConfig:
+        """By keyword from the `gate` section, whose fields are these (tests/unit/test_config.py holds them
+        equal): a reordered or added field cannot silently swap or drop a threshold."""
+        return cls(**s.gate.model_dump(), seed=s.seed)
 
 
 def _judge(name: str, v: Verdict, detail: str, on_inconclusive: str, setting: str) -> Check:

@@ -19,6 +19,7 @@ import pandas as pd
 import pyarrow as pa
 
 from feature_store.offline import Lake, PartitionRef
+from pipeline.config import Settings
 
 TABLE = "replay"
 KEY = "_replay_key"
@@ -34,8 +35,9 @@ class ReplayPolicy:
     seed: int
 
     @classmethod
-    def from_settings(cls, s) -> ReplayPolicy:
-        return cls(s.replay_rows, s.replay_ratio, s.replay_half_life_days, s.replay_min_class_share, s.seed)
+    def from_settings(cls, s: Settings) -> ReplayPolicy:
+        """By keyword from the `replay` section, whose fields are these: a reorder cannot swap two knobs."""
+        return cls(**s.replay.model_dump(), seed=s.seed)
 
     @property
     def enabled(self) -> bool:

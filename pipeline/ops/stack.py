@@ -25,17 +25,11 @@ BIN = Path(sys.executable).parent
 
 
 def settings_env(s: Settings) -> dict[str, str]:
-    env = {}
-    for name in Settings.model_fields:
-        value = getattr(s, name)
-        if value is None:
-            continue
-        if isinstance(value, Path):
-            value = str(value.resolve())
-        elif isinstance(value, tuple | list):
-            value = json.dumps(list(value))
-        env[f"FLYWHEEL_{name.upper()}"] = str(value)
-    env["FLYWHEEL_SERVING_URL"] = s.resolved_serving_url()
+    """`s` as FLYWHEEL_* variables (canonical nested names; a legacy flat name inherited from this process is
+    overwritten with the same value), so every child runs with exactly these settings."""
+    env = s.to_env()
+    env["FLYWHEEL_SERVING__URL"] = s.resolved_serving_url()
+    env.update({k: env["FLYWHEEL_SERVING__URL"] for k in os.environ if k.upper() == "FLYWHEEL_SERVING_URL"})
     return env
 
 
