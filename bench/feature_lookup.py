@@ -149,7 +149,7 @@ def run(args, base: Settings, rts: dict, home: Path, procs: list):
                 wanted = {e: (first[spec.entities[e].key].astype(str).unique().tolist(), per_entity[e])
                           for e in spec.entities}
                 reads[f"{name}_b{b}"] = read_timing(st, wanted, 2000 if b == 1 else 500)
-        port = rt.settings.serving_port
+        port = rt.settings.serving.port
         env = {**stack.full_env(rt.settings), "FLYWHEEL_SERVING_PORT": str(port)}
         proc = start(flywheel, env, home / f"serve-{name}.log")
         procs.append(proc)

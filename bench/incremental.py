@@ -107,9 +107,9 @@ class Track:
 
 def full_fit(spec: FeatureSpec, frame: pd.DataFrame, s: Settings) -> tuple[ModelBundle, int]:
     """Train from scratch the way bootstrap does (same epoch rule), so (a) and (b) are the project's own models."""
-    bundle = ModelBundle.create(spec, frame, s.embedding_dim, s.hidden_units, s.vocab_min_count, s.seed)
-    epochs = max(s.bootstrap_epochs, math.ceil(s.bootstrap_min_steps / math.ceil(len(frame) / s.batch_size)))
-    fit(bundle, frame, spec.label.name, epochs=epochs, batch_size=s.batch_size, lr=s.learning_rate, seed=s.seed)
+    bundle = ModelBundle.create(spec, frame, s.training.embedding_dim, s.training.hidden_units, s.training.vocab_min_count, s.seed)
+    epochs = max(s.training.bootstrap_epochs, math.ceil(s.training.bootstrap_min_steps / math.ceil(len(frame) / s.training.batch_size)))
+    fit(bundle, frame, spec.label.name, epochs=epochs, batch_size=s.training.batch_size, lr=s.training.learning_rate, seed=s.seed)
     return bundle, epochs
 
 
@@ -139,12 +139,12 @@ def run_stream(stream: Stream, days: int, s: Settings, lake_dir: Path) -> dict[s
         record(tracks["b"], time.process_time() - t0, hist_rows, hist_rows, epochs)
 
         t0 = time.process_time()
-        models["c"].grow_vocab(today, s.vocab_min_count, s.seed)
+        models["c"].grow_vocab(today, s.training.vocab_min_count, s.seed)
         r = fit_increment(models["c"], today, label, et, s)
         record(tracks["c"], time.process_time() - t0, hist_rows, r.samples // max(r.epochs, 1), r.epochs)
 
         t0 = time.process_time()
-        models["d"].grow_vocab(today, s.vocab_min_count, s.seed)
+        models["d"].grow_vocab(today, s.training.vocab_min_count, s.seed)
         past = replay.read_before(lake, d)
         sample, weight = replay.sample(past, replay.replay_rows_for(len(today), policy), label, d, policy)
         r = fit_increment(models["d"], today, label, et, s, replay=sample, replay_weight=weight)

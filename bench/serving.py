@@ -141,7 +141,7 @@ def main() -> None:
         bodies[("mlflow", b)].write_text(json.dumps({"dataframe_records": rows}))
 
     env = stack.full_env(s)
-    fw_port, nolog_port, interval_port, ml_port = s.serving_port, free_port(), free_port(), free_port()
+    fw_port, nolog_port, interval_port, ml_port = s.serving.port, free_port(), free_port(), free_port()
     procs, urls, cold = {}, {}, {}
     flywheel = [str(Path(sys.executable).parent / "flywheel"), "serve"]
     servers = (("flywheel", fw_port, {"FLYWHEEL_LOG_DURABILITY": "group"}),

@@ -116,11 +116,11 @@ def serve() -> None:
 
     s = get_settings()
     common = uvicorn_options(s)
-    if s.serving_workers > 1:
+    if s.serving.workers > 1:
         from serving.metrics import prepare_multiprocess
 
         prepare_multiprocess(s.metrics_dir)  # one /metrics for all workers
-        uvicorn.run("serving.app:create_app", factory=True, workers=s.serving_workers, **common)
+        uvicorn.run("serving.app:create_app", factory=True, workers=s.serving.workers, **common)
     else:
         uvicorn.run(create_app(s), **common)
 

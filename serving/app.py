@@ -26,7 +26,7 @@ def _publish_bodies(app: FastAPI, state: ServerState) -> None:
     """Routes read their JSON through a dependency (streamed, size-limited), so FastAPI cannot infer the bodies:
     the spec-derived schemas are put into the OpenAPI document here, for clients and fuzzers."""
     s, spec = state.settings, state.spec
-    bodies = openapi_bodies(spec, s.max_rows_per_request,
+    bodies = openapi_bodies(spec, s.serving.max_rows_per_request,
                             {n: spec.entities[e].key for n, e in state.entity_of.items()}, state.limits)
     build = app.openapi
 
@@ -62,8 +62,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(router)
 
     app.add_middleware(FastRoutes, state=state)  # inside the in-flight limit, which is added after it
-    app.add_middleware(InFlightLimit, limit=state.settings.max_concurrency,
-                       retry_after_s=state.settings.retry_after_s,
+    app.add_middleware(InFlightLimit, limit=state.settings.serving.max_concurrency,
+                       retry_after_s=state.settings.serving.retry_after_s,
                        on_reject=lambda path: state.metrics.requests.labels("overload", "503").inc())
 
     @app.exception_handler(RequestError)

@@ -21,7 +21,7 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.header_timeout_s = get_settings().header_timeout_s
+        self.header_timeout_s = get_settings().serving.header_timeout_s
         self._header_timer: asyncio.TimerHandle | None = None
 
     def _arm(self) -> None:
@@ -58,5 +58,5 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
 def uvicorn_options(s: Settings) -> dict:
     """What `flywheel serve` hands uvicorn. No `limit_concurrency`: it counts open connections, so the app's
     `InFlightLimit` enforces `max_concurrency` on requests instead."""
-    return dict(host=s.serving_host, port=s.serving_port, log_level="warning", timeout_graceful_shutdown=30,
-                access_log=False, http=HeaderTimeoutProtocol, timeout_keep_alive=s.keep_alive_timeout_s)
+    return dict(host=s.serving.host, port=s.serving.port, log_level="warning", timeout_graceful_shutdown=30,
+                access_log=False, http=HeaderTimeoutProtocol, timeout_keep_alive=s.serving.keep_alive_timeout_s)

@@ -74,10 +74,10 @@ async def json_body(request: Request, state: State) -> object:
     if not _is_json(content_type):
         raise RequestError(f"content-type: expected application/json, got {content_type or 'none'!r}", status=415)
     try:
-        async with asyncio.timeout(s.body_timeout_s):
-            raw = await _read_limited(request, s.max_body_bytes)
+        async with asyncio.timeout(s.serving.body_timeout_s):
+            raw = await _read_limited(request, s.serving.max_body_bytes)
     except TimeoutError:
-        raise RequestError(f"body: not received within {s.body_timeout_s:g} s", status=408) from None
+        raise RequestError(f"body: not received within {s.serving.body_timeout_s:g} s", status=408) from None
     try:
         return orjson.loads(raw)
     except orjson.JSONDecodeError as e:

@@ -79,14 +79,14 @@ class ServerState:
         # numpy's BLAS (the frozen forward) gets one thread: its matrices are a few hundred rows, and its default
         # of every core made the workers' BLAS threads spin against each other (batch 256, c32: 13 ms of server
         # CPU per request instead of ~2).
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // s.serving_workers))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // s.serving.workers))
         threadpool_limits(1, user_api="blas")
         rt = runtime(s)
         spec, metrics = rt.spec, Metrics()
         predictions = SegmentLog("predictions", prediction_schema(spec), s.spool_dir, rt.lake, PREDICTIONS,
-                                 (spec.event_time, "served_at"), durability=s.log_durability)
+                                 (spec.event_time, "served_at"), durability=s.prediction_log.durability)
         feedback = SegmentLog("feedback", feedback_schema(), s.spool_dir, rt.lake, FEEDBACK,
-                              ("label_time", "received_at"), durability=s.log_durability)
+                              ("label_time", "received_at"), durability=s.prediction_log.durability)
         logs = [predictions, feedback]
 
         def on_event(kind: str, version: str, alias: str) -> None:
@@ -96,17 +96,17 @@ class ServerState:
 
         champion = ModelSlot(rt, warmup_frame(spec), on_event=on_event)
         challenger = ModelSlot(rt, warmup_frame(spec), on_event=on_event, alias=Alias.CHALLENGER) \
-            if s.canary_share > 0 else None
+            if s.serving.canary_share > 0 else None
         workers = WorkerGroup(s.spool_dir / "workers")
-        flusher = Flusher(logs, s.log_flush_interval_ms / 1000, s.log_seal_interval_s,
+        flusher = Flusher(logs, s.prediction_log.flush_interval_ms / 1000, s.prediction_log.seal_interval_s,
                           on_tick=lambda: workers.answer_flush_request(lambda: [lg.seal() for lg in logs]))
-        scorer = Scorer(spec, predictions if s.log_predictions else None, s.max_batch_rows,
+        scorer = Scorer(spec, predictions if s.prediction_log.enabled else None, s.serving.max_batch_rows,
                         on_batch=lambda rows, jobs: metrics.microbatch.observe(rows))
         entity_of = lookup_features(spec)
         store = open_store(s.online_store_uri, s.home_abs, spec.name) if entity_of else None
         return cls(s, rt, metrics, predictions, feedback, champion, challenger, workers, flusher, scorer,
-                   entity_of, store, [t.encode() for t in s.api_tokens], s.resolved_admin_token().encode(),
-                   RequestLimits.from_settings(s), RecentIds(s.recent_request_ids))
+                   entity_of, store, [t.encode() for t in s.serving.api_tokens], s.resolved_admin_token().encode(),
+                   RequestLimits.from_settings(s), RecentIds(s.serving.recent_request_ids))
 
     async def start(self) -> None:
         self.workers.join()
@@ -117,7 +117,7 @@ class ServerState:
                             extra={"stream": lg.stream, "rows": recovered})
         for slot in self.slots:
             await asyncio.to_thread(slot.refresh)
-            slot.start(self.settings.alias_poll_interval_s)
+            slot.start(self.settings.serving.alias_poll_interval_s)
         self.flusher.start()
 
     async def stop(self) -> None:
@@ -133,6 +133,6 @@ class ServerState:
         """The model a request is scored with: the challenger for the canary share of entities, else the champion."""
         challenger, key = self.challenger, self.spec.sticky_key
         if challenger is not None and challenger.current is not None and key:
-            if bucket(str(cols[key][0])) < self.settings.canary_share:
+            if bucket(str(cols[key][0])) < self.settings.serving.canary_share:
                 return challenger.current
         return self.champion.current

@@ -22,10 +22,10 @@ MAX_CODES = 254  # HistGradientBoosting's categorical limit (max_bins 255, one l
 
 def scratch_model(spec: FeatureSpec, frame: pd.DataFrame, s: Settings) -> ModelBundle:
     """Trained as bootstrap trains the first champion (same bundle, epoch rule, optimizer settings)."""
-    bundle = ModelBundle.create(spec, frame, s.embedding_dim, s.hidden_units, s.vocab_min_count, s.seed,
-                                numeric_clip=s.numeric_clip)
-    epochs = max(s.bootstrap_epochs, math.ceil(s.bootstrap_min_steps / math.ceil(len(frame) / s.batch_size)))
-    fit(bundle, frame, spec.label.name, epochs=epochs, batch_size=s.batch_size, lr=s.learning_rate, seed=s.seed,
+    bundle = ModelBundle.create(spec, frame, s.training.embedding_dim, s.training.hidden_units, s.training.vocab_min_count, s.seed,
+                                numeric_clip=s.training.numeric_clip)
+    epochs = max(s.training.bootstrap_epochs, math.ceil(s.training.bootstrap_min_steps / math.ceil(len(frame) / s.training.batch_size)))
+    fit(bundle, frame, spec.label.name, epochs=epochs, batch_size=s.training.batch_size, lr=s.training.learning_rate, seed=s.seed,
         device=pick_device())
     return bundle
 

@@ -196,7 +196,7 @@ class Backtest:
                   "candidate": night["candidate"], "champion_after": champion.version if champion else None,
                   "nightly_s": seconds, "scratch_from_period": self.scratch[0] if self.scratch else None}
         for name, p in scores.items():
-            result |= {f"{name}_{m}": v for m, v in metrics(y, p, s.ece_bins).items()}
+            result |= {f"{name}_{m}": v for m, v in metrics(y, p, s.gate.ece_bins).items()}
         self.store.save_result(k, result)
 
     def references(self, inputs: bt_data.Inputs, i: int, k: int, rows: pd.DataFrame) -> dict[str, np.ndarray]:

@@ -75,7 +75,7 @@ def psi(expected: np.ndarray, actual: np.ndarray) -> float:
 
 
 def severity(value: float, s: Settings) -> Severity:
-    return "severe" if value > s.drift_psi_severe else "moderate" if value > s.drift_psi_warn else "none"
+    return "severe" if value > s.drift.psi_severe else "moderate" if value > s.drift.psi_warn else "none"
 
 
 @dataclass
@@ -124,7 +124,7 @@ def _cat_values(series: pd.Series) -> pd.Series:
 def load_reference(rt: Runtime, day: date, table: str) -> Reference | None:
     """The `drift_reference_days` validated days before `day`, streamed: None when there are none yet."""
     s, spec = rt.settings, rt.spec
-    days = [d for d in rt.lake.partition_days(table) if d < day][-s.drift_reference_days:]
+    days = [d for d in rt.lake.partition_days(table) if d < day][-s.drift.reference_days:]
     if not days:
         return None
     manifests = {d: rt.lake.read_manifest(table, d) for d in days}
@@ -140,14 +140,14 @@ def load_reference(rt: Runtime, day: date, table: str) -> Reference | None:
     label_sum = 0.0
     columns = [*tracked, *numeric_cols, spec.label.name]
     for d in days:
-        for batch in rt.lake.iter_batches(table, d, s.validate_chunk_rows, columns):
+        for batch in rt.lake.iter_batches(table, d, s.validation.chunk_rows, columns):
             pick = rng.random(batch.num_rows) < keep
             for c in numeric_cols:
                 samples[c].append(_floats(batch.column(c))[pick])
             for c in tracked:
                 categories[c].update(_cat_values(batch.column(c).to_pandas()).value_counts().to_dict())
             label_sum += float(np.nansum(_floats(batch.column(spec.label.name))))
-    numeric = {c: _numeric_bins(np.concatenate(v) if v else np.zeros(0), s.drift_bins) for c, v in samples.items()}
+    numeric = {c: _numeric_bins(np.concatenate(v) if v else np.zeros(0), s.drift.bins) for c, v in samples.items()}
     return Reference(days=days, rows=total, categories=categories, numeric=numeric, label_sum=label_sum)
 
 
@@ -240,8 +240,8 @@ def render(report: DriftReport, directory: Path, s: Settings) -> dict[str, str]:
         fig, ax = plt.subplots(figsize=(8, 0.35 * len(report.items) + 1.2))
         ax.barh([i.name for i in report.items], [i.psi for i in report.items],
                 color=[colors[i.severity] for i in report.items])
-        ax.axvline(s.drift_psi_warn, color="#e90", ls="--", lw=1)
-        ax.axvline(s.drift_psi_severe, color="#c33", ls="--", lw=1)
+        ax.axvline(s.drift.psi_warn, color="#e90", ls="--", lw=1)
+        ax.axvline(s.drift.psi_severe, color="#c33", ls="--", lw=1)
         ax.set_xlabel("PSI vs reference")
         ax.set_title(f"Drift of {report.day} vs {len(report.reference_days)} reference days")
         fig.tight_layout()

@@ -87,14 +87,14 @@ def log_alert(context: dict) -> None:
 
 def callback(s: Settings) -> Callable[[dict], object]:
     """The configured alert hook, resolved from its dotted path `package.module.callable`."""
-    module, _, name = s.loop_health_callback.rpartition(".")
+    module, _, name = s.loop_health.callback.rpartition(".")
     try:
         fn = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError, ValueError) as e:
-        raise ValueError(f"{knob('loop_health_callback')} = {s.loop_health_callback!r} is not an importable "
+        raise ValueError(f"{knob('loop_health_callback')} = {s.loop_health.callback!r} is not an importable "
                          f"callable: {e}") from e
     if not callable(fn):
-        raise ValueError(f"{knob('loop_health_callback')} = {s.loop_health_callback!r} is not callable")
+        raise ValueError(f"{knob('loop_health_callback')} = {s.loop_health.callback!r} is not callable")
     return fn
 
 
@@ -109,7 +109,7 @@ def report(health: LoopHealth, s: Settings, context: dict | None = None, alert: 
         try:
             callback(s)({**(context or {}), "loop_health": health.model_dump()})
         except Exception:
-            log.exception("loop health alert hook %s failed; the failure was: %s", s.loop_health_callback,
+            log.exception("loop health alert hook %s failed; the failure was: %s", s.loop_health.callback,
                           health.message)
 
 

@@ -47,8 +47,8 @@ def resolve(location: Path | str) -> tuple[pafs.FileSystem, str]:
 
         s = get_settings()
         root = s.home_abs / "checkpoints"
-        if s.checkpoint_uri and Path(loc).resolve().is_relative_to(root.resolve()):
-            loc = f"{s.checkpoint_uri.rstrip('/')}/{Path(loc).resolve().relative_to(root.resolve()).as_posix()}"
+        if s.training.checkpoint_uri and Path(loc).resolve().is_relative_to(root.resolve()):
+            loc = f"{s.training.checkpoint_uri.rstrip('/')}/{Path(loc).resolve().relative_to(root.resolve()).as_posix()}"
     if "://" in loc:
         return pafs.FileSystem.from_uri(loc)
     return pafs.LocalFileSystem(), str(Path(loc).resolve())

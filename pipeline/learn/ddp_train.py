@@ -55,12 +55,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--out", type=Path, required=True, help="directory for the trained bundle and result.json")
     ap.add_argument("--spec", type=Path, default=s.spec_path)
     ap.add_argument("--init", type=Path, default=None, help="bundle to warm-start from (else a fresh model)")
-    ap.add_argument("--epochs", type=int, default=s.epochs)
-    ap.add_argument("--batch-size", type=int, default=s.batch_size)
-    ap.add_argument("--lr", type=float, default=s.learning_rate)
+    ap.add_argument("--epochs", type=int, default=s.training.epochs)
+    ap.add_argument("--batch-size", type=int, default=s.training.batch_size)
+    ap.add_argument("--lr", type=float, default=s.training.learning_rate)
     ap.add_argument("--seed", type=int, default=s.seed)
     ap.add_argument("--checkpoint-dir", default=None, help="directory or URI (s3://...) for checkpoints")
-    ap.add_argument("--checkpoint-every", type=int, default=s.checkpoint_every_steps)
+    ap.add_argument("--checkpoint-every", type=int, default=s.training.checkpoint_every_steps)
     ap.add_argument("--device", default=None, help="cpu, cuda, ... (default: automatic)")
     return ap.parse_args(argv)
 
@@ -89,10 +89,10 @@ def main(argv: list[str] | None = None) -> dict:
             bundle.migrate_to(spec, args.seed, {n: norm_stats(stats.column(n).to_numpy(zero_copy_only=False)
                                                               .astype(np.float64)) for n in added})
             batches = pq.ParquetFile(args.data).iter_batches(columns=bundle.categorical or None)
-            bundle.grow_vocab((b.to_pandas() for b in batches), s.vocab_min_count, args.seed)
+            bundle.grow_vocab((b.to_pandas() for b in batches), s.training.vocab_min_count, args.seed)
         else:  # a fresh model needs the whole file once anyway, for its vocabularies and normalisation
-            bundle = ModelBundle.create(spec, pq.read_table(args.data).to_pandas(), s.embedding_dim,
-                                        s.hidden_units, s.vocab_min_count, args.seed)
+            bundle = ModelBundle.create(spec, pq.read_table(args.data).to_pandas(), s.training.embedding_dim,
+                                        s.training.hidden_units, s.training.vocab_min_count, args.seed)
         rows = encode_parquet(bundle, args.data, spec.label.name, pin=device.type == "cuda")
         rank = dist.get_rank() if world > 1 else 0
         ckpt = None

@@ -82,7 +82,7 @@ def shrink_perturb(bundle: ModelBundle, shrink: float, noise: float, seed: int) 
 def shrink_settings(settings):
     """The shrink policy's hyperparameters: a cold optimizer with a larger step, one rate, no anchor to the
     parent (the point is to move away from it)."""
-    return settings.model_copy(update={"learning_rate": settings.learning_rate * settings.drift_lr_factor,
+    return settings.model_copy(update={"learning_rate": settings.training.learning_rate * settings.challengers.lr_factor,
                                        "lr_candidates": (), "anchor_l2": 0.0})
 
 
@@ -93,11 +93,11 @@ def fit_fresh(spec: FeatureSpec, rows: pd.DataFrame, valid: pd.DataFrame | None,
     the night's validation slice for the best epoch and the calibration. `known` (the parent) lends its
     vocabularies, so every id it knew keeps its meaning."""
     s = settings
-    bundle = ModelBundle.create(spec, rows, s.embedding_dim, s.hidden_units, s.vocab_min_count, s.seed,
-                                numeric_clip=s.numeric_clip, vocabs=known.vocabs if known is not None else None)
-    epochs = max(s.epochs, math.ceil(s.bootstrap_min_steps / max(1, math.ceil(len(rows) / s.batch_size))))
+    bundle = ModelBundle.create(spec, rows, s.training.embedding_dim, s.training.hidden_units, s.training.vocab_min_count, s.seed,
+                                numeric_clip=s.training.numeric_clip, vocabs=known.vocabs if known is not None else None)
+    epochs = max(s.training.epochs, math.ceil(s.training.bootstrap_min_steps / max(1, math.ceil(len(rows) / s.training.batch_size))))
     has_valid = valid is not None and len(valid) > 0
-    result = fit(bundle, rows, spec.label.name, epochs=epochs, batch_size=s.batch_size, lr=s.learning_rate,
+    result = fit(bundle, rows, spec.label.name, epochs=epochs, batch_size=s.training.batch_size, lr=s.training.learning_rate,
                  seed=s.seed, device=device, valid=valid if has_valid else None,
-                 patience=s.early_stopping_patience if has_valid else 0, checkpointer=checkpointer)
+                 patience=s.training.early_stopping_patience if has_valid else 0, checkpointer=checkpointer)
     return bundle, dataclasses.replace(result, calibration=calibrate(bundle, valid, spec.label.name, s))

@@ -384,7 +384,7 @@ def _val_loss(net: nn.Module, data: tuple[torch.Tensor, ...], device: torch.devi
 
 def wants_validation(settings, rows: int) -> bool:
     """Whether a night keeps a time-latest validation slice for early stopping and the learning-rate choice."""
-    return settings.validation_fraction > 0 and settings.early_stopping_patience > 0 and rows >= 20
+    return settings.training.validation_fraction > 0 and settings.training.early_stopping_patience > 0 and rows >= 20
 
 
 def fit_increment(bundle: ModelBundle, new_rows: pd.DataFrame | Encoded, label: str, time_col: str, settings, *,
@@ -400,7 +400,7 @@ def fit_increment(bundle: ModelBundle, new_rows: pd.DataFrame | Encoded, label: 
         if valid is not None:
             raise ValueError("`valid` is for rows encoded and split by the caller; a frame is split here")
         if wants_validation(s, len(new_rows)):
-            fit_rows, valid = split_by_time(new_rows, time_col, s.validation_fraction)
+            fit_rows, valid = split_by_time(new_rows, time_col, s.training.validation_fraction)
     weights = np.ones(len(fit_rows), dtype=np.float32)
     frame: pd.DataFrame | Encoded = fit_rows
     if replay is not None and len(replay):
@@ -414,13 +414,13 @@ def fit_increment(bundle: ModelBundle, new_rows: pd.DataFrame | Encoded, label: 
             frame = pd.concat([fit_rows[cols], replay[cols]], ignore_index=True)
 
     def attempt(target: ModelBundle, lr: float) -> FitResult:
-        return fit(target, frame, label, epochs=s.epochs, batch_size=s.batch_size, lr=lr, seed=s.seed,
-                   device=device, sample_weight=weights, valid=valid, patience=s.early_stopping_patience,
-                   anchor_l2=s.anchor_l2, optimizer_state=bundle.optimizer_state, checkpointer=checkpointer)
+        return fit(target, frame, label, epochs=s.training.epochs, batch_size=s.training.batch_size, lr=lr, seed=s.seed,
+                   device=device, sample_weight=weights, valid=valid, patience=s.training.early_stopping_patience,
+                   anchor_l2=s.training.anchor_l2, optimizer_state=bundle.optimizer_state, checkpointer=checkpointer)
 
-    candidates = list(dict.fromkeys(s.lr_candidates)) if valid is not None else []
+    candidates = list(dict.fromkeys(s.training.lr_candidates)) if valid is not None else []
     if len(candidates) < 2:
-        result = attempt(bundle, candidates[0] if candidates else s.learning_rate)
+        result = attempt(bundle, candidates[0] if candidates else s.training.learning_rate)
         return dataclasses.replace(result, calibration=calibrate(bundle, valid, label, s))
     # Each rate starts from the same parent; the one with the best validation loss is kept. Checkpoints are
     # bound to their rate, so a resumed night redoes finished candidates and resumes the interrupted one.
@@ -441,8 +441,8 @@ def calibrate(bundle: ModelBundle, rows: pd.DataFrame | Encoded | None, label: s
     cal = Calibration()
     if rows is not None and len(rows):
         v = rows if isinstance(rows, Encoded) else Encoded.of(bundle, rows, label)
-        cal = calibration.fit(bundle.raw_logits(v.cat, v.num), v.y.numpy(), settings.calibration,
-                              settings.calibration_min_rows)
+        cal = calibration.fit(bundle.raw_logits(v.cat, v.num), v.y.numpy(), settings.training.calibration,
+                              settings.training.calibration_min_rows)
     bundle.net.calibration = cal
     log.info("calibration fitted", extra={"scale": round(cal.scale, 4), "shift": round(cal.shift, 4),
                                           "rows": cal.rows, "method": cal.method})
@@ -457,7 +457,7 @@ def fit_first(bundle: ModelBundle, rows: pd.DataFrame, label: str, time_col: str
     s = settings
     fit_rows, valid = rows, None
     if wants_validation(s, len(rows)):
-        fit_rows, valid = split_by_time(rows, time_col, s.validation_fraction)
-    result = fit(bundle, fit_rows, label, epochs=epochs, batch_size=s.batch_size, lr=s.learning_rate,
-                 seed=s.seed, device=device, valid=valid, patience=s.early_stopping_patience)
+        fit_rows, valid = split_by_time(rows, time_col, s.training.validation_fraction)
+    result = fit(bundle, fit_rows, label, epochs=epochs, batch_size=s.training.batch_size, lr=s.training.learning_rate,
+                 seed=s.seed, device=device, valid=valid, patience=s.training.early_stopping_patience)
     return dataclasses.replace(result, calibration=calibrate(bundle, valid, label, s))

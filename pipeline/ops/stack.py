@@ -45,10 +45,10 @@ def airflow_env(s: Settings) -> dict[str, str]:
     pw_file.chmod(0o600)
     return {
         "AIRFLOW_HOME": str(home),
-        "AIRFLOW__CORE__DAGS_FOLDER": str((s.airflow_dags_folder or REPO / "dags").resolve()),
+        "AIRFLOW__CORE__DAGS_FOLDER": str((s.airflow.dags_folder or REPO / "dags").resolve()),
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-        "AIRFLOW__CORE__EXECUTOR": s.airflow_executor,
-        "AIRFLOW__CORE__PARALLELISM": str(s.airflow_parallelism),
+        "AIRFLOW__CORE__EXECUTOR": s.airflow.executor,
+        "AIRFLOW__CORE__PARALLELISM": str(s.airflow.parallelism),
         **airflow_db_env(s),
         **celery_env(s),
         "AIRFLOW__CORE__AUTH_MANAGER":
@@ -85,21 +85,21 @@ def airflow_db_env(s: Settings) -> dict[str, str]:
 def celery_env(s: Settings) -> dict[str, str]:
     """Broker and result backend for the CeleryExecutor; without an explicit result backend Airflow stores
     results in its own metadata database."""
-    if s.airflow_executor != "CeleryExecutor":
+    if s.airflow.executor != "CeleryExecutor":
         return {}
-    if not s.airflow_broker_url:
+    if not s.airflow.broker_url:
         raise ValueError("airflow_executor=CeleryExecutor needs FLYWHEEL_AIRFLOW_BROKER_URL "
                          "(e.g. redis://127.0.0.1:6379/1)")
-    env = {"AIRFLOW__CELERY__BROKER_URL": s.airflow_broker_url,
-           "AIRFLOW__CELERY__WORKER_CONCURRENCY": str(s.airflow_celery_concurrency)}
-    if s.airflow_result_backend:
-        env["AIRFLOW__CELERY__RESULT_BACKEND"] = s.airflow_result_backend
+    env = {"AIRFLOW__CELERY__BROKER_URL": s.airflow.broker_url,
+           "AIRFLOW__CELERY__WORKER_CONCURRENCY": str(s.airflow.celery_concurrency)}
+    if s.airflow.result_backend:
+        env["AIRFLOW__CELERY__RESULT_BACKEND"] = s.airflow.result_backend
     return env
 
 
 def production_profile(s: Settings) -> bool:
     """Any external backend means a shared deployment, where nothing may fall back to a generated secret."""
-    return any((s.airflow_db_uri, s.mlflow_backend_uri, s.s3_endpoint_url, s.airflow_broker_url))
+    return any((s.airflow_db_uri, s.mlflow_backend_uri, s.s3_endpoint_url, s.airflow.broker_url))
 
 
 def object_storage_env(s: Settings) -> dict[str, str]:
@@ -265,9 +265,9 @@ def start_airflow(s: Settings) -> None:
     _start(s, "airflow-scheduler", [airflow, "scheduler"], env)
     _start(s, "airflow-dag-processor", [airflow, "dag-processor"], env)
     _start(s, "airflow-triggerer", [airflow, "triggerer"], env)
-    if s.airflow_executor == "CeleryExecutor":
+    if s.airflow.executor == "CeleryExecutor":
         _start(s, "airflow-celery-worker", [airflow, "celery", "worker", "--concurrency",
-                                            str(s.airflow_celery_concurrency)], env)
+                                            str(s.airflow.celery_concurrency)], env)
     wait_http(f"http://127.0.0.1:{s.airflow_port}/api/v2/monitor/health", s.service_start_timeout_s, "Airflow api-server",
               s.run_dir / "airflow-api.log")
     ensure_gpu_pool(s)
@@ -282,19 +282,19 @@ def ensure_gpu_pool(s: Settings) -> None:
     from pipeline.ops.airflow_client import AirflowClient
 
     af = AirflowClient(f"http://127.0.0.1:{s.airflow_port}", s.airflow_user, airflow_password(s))
-    body = {"name": s.gpu_pool, "slots": s.gpu_pool_slots, "include_deferred": False,
+    body = {"name": s.cluster.gpu_pool, "slots": s.cluster.gpu_pool_slots, "include_deferred": False,
             "description": "Flywheel: concurrent GPU training jobs (nights, backfills included)"}
-    current = af.request("GET", f"/api/v2/pools/{s.gpu_pool}")
+    current = af.request("GET", f"/api/v2/pools/{s.cluster.gpu_pool}")
     if current.status_code == 404:
         r = af.request("POST", "/api/v2/pools", json=body)
     elif current.status_code == 200:
         body["include_deferred"] = bool(current.json().get("include_deferred", False))
-        r = af.request("PATCH", f"/api/v2/pools/{s.gpu_pool}", json=body,
+        r = af.request("PATCH", f"/api/v2/pools/{s.cluster.gpu_pool}", json=body,
                        params=[("update_mask", "slots"), ("update_mask", "description")])
     else:
         r = current
     if r.status_code >= 300:
-        raise RuntimeError(f"could not create the Airflow pool {s.gpu_pool!r}: HTTP {r.status_code} {r.text[:300]}")
+        raise RuntimeError(f"could not create the Airflow pool {s.cluster.gpu_pool!r}: HTTP {r.status_code} {r.text[:300]}")
 
 
 def start_server(s: Settings) -> None:

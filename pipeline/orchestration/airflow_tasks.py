@@ -82,14 +82,14 @@ def schedule():
     """The nightly DAG's timetable: a daily data interval (logical date = the day), or manual only."""
     from pipeline.config import get_settings
 
-    return _timetable(get_settings().schedule)
+    return _timetable(get_settings().schedules.nightly)
 
 
 def training_runner() -> str:
     """Where the nightly `train` task runs (`training_runner`): read at parse time, so switching is config only."""
     from pipeline.config import get_settings
 
-    return get_settings().training_runner
+    return get_settings().cluster.runner
 
 
 def train_pod_operator(task_id: str = "train"):
@@ -106,7 +106,7 @@ def label_lag_s() -> int:
     from pipeline.config import get_settings
 
     s = get_settings()  # the spec alone, not a Runtime: DAG parsing must not pull in pandas
-    return int(load_spec(s.spec_path).label.attribution_window.total_seconds() + s.label_lateness_s)
+    return int(load_spec(s.spec_path).label.attribution_window.total_seconds() + s.collect.label_lateness_s)
 
 
 def run_stage(name: str, ds: str | None, upstream: dict[str, dict], outlet_events=None, asset=None) -> dict:
@@ -203,7 +203,7 @@ def materialize_schedule():
     """The feature materialization DAG's timetable (`materialize_schedule`), or manual only."""
     from pipeline.config import get_settings
 
-    return _timetable(get_settings().materialize_schedule)
+    return _timetable(get_settings().schedules.materialize)
 
 
 def materialize(data_interval_end=None, run_id: str | None = None) -> dict:
@@ -218,7 +218,7 @@ def online_eval_schedule():
     """The online evaluation DAG's timetable (`online_eval_schedule`), or manual only."""
     from pipeline.config import get_settings
 
-    return _timetable(get_settings().online_eval_schedule)
+    return _timetable(get_settings().schedules.online_eval)
 
 
 def online_eval(ds: str) -> dict:

@@ -37,19 +37,19 @@ def training_pod(s: Settings, day: date | str, xcom: bool = False) -> dict:
     label = day.isoformat() if isinstance(day, date) else day
     pod = copy.deepcopy(_template())
     pod["metadata"]["name"] = f"flywheel-train-{label}"
-    pod["metadata"]["namespace"] = s.training_namespace
+    pod["metadata"]["namespace"] = s.cluster.namespace
     pod["metadata"]["labels"]["flywheel/day"] = label
-    pod["spec"]["priorityClassName"] = s.training_priority_class
+    pod["spec"]["priorityClassName"] = s.cluster.priority_class
     container = pod["spec"]["containers"][0]
     if container["name"] != CONTAINER:
         raise ValueError(f"{TEMPLATE}: the first container must be named {CONTAINER!r}, got {container['name']!r}")
-    container["image"] = s.training_image
+    container["image"] = s.cluster.image
     container["args"] = train_args(label, xcom)
     resources = container["resources"]
-    resources["requests"]["cpu"] = str(s.training_cpus)
-    resources["requests"]["memory"] = resources["limits"]["memory"] = s.training_memory
-    if s.training_gpus:
-        resources["requests"]["nvidia.com/gpu"] = resources["limits"]["nvidia.com/gpu"] = str(s.training_gpus)
+    resources["requests"]["cpu"] = str(s.cluster.cpus)
+    resources["requests"]["memory"] = resources["limits"]["memory"] = s.cluster.memory
+    if s.cluster.gpus:
+        resources["requests"]["nvidia.com/gpu"] = resources["limits"]["nvidia.com/gpu"] = str(s.cluster.gpus)
     else:
         resources["requests"].pop("nvidia.com/gpu", None)
         resources["limits"].pop("nvidia.com/gpu", None)
@@ -60,7 +60,7 @@ def training_pod(s: Settings, day: date | str, xcom: bool = False) -> dict:
 def preemption_retries(s: Settings) -> int:
     """As many retries as fit before the night's deadline: preemptions are retried "without limit" within the night;
     the operator fails at once on a real failure or past the deadline, so the number is only an upper bound."""
-    return max(1, int(s.training_deadline_h * 3600 // s.training_retry_delay_s))
+    return max(1, int(s.cluster.deadline_h * 3600 // s.cluster.retry_delay_s))
 
 
 def training_pod_operator(s: Settings, task_id: str = "train", **kwargs: Any):
@@ -75,21 +75,21 @@ def training_pod_operator(s: Settings, task_id: str = "train", **kwargs: Any):
     from pipeline.orchestration.k8s_operator import TrainingPodOperator
 
     pod = queued_pod(s, DAY_TEMPLATE, xcom=True)
-    if s.kueue_queue:  # a queued pod stays gated until admitted: wait for it as long as the night allows
-        kwargs.setdefault("schedule_timeout_seconds", int(s.training_deadline_h * 3600))
+    if s.cluster.kueue_queue:  # a queued pod stays gated until admitted: wait for it as long as the night allows
+        kwargs.setdefault("schedule_timeout_seconds", int(s.cluster.deadline_h * 3600))
     return TrainingPodOperator(
         task_id=task_id,
-        deadline_h=s.training_deadline_h,
-        queue_name=s.kueue_queue,
+        deadline_h=s.cluster.deadline_h,
+        queue_name=s.cluster.kueue_queue,
         retries=preemption_retries(s),
-        retry_delay=timedelta(seconds=s.training_retry_delay_s),
+        retry_delay=timedelta(seconds=s.cluster.retry_delay_s),
         pod_template_dict=pod,
-        namespace=s.training_namespace,
-        image=s.training_image,
+        namespace=s.cluster.namespace,
+        image=s.cluster.image,
         arguments=train_args(DAY_TEMPLATE, xcom=True),
         base_container_name=CONTAINER,
         do_xcom_push=True,
-        pool=s.gpu_pool,
+        pool=s.cluster.gpu_pool,
         get_logs=True,
         reattach_on_restart=True,
         on_finish_action="delete_succeeded_pod",

@@ -38,26 +38,26 @@ def job_name(day: date | str) -> str:
 def ddp_args(s: Settings, day: str) -> list[str]:
     """The pod entry point's arguments for one day: inputs staged on the shared volume, checkpoints in the store."""
     base = f"/data/{day}"
-    ckpt = f"{s.checkpoint_uri.rstrip('/')}/{day}" if s.checkpoint_uri else f"{base}/checkpoints"
+    ckpt = f"{s.training.checkpoint_uri.rstrip('/')}/{day}" if s.training.checkpoint_uri else f"{base}/checkpoints"
     return ["-m", "pipeline.learn.ddp_train", "--data", f"{base}/train.parquet", "--init", f"{base}/parent",
             "--out", f"{base}/bundle", "--checkpoint-dir", ckpt]
 
 
 def torchrun_command(s: Settings, name: str) -> list[str]:
-    return ["torchrun", f"--nnodes={s.training_min_nodes}:{s.training_max_nodes}",
-            f"--nproc-per-node={max(1, s.training_gpus)}", "--rdzv-backend=c10d",
+    return ["torchrun", f"--nnodes={s.cluster.min_nodes}:{s.cluster.max_nodes}",
+            f"--nproc-per-node={max(1, s.cluster.gpus)}", "--rdzv-backend=c10d",
             f"--rdzv-endpoint={name}-worker-0:{RDZV_PORT}", f"--rdzv-id={name}",
-            f"--max-restarts={s.training_max_restarts}"]
+            f"--max-restarts={s.cluster.max_restarts}"]
 
 
 def deadline_seconds(s: Settings) -> int:
-    return int(s.training_deadline_h * 3600)
+    return int(s.cluster.deadline_h * 3600)
 
 
 def _labels(s: Settings, day: str) -> dict[str, str]:
     labels = {"app.kubernetes.io/name": "flywheel-train", "app.kubernetes.io/part-of": "flywheel", "flywheel/day": day}
-    if s.kueue_queue:
-        labels[QUEUE_LABEL] = s.kueue_queue
+    if s.cluster.kueue_queue:
+        labels[QUEUE_LABEL] = s.cluster.kueue_queue
     return labels
 
 
@@ -80,15 +80,15 @@ def pytorch_job(s: Settings, day: str) -> dict:
     container["args"] = ddp_args(s, day)
     return {
         "apiVersion": "kubeflow.org/v1", "kind": "PyTorchJob",
-        "metadata": {"name": name, "namespace": s.training_namespace, "labels": _labels(s, day)},
+        "metadata": {"name": name, "namespace": s.cluster.namespace, "labels": _labels(s, day)},
         "spec": {
-            "elasticPolicy": {"minReplicas": s.training_min_nodes, "maxReplicas": s.training_max_nodes,
-                              "rdzvBackend": "c10d", "rdzvPort": RDZV_PORT, "maxRestarts": s.training_max_restarts},
+            "elasticPolicy": {"minReplicas": s.cluster.min_nodes, "maxReplicas": s.cluster.max_nodes,
+                              "rdzvBackend": "c10d", "rdzvPort": RDZV_PORT, "maxRestarts": s.cluster.max_restarts},
             "runPolicy": {"cleanPodPolicy": "None", "activeDeadlineSeconds": deadline_seconds(s),
-                          "backoffLimit": s.training_max_restarts,
-                          "schedulingPolicy": {"priorityClass": s.training_priority_class}},
+                          "backoffLimit": s.cluster.max_restarts,
+                          "schedulingPolicy": {"priorityClass": s.cluster.priority_class}},
             "pytorchReplicaSpecs": {"Worker": {
-                "replicas": s.training_max_nodes, "restartPolicy": "ExitCode",
+                "replicas": s.cluster.max_nodes, "restartPolicy": "ExitCode",
                 "template": {"metadata": {"labels": _labels(s, day)}, "spec": spec}}},
         },
     }
@@ -102,12 +102,12 @@ def train_job(s: Settings, day: str, runtime: str = "torch-distributed") -> dict
     resources = copy.deepcopy(container["resources"])
     return {
         "apiVersion": "trainer.kubeflow.org/v1alpha1", "kind": "TrainJob",
-        "metadata": {"name": name, "namespace": s.training_namespace, "labels": _labels(s, day)},
+        "metadata": {"name": name, "namespace": s.cluster.namespace, "labels": _labels(s, day)},
         "spec": {
             "runtimeRef": {"name": runtime, "apiGroup": "trainer.kubeflow.org", "kind": "ClusterTrainingRuntime"},
             "activeDeadlineSeconds": deadline_seconds(s),
-            "trainer": {"image": s.training_image, "command": [*torchrun_command(s, name), *ddp_args(s, day)],
-                        "numNodes": s.training_max_nodes, "resourcesPerNode": resources,
+            "trainer": {"image": s.cluster.image, "command": [*torchrun_command(s, name), *ddp_args(s, day)],
+                        "numNodes": s.cluster.max_nodes, "resourcesPerNode": resources,
                         "env": [e for e in container.get("env", []) if "valueFrom" not in e]},
         },
     }
@@ -115,4 +115,4 @@ def train_job(s: Settings, day: str, runtime: str = "torch-distributed") -> dict
 
 def training_job(s: Settings, day: str) -> dict:
     """What `training_job_kind` selects, for one day."""
-    return {"pod": queued_pod, "pytorchjob": pytorch_job, "trainjob": train_job}[s.training_job_kind](s, day)
+    return {"pod": queued_pod, "pytorchjob": pytorch_job, "trainjob": train_job}[s.cluster.job_kind](s, day)

@@ -94,13 +94,13 @@ class AwaitApprovalOperator(BaseOperator):
         rt = runtime()
         tags = registry.get_version(rt.client(), rt.model_name, version).tags
         s = rt.settings
-        deadline = review_deadline(tags.get(Tag.REVIEW_REQUESTED_AT), s.approval_timeout_s)
+        deadline = review_deadline(tags.get(Tag.REVIEW_REQUESTED_AT), s.promotion.approval_timeout_s)
         self.log.info("v%s waits for review: set tag flywheel.approval=approved|rejected on the version "
                       "(MLflow UI) or run `flywheel approve --version %s`; deadline in %.0fs",
                       version, version, deadline - time.time())
-        self.defer(trigger=ApprovalTrigger(version, deadline, s.approval_poll_interval_s, rt.model_name,
+        self.defer(trigger=ApprovalTrigger(version, deadline, s.promotion.approval_poll_interval_s, rt.model_name,
                                            s.mlflow_tracking_uri),
-                   method_name="execute_complete", timeout=timedelta(seconds=s.approval_timeout_s + 600))
+                   method_name="execute_complete", timeout=timedelta(seconds=s.promotion.approval_timeout_s + 600))
 
     def execute_complete(self, context: Any, event: dict[str, Any]) -> dict:
         from airflow.sdk.exceptions import AirflowFailException

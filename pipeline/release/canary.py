@@ -41,7 +41,7 @@ def canary_eval(day: str | date, rt: Runtime | None = None) -> CanaryResult:
             "challenger": challenger.version if challenger else None}
     if challenger is None or challenger.version == champion.version:
         return CanaryResult(**base, decision="no_canary", reason="no challenger distinct from the champion")
-    review = rt.settings.promotion_mode == "review"
+    review = rt.settings.promotion.mode == "review"
     refusal = registry.hard_refusal(challenger.tags)
     if refusal:  # rejected (perhaps by a UI tag the review task has not seen yet), rolled back, failed gate
         result = _retire(rt, challenger.version, base, f"challenger v{challenger.version} retired: {refusal}")
@@ -68,7 +68,7 @@ def _judge(rt: Runtime, day: date, base: dict, challenger, champion, review: boo
                             reason=f"at least as good live, but not promoted: {refusal} {c.detail}")
     try:
         registry.move_champion(rt.client(), rt.model_name, challenger.version, expected=champion.version,
-                               owner="canary_eval", stale_s=rt.settings.alias_lock_stale_s, why=Why.CANARY,
+                               owner="canary_eval", stale_s=rt.settings.promotion.alias_lock_stale_s, why=Why.CANARY,
                                review=review, evaluation=c.detail[:400], note="at least as good on its canary rows")
     except PromotionRefused as e:
         return _retire(rt, challenger.version, base, str(e), c)
@@ -79,5 +79,5 @@ def _judge(rt: Runtime, day: date, base: dict, challenger, champion, review: boo
 
 def _retire(rt: Runtime, version: str, base: dict, reason: str, c: Comparison | None = None) -> CanaryResult:
     registry.clear_challenger(rt.client(), rt.model_name, version, Why.CANARY, "canary_eval", reason[:600],
-                              rt.settings.alias_lock_stale_s)
+                              rt.settings.promotion.alias_lock_stale_s)
     return CanaryResult(**base, decision="retired", comparison=c, reason=reason)

@@ -97,10 +97,10 @@ def compare(rt: Runtime, client, days: list[date], served: str, baseline: str) -
     rows = served_rows(rt, days, served)
     y = rows[spec.label.name].to_numpy(dtype=np.float64) if len(rows) else np.zeros(0)
     n, pos = len(y), int(y.sum())
-    if n < s.online_min_rows or pos < s.online_min_positives or n - pos < s.online_min_positives:
+    if n < s.online_eval.min_rows or pos < s.online_eval.min_positives or n - pos < s.online_eval.min_positives:
         return Comparison(rows=n, positives=pos, enough=False,
                           detail=f"{n} labeled rows ({pos} positive) served by v{served} in {days[0]}..{days[-1]}; "
-                                 f"need {s.online_min_rows} rows and {s.online_min_positives} of each class")
+                                 f"need {s.online_eval.min_rows} rows and {s.online_eval.min_positives} of each class")
     pc = rows["score"].to_numpy(dtype=np.float64)
     pp = registry.load_version(client, rt.model_name, baseline, rt.cache_dir).for_spec(spec).predict(
         rows[spec.feature_names])
@@ -108,9 +108,9 @@ def compare(rt: Runtime, client, days: list[date], served: str, baseline: str) -
         raise StageError(f"v{baseline} produced NaN or out-of-range scores on the logged features; it is no "
                          "baseline to compare with")
     cm, pm = summary(y, pc), summary(y, pp)
-    boot = (s.bootstrap_samples, s.bootstrap_confidence, s.seed)
-    auc = compare_paired("auc", y, pc, pp, s.online_max_auc_regression, *boot)
-    ll = compare_paired("logloss", y, pc, pp, s.online_max_logloss_regression * pm["logloss"], *boot)
+    boot = (s.gate.bootstrap_samples, s.gate.confidence, s.seed)
+    auc = compare_paired("auc", y, pc, pp, s.online_eval.max_auc_regression, *boot)
+    ll = compare_paired("logloss", y, pc, pp, s.online_eval.max_logloss_regression * pm["logloss"], *boot)
     detail = (f"on {n} live rows ({pos} positive): AUC v{served} {cm['auc']:.4f} vs v{baseline} "
               f"{pm['auc']:.4f} (diff CI {_ci(auc.interval)}, allowed -{auc.margin}: {auc.verdict}); "
               f"log-loss {cm['logloss']:.4f} vs {pm['logloss']:.4f} (diff CI {_ci(ll.interval)}, allowed "
@@ -121,7 +121,7 @@ def compare(rt: Runtime, client, days: list[date], served: str, baseline: str) -
 
 
 def window(rt: Runtime, day: date) -> list[date]:
-    return [day - timedelta(days=i) for i in range(rt.settings.online_window_days - 1, -1, -1)]
+    return [day - timedelta(days=i) for i in range(rt.settings.online_eval.window_days - 1, -1, -1)]
 
 
 def online_eval(day: str | date, rt: Runtime | None = None) -> OnlineEvalResult:

@@ -63,7 +63,7 @@ def decide(version: str, decision: str, by: str | None = None, note: str = "",
                        Tag.APPROVAL_NOTE: note[:4900]}.items():
         client.set_model_version_tag(rt.model_name, version, key, value)
     _apply(rt, version, decision, by, note)
-    return ReviewResult(version=version, mode=rt.settings.promotion_mode, decision=decision, approver=by,
+    return ReviewResult(version=version, mode=rt.settings.promotion.mode, decision=decision, approver=by,
                         decided_at=at, waited=False)
 
 
@@ -75,7 +75,7 @@ def _apply(rt: Runtime, version: str, decision: str, by: str, note: str) -> None
     client = rt.client()
     if decision == REJECTED:
         registry.clear_challenger(client, rt.model_name, version, Why.REJECTION, by,
-                                  f"rejected by {by}" + (f": {note}" if note else ""), rt.settings.alias_lock_stale_s)
+                                  f"rejected by {by}" + (f": {note}" if note else ""), rt.settings.promotion.alias_lock_stale_s)
     status = "approved, waiting for promotion" if decision == APPROVED else "rejected: never promoted"
     client.set_model_version_tag(rt.model_name, version, Tag.STATUS, f"{status} (by {by})")
     refresh_cards(rt, version)
@@ -88,14 +88,14 @@ def request_review(version: str, rt: Runtime | None = None) -> ReviewResult:
     rt = rt or runtime()
     client = rt.client()
     mv = registry.get_version(client, rt.model_name, version)
-    mode = rt.settings.promotion_mode
+    mode = rt.settings.promotion.mode
     if mode == "auto" or mv.tags.get(Tag.GATE_PASSED) != "true":
         return ReviewResult(version=version, mode=mode, decision=None, approver=None, decided_at=None, waited=False)
     restart = Tag.REVIEW_TIMED_OUT_AT in mv.tags and decision_of(mv.tags) is None
     if restart:
         client.delete_model_version_tag(rt.model_name, version, Tag.REVIEW_TIMED_OUT_AT)
         registry.set_challenger(client, rt.model_name, version, "review (waiting again)",
-                                rt.settings.alias_lock_stale_s)
+                                rt.settings.promotion.alias_lock_stale_s)
     if restart or Tag.REVIEW_REQUESTED_AT not in mv.tags:
         from pipeline.release.review_card import refresh_cards
 
@@ -119,9 +119,9 @@ def expire(version: str, rt: Runtime | None = None) -> ReviewResult:
     client.set_model_version_tag(rt.model_name, version, Tag.STATUS,
                                  "review timed out: not promoted (clear the await_approval task to wait again)")
     registry.clear_challenger(client, rt.model_name, version, Why.REVIEW_TIMEOUT, "review",
-                              f"no decision by {at[:16]}Z", rt.settings.alias_lock_stale_s)
+                              f"no decision by {at[:16]}Z", rt.settings.promotion.alias_lock_stale_s)
     refresh_cards(rt, version)
-    return ReviewResult(version=version, mode=rt.settings.promotion_mode, decision=None, approver=None,
+    return ReviewResult(version=version, mode=rt.settings.promotion.mode, decision=None, approver=None,
                         decided_at=None, waited=True)
 
 
@@ -141,6 +141,6 @@ def observe(version: str, rt: Runtime | None = None, stamp: bool = True) -> Revi
         _apply(rt, version, decision, tags.get(Tag.APPROVER) or "unknown (MLflow UI)", "")
     if decision is not None and stamp and Tag.APPROVAL_OBSERVED_AT not in tags:
         client.set_model_version_tag(rt.model_name, version, Tag.APPROVAL_OBSERVED_AT, datetime.now(UTC).isoformat())
-    return ReviewResult(version=version, mode=rt.settings.promotion_mode, decision=decision,
+    return ReviewResult(version=version, mode=rt.settings.promotion.mode, decision=decision,
                         approver=(tags.get(Tag.APPROVER) or "unknown (MLflow UI)") if decision else None,
                         decided_at=decided_at if decision else None, waited=True)

@@ -187,9 +187,9 @@ def _links(rt: Runtime, v: registry.VersionInfo, run, data: dict) -> list[str]:
 
 
 def _review_help(rt: Runtime, v: registry.VersionInfo) -> list[str]:
-    if rt.settings.promotion_mode != "review" or v.tags.get(Tag.GATE_PASSED) != "true":
+    if rt.settings.promotion.mode != "review" or v.tags.get(Tag.GATE_PASSED) != "true":
         return []
-    hours = rt.settings.approval_timeout_s / 3600
+    hours = rt.settings.promotion.approval_timeout_s / 3600
     return ["### Review", "",
             f"Decide whether v{v.version} replaces the champion. Either set the tag `{Tag.APPROVAL}` on this "
             f"version to `approved` or `rejected` (also set `{Tag.APPROVER}` to your name), or run "

@@ -40,7 +40,7 @@ def rollback(reason: str = "manual rollback", expected_champion: str | None = No
     try:
         champion, previous, at = registry.restore_previous(
             rt.client(), rt.model_name, reason, by, automatic=by == "online_eval", expected=expected_champion,
-            stale_s=rt.settings.alias_lock_stale_s)
+            stale_s=rt.settings.promotion.alias_lock_stale_s)
     except AliasConflict as e:
         raise StageError(str(e)) from e
     refresh_cards(rt, champion.version, previous.version)

@@ -138,20 +138,20 @@ def bootstrap(history: str | Path, rt: Runtime | None = None) -> BootstrapResult
     frame, rejected = read_history(Path(history), spec)
     et = spec.event_time
     quarantined = _quarantine(rt, frame, rejected, et)
-    if len(frame) < s.min_rows:
+    if len(frame) < s.validation.min_rows:
         why = f"; rejected rows by reason: {reasons_summary(rejected)} (kept in {quarantined})" if quarantined else ""
         raise StageError(f"history {history} has {len(frame)} usable rows ({len(rejected)} rejected), fewer than "
-                         f"min_rows={s.min_rows}{why}")
+                         f"min_rows={s.validation.min_rows}{why}")
     duplicates = int(frame.duplicated().sum())
     if duplicates:
         log.warning("history %s: %d rows repeat an earlier row exactly (features, event time and label); they "
                     "are kept and counted in the result's 'duplicates'", history, duplicates)
     first, last = frame[et].min().date(), frame[et].max().date()
-    train_df, holdout = split_by_time(frame, et, s.holdout_fraction)
+    train_df, holdout = split_by_time(frame, et, s.training.holdout_fraction)
     check_signal(frame, spec.label.name, {"history": frame, "training split": train_df, "holdout": holdout})
-    bundle = ModelBundle.create(spec, train_df, s.embedding_dim, s.hidden_units, s.vocab_min_count, s.seed,
-                                numeric_clip=s.numeric_clip)
-    epochs = max(s.bootstrap_epochs, math.ceil(s.bootstrap_min_steps / math.ceil(len(train_df) / s.batch_size)))
+    bundle = ModelBundle.create(spec, train_df, s.training.embedding_dim, s.training.hidden_units, s.training.vocab_min_count, s.seed,
+                                numeric_clip=s.training.numeric_clip)
+    epochs = max(s.training.bootstrap_epochs, math.ceil(s.training.bootstrap_min_steps / math.ceil(len(train_df) / s.training.batch_size)))
     result = fit_first(bundle, train_df, spec.label.name, et, s, epochs=epochs, device=pick_device())
     replay.seed(rt.lake, frame, et, [*spec.feature_names, et, spec.label.name], spec.label.name,
                 replay.ReplayPolicy.from_settings(s))
@@ -183,7 +183,7 @@ def bootstrap(history: str | Path, rt: Runtime | None = None) -> BootstrapResult
         reused = True
     if registry.get_alias(client, rt.model_name, Alias.CHAMPION) is None:
         registry.move_champion(client, rt.model_name, existing.version, expected=None, owner="bootstrap",
-                               stale_s=s.alias_lock_stale_s)
+                               stale_s=s.promotion.alias_lock_stale_s)
     return BootstrapResult(version=existing.version, rows=len(frame), rejected=len(rejected),
                            first_day=first.isoformat(), last_day=last.isoformat(), holdout=metrics, reused=reused,
                            duplicates=duplicates, quarantine=quarantined)

@@ -168,7 +168,7 @@ def _flush_server(rt: Runtime) -> None:
     import httpx
 
     s = rt.settings
-    if not s.collect_flushes_server:
+    if not s.collect.flushes_server:
         return
     try:
         httpx.post(f"{s.resolved_serving_url()}/admin/flush", timeout=30,
@@ -327,7 +327,7 @@ def _collect(day: date, rt: Runtime) -> CollectResult:
     previous = rt.lake.read_manifest(TRAINING, day)
     prev_inputs = (previous or {}).get("inputs", {})
     first = prev_inputs.get("first_collected_at") or datetime.now(UTC).isoformat()
-    deadline = datetime.fromisoformat(first) + timedelta(seconds=s.collect_lateness_s)
+    deadline = datetime.fromisoformat(first) + timedelta(seconds=s.collect.lateness_s)
     ledger = {seg["path"] for seg in prev_inputs.get("prediction_segments", [])}
     preds = _scan(rt, PREDICTIONS, [day], pschema, ledger, deadline, served_col="served_at")
     rows_in = sum(seg["rows"] for seg in preds.good)
@@ -339,7 +339,7 @@ def _collect(day: date, rt: Runtime) -> CollectResult:
     f = _labels(rt, fbs.good)
     f_hash = _key_hash(f)
     rt.settings.run_dir.mkdir(parents=True, exist_ok=True)
-    dups = _find_duplicates(rt, preds.good, s.collect_batch_rows, rows_in)
+    dups = _find_duplicates(rt, preds.good, s.collect.batch_rows, rows_in)
 
     label, et = spec.label.name, spec.event_time
     out_schema = pa.schema([*pschema, pa.field(label, pa.float64()), pa.field("label_time", TS)])
@@ -350,7 +350,7 @@ def _collect(day: date, rt: Runtime) -> CollectResult:
     try:
         for seg in preds.good:
             table, _ = conform(pq.read_table(seg["path"], filesystem=rt.lake.fs), pschema)
-            for batch in table.to_batches(max_chunksize=s.collect_batch_rows):
+            for batch in table.to_batches(max_chunksize=s.collect.batch_rows):
                 p = batch.to_pandas()
                 fresh = ~_in_sorted(dups, np.arange(position, position + len(p)))
                 position += len(p)

@@ -148,7 +148,7 @@ def evaluate(day: str | date, run_id: str, rt: Runtime | None = None) -> EvalRes
     if parent is None:
         raise StageError(f"run {run_id} has no {Tag.PARENT} tag: not a Flywheel training run")
     frame = rt.lake.read_partition(VALIDATED, day).to_pandas()
-    _, holdout = split_by_time(frame, spec.event_time, s.holdout_fraction)
+    _, holdout = split_by_time(frame, spec.event_time, s.training.holdout_fraction)
     if len(holdout) == 0:
         raise StageError(f"day {day} has an empty holdout slice; raise holdout_fraction or min_rows")
     holdout = holdout.reset_index(drop=True)

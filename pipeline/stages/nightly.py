@@ -31,7 +31,7 @@ def loop_health(day: str | date, rt: Runtime | None = None) -> LoopHealth:
     trained = [date.fromisoformat(v.tags[Tag.DAY]) for v in versions if Tag.DAY in (v.tags or {})]
     champion = registry.get_alias(client, rt.model_name, Alias.CHAMPION)
     return assess(day, trained, champion.version if champion else None, champion.data_day if champion else None,
-                  s.loop_health_warn_nights, s.loop_health_fail_nights)
+                  s.loop_health.warn_nights, s.loop_health.fail_nights)
 
 
 def _stages(day: str | date, rt: Runtime, rollout: bool) -> dict:

@@ -46,7 +46,7 @@ def promote(version: str, rt: Runtime | None = None, owner: str | None = None) -
     if current is not None and current.version == version:
         return PromoteResult(version=version, promoted=True, previous=current.tags.get(Tag.PARENT),
                              reason="already champion")
-    review = s.promotion_mode == "review"
+    review = s.promotion.mode == "review"
     refusal = registry.champion_refusal(mv.tags, review)
     if refusal:  # the guard says the same under the lock; asking first gives a result instead of an error
         log.warning("not promoting v%s: %s", version, refusal)
@@ -55,7 +55,7 @@ def promote(version: str, rt: Runtime | None = None, owner: str | None = None) -
     why = Why.APPROVAL if review else Why.PROMOTION
     try:
         previous = registry.move_champion(client, rt.model_name, version, mv.tags.get(Tag.PARENT),
-                                          owner or f"promote v{version} (pid {os.getpid()})", s.alias_lock_stale_s,
+                                          owner or f"promote v{version} (pid {os.getpid()})", s.promotion.alias_lock_stale_s,
                                           why=why, review=review, note=_note(mv.tags, why))
     except PromotionRefused as e:
         return PromoteResult(version=version, promoted=False, previous=None, reason=str(e))
@@ -97,8 +97,8 @@ def rollout(rt: Runtime | None = None) -> RolloutResult:
             current = served_version(url)
             return current if current == champion.version else None
 
-        wait_until(serves_champion, s.rollout_timeout_s, 0.5, lambda: StageError(
-            f"server at {url} still serves v{current} {s.rollout_timeout_s}s after champion moved to "
+        wait_until(serves_champion, s.promotion.rollout_timeout_s, 0.5, lambda: StageError(
+            f"server at {url} still serves v{current} {s.promotion.rollout_timeout_s}s after champion moved to "
             f"v{champion.version}; see the server's /health and log"))
     except httpx.HTTPError as e:
         raise StageError(f"model server at {url} not reachable for rollout ({e}); the registry's champion is "

@@ -55,7 +55,7 @@ def register_candidate(day: str | date, evaluation: EvalResult | dict, rt: Runti
             client.set_model_version_tag(rt.model_name, mv.version, key, tags[key])
     if ev.passed:  # guarded: a rerun never re-nominates a rolled-back, rejected or timed-out version
         registry.set_challenger(client, rt.model_name, mv.version, "register",
-                                rt.settings.alias_lock_stale_s, ev.report_uri)
+                                rt.settings.promotion.alias_lock_stale_s, ev.report_uri)
     refresh_cards(rt, mv.version)
     return RegisterResult(version=mv.version, parent_version=ev.champion_version, passed=ev.passed)
 

@@ -229,7 +229,7 @@ def train(day: str | date, rt: Runtime | None = None) -> TrainResult:
     prior = finished_run(experiment(rt), day, parent.version, digest)
     reader = DayReader(rt.lake, day, manifest)
     keys = reader.table([spec.event_time, *(c for c in TIE_BREAKERS if c in reader.names)])
-    train_pos, holdout_pos = split_positions(keys, spec.event_time, s.holdout_fraction)
+    train_pos, holdout_pos = split_positions(keys, spec.event_time, s.training.holdout_fraction)
     total = keys.num_rows
     del keys
     policy = replay.ReplayPolicy.from_settings(s)
@@ -299,11 +299,11 @@ def prepare(rt: Runtime, day: date, parent: VersionInfo, reader: DayReader, mani
         raise StageError(f"cannot warm-start v{parent.version} for this feature spec: {e}") from e
     if plan is not None:
         past = replay.migrate(past, plan.renamed, plan.added)
-    added = bundle.grow_vocab(reader.frames(bundle.categorical, is_train), s.vocab_min_count, s.seed, day=day)
-    expired = bundle.expire_vocab(day, s.vocab_expiry_days)
+    added = bundle.grow_vocab(reader.frames(bundle.categorical, is_train), s.training.vocab_min_count, s.seed, day=day)
+    expired = bundle.expire_vocab(day, s.training.vocab_expiry_days)
     fit_pos, val_pos = train_pos, train_pos[:0]
     if wants_validation(s, len(train_pos)):
-        cut = int(round(len(train_pos) * (1 - s.validation_fraction)))
+        cut = int(round(len(train_pos) * (1 - s.training.validation_fraction)))
         fit_pos, val_pos = train_pos[:cut], train_pos[cut:]
     device = pick_device()
     fit_rows, val_rows = encode_groups(
@@ -330,14 +330,14 @@ def drift_signal(rt: Runtime, night: Night) -> DriftSignal:
     """Whether tonight is a drift night. The champion is judged on the validation slice, never on the holdout
     the gate decides on. Nothing is computed when no challenger policy is configured."""
     s = rt.settings
-    if not s.drift_challengers:
+    if not s.challengers.policies:
         return DriftSignal()
     champion_auc = reference = None
-    if s.drift_auc_drop > 0 and len(night.val_rows) >= s.drift_auc_min_rows:
+    if s.challengers.auc_drop > 0 and len(night.val_rows) >= s.challengers.auc_min_rows:
         champion_auc = auc(night.val_rows.y.numpy().astype(np.float64),
                            night.bundle.raw_logits(night.val_rows.cat, night.val_rows.num))
         reference = json.loads(night.parent.tags.get(Tag.METRICS, "{}")).get("candidate", {}).get("auc")
-    return DriftSignal(severe_drift(rt.lake, night.day), champion_auc, reference, s.drift_auc_drop)
+    return DriftSignal(severe_drift(rt.lake, night.day), champion_auc, reference, s.challengers.auc_drop)
 
 
 def train_warm(rt: Runtime, night: Night, start: ModelBundle) -> Candidate:
@@ -345,18 +345,18 @@ def train_warm(rt: Runtime, night: Night, start: ModelBundle) -> Candidate:
     t0 = time.monotonic()
     result = fit_increment(start, night.fit_rows, label, rt.spec.event_time, s, replay=night.replay_df,
                            replay_weight=night.replay_w, device=night.device, valid=night.valid,
-                           checkpointer=Checkpointer(night.ckpt_dir, s.checkpoint_every_steps, mlflow_logger()))
+                           checkpointer=Checkpointer(night.ckpt_dir, s.training.checkpoint_every_steps, mlflow_logger()))
     return Candidate(WARM, start, result, time.monotonic() - t0, replay_window(night))
 
 
 def train_shrink(rt: Runtime, night: Night, start: ModelBundle) -> Candidate:
     s, label = rt.settings, rt.spec.label.name
     t0 = time.monotonic()
-    bundle = policies.shrink_perturb(start, s.shrink_factor, s.perturb_scale, s.seed)
+    bundle = policies.shrink_perturb(start, s.challengers.shrink_factor, s.challengers.perturb_scale, s.seed)
     result = fit_increment(bundle, night.fit_rows, label, rt.spec.event_time, policies.shrink_settings(s),
                            replay=night.replay_df, replay_weight=night.replay_w, device=night.device,
                            valid=night.valid, checkpointer=Checkpointer(
-                               night.ckpt_dir / SHRINK, s.checkpoint_every_steps, mlflow_logger(f"checkpoints/{SHRINK}")))
+                               night.ckpt_dir / SHRINK, s.training.checkpoint_every_steps, mlflow_logger(f"checkpoints/{SHRINK}")))
     return Candidate(SHRINK, bundle, result, time.monotonic() - t0, replay_window(night))
 
 
@@ -369,17 +369,17 @@ def train_fresh(rt: Runtime, night: Night, start: ModelBundle) -> Candidate:
     parts = [night.reader.rows(columns, night.fit_pos, night.total)]
     first = night.day
     earlier = [d for d in rt.lake.partition_days(VALIDATED)
-               if night.day - timedelta(days=s.drift_window_days - 1) <= d < night.day]
+               if night.day - timedelta(days=s.challengers.window_days - 1) <= d < night.day]
     for d in reversed(earlier):
-        if sum(len(p) for p in parts) >= s.drift_window_max_rows:
+        if sum(len(p) for p in parts) >= s.challengers.window_max_rows:
             break
         past = DayReader(rt.lake, d, rt.lake.read_manifest(VALIDATED, d) or {"files": []})
         if set(columns) <= set(past.names):  # a day from before a spec change cannot train this spec
             parts.append(past.table(columns).to_pandas())
             first = d
-    rows = pd.concat(parts, ignore_index=True).iloc[:s.drift_window_max_rows]
+    rows = pd.concat(parts, ignore_index=True).iloc[:s.challengers.window_max_rows]
     valid = night.reader.rows(columns, night.val_pos, night.total) if len(night.val_pos) else None
-    checkpointer = Checkpointer(night.ckpt_dir / FRESH, s.checkpoint_every_steps, mlflow_logger(f"checkpoints/{FRESH}"))
+    checkpointer = Checkpointer(night.ckpt_dir / FRESH, s.training.checkpoint_every_steps, mlflow_logger(f"checkpoints/{FRESH}"))
     bundle, result = policies.fit_fresh(spec, rows, valid, s, device=night.device, checkpointer=checkpointer,
                                         known=start)
     return Candidate(FRESH, bundle, result, time.monotonic() - t0, f"{first.isoformat()}/{night.day.isoformat()}")
@@ -400,14 +400,14 @@ def train_candidates(rt: Runtime, night: Night) -> Outcome:
     start, tonight's usual model)."""
     s = rt.settings
     signal = drift_signal(rt, night)
-    names = [WARM, *dict.fromkeys(p for p in s.drift_challengers if p != WARM)] if signal.triggered else [WARM]
+    names = [WARM, *dict.fromkeys(p for p in s.challengers.policies if p != WARM)] if signal.triggered else [WARM]
     if signal.triggered:
         log.warning("drift night %s: training %s (%s)", night.day, names, "; ".join(signal.reasons))
     begin = time.monotonic()
     candidates: list[Candidate] = []
     skipped = []
     for name in names:
-        if candidates and s.drift_budget_s and time.monotonic() - begin > s.drift_budget_s:
+        if candidates and s.challengers.budget_s and time.monotonic() - begin > s.challengers.budget_s:
             skipped.append(name)
             continue
         start = night.bundle if len(names) == 1 else copy.deepcopy(night.bundle)
@@ -434,16 +434,16 @@ def log_setup(rt: Runtime, night: Night) -> None:
                      Tag.DATA_DIGEST: night.digest})
     if night.migration is not None:
         mlflow.set_tag(Tag.MIGRATION, night.migration)
-    mlflow.log_params({"epochs": s.epochs, "batch_size": s.batch_size, "lr": s.learning_rate,
+    mlflow.log_params({"epochs": s.training.epochs, "batch_size": s.training.batch_size, "lr": s.training.learning_rate,
                        "seed": s.seed, "parent_version": night.parent.version, "train_rows": len(night.train_pos),
                        "holdout_rows": len(night.holdout_pos), "new_vocab": json.dumps(night.added),
                        "device": night.device.type, "spec_digest": spec.digest, "replay_rows": len(night.replay_df),
                        "replay_as_of": str(night.past.as_of), "replay_capacity": policy.capacity,
-                       "replay_half_life_days": policy.half_life_days, "anchor_l2": s.anchor_l2,
-                       "early_stopping_patience": s.early_stopping_patience,
-                       "validation_fraction": s.validation_fraction, "migration": night.migration or "none",
-                       "vocab_expiry_days": s.vocab_expiry_days, "expired_vocab": json.dumps(night.expired),
-                       "calibration": s.calibration})
+                       "replay_half_life_days": policy.half_life_days, "anchor_l2": s.training.anchor_l2,
+                       "early_stopping_patience": s.training.early_stopping_patience,
+                       "validation_fraction": s.training.validation_fraction, "migration": night.migration or "none",
+                       "vocab_expiry_days": s.training.vocab_expiry_days, "expired_vocab": json.dumps(night.expired),
+                       "calibration": s.training.calibration})
     log_inputs(rt, night.day, night.manifest, night.past, night.replay_df)
 
 
@@ -462,7 +462,7 @@ def log_outcome(rt: Runtime, night: Night, outcome: Outcome, tmp: Path) -> None:
     cal = result.calibration
     mlflow.log_metrics({"epochs_run": result.epochs, "resumed_at_step": result.resumed_at_step,
                         "optimizer_restored": float(result.optimizer_restored),
-                        "lr_chosen": result.lr or s.learning_rate, "calibration_scale": cal.scale,
+                        "lr_chosen": result.lr or s.training.learning_rate, "calibration_scale": cal.scale,
                         "calibration_shift": cal.shift, "calibration_rows": cal.rows})
     signal = outcome.signal
     if signal.champion_auc is not None:

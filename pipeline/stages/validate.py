@@ -92,11 +92,11 @@ class UserSuite:
 
 
 def suite_file(s: Settings) -> Path | None:
-    if s.validation_suite_path is not None:
-        if not s.validation_suite_path.is_file():
-            raise SuiteFileError(f"{s.validation_suite_path}: validation suite file not found "
+    if s.validation.suite_path is not None:
+        if not s.validation.suite_path.is_file():
+            raise SuiteFileError(f"{s.validation.suite_path}: validation suite file not found "
                                  "(FLYWHEEL_VALIDATION_SUITE_PATH)")
-        return s.validation_suite_path
+        return s.validation.suite_path
     default = s.spec_path.with_name(f"{s.spec_path.stem}.expectations.json")
     return default if default.is_file() else None
 
@@ -182,9 +182,9 @@ def _batch_suite(spec: FeatureSpec, s: Settings) -> list[tuple[object, str]]:
     import great_expectations.expectations as gxe
 
     return [
-        (gxe.ExpectTableRowCountToBeBetween(min_value=s.min_rows), f"lower {knob('min_rows')}"),
-        (gxe.ExpectColumnMeanToBeBetween(column=spec.label.name, min_value=s.label_rate_min,
-                                         max_value=s.label_rate_max),
+        (gxe.ExpectTableRowCountToBeBetween(min_value=s.validation.min_rows), f"lower {knob('min_rows')}"),
+        (gxe.ExpectColumnMeanToBeBetween(column=spec.label.name, min_value=s.validation.label_rate_min,
+                                         max_value=s.validation.label_rate_max),
          f"widen {knob('label_rate_min')} / {knob('label_rate_max')}"),
     ]
 
@@ -240,8 +240,8 @@ def known_categories(rt: Runtime, day: date) -> tuple[KnownCategories | None, li
         warnings.append(f"unseen categories: the champion's vocabulary was not read (MLflow at "
                         f"{s.mlflow_tracking_uri} unreachable: {why}); measured against the collected days only. "
                         "Start MLflow (`flywheel up`) or set FLYWHEEL_MLFLOW_TRACKING_URI")
-    days = [d for d in rt.lake.partition_days(TRAINING) if d < day][-s.unseen_reference_days:] \
-        if s.unseen_reference_days else []
+    days = [d for d in rt.lake.partition_days(TRAINING) if d < day][-s.validation.unseen_reference_days:] \
+        if s.validation.unseen_reference_days else []
     for d in days:
         manifest = rt.lake.read_manifest(TRAINING, d)
         if not manifest or not manifest["files"]:
@@ -249,7 +249,7 @@ def known_categories(rt: Runtime, day: date) -> tuple[KnownCategories | None, li
         names = pq.read_schema(f"{rt.lake.partition_path(TRAINING, d)}/{manifest['files'][0]['path']}",
                                filesystem=rt.lake.fs).names
         columns = [c for c in known.columns if c in names]
-        for batch in rt.lake.iter_batches(TRAINING, d, s.validate_chunk_rows, columns):
+        for batch in rt.lake.iter_batches(TRAINING, d, s.validation.chunk_rows, columns):
             known.add_frame(batch.to_pandas())
     if days:
         known.add_source(f"collected days {', '.join(d.isoformat() for d in days)}")
@@ -507,17 +507,17 @@ def _top_reasons(tallies: dict[str, _RowTally]) -> str:
 def _unseen_failures(s: Settings, spec: FeatureSpec, unseen: UnseenCounter, rows: list[dict]) -> list[str]:
     shares = unseen.shares()
     if shares is None:
-        rows.append({"expectation": f"unseen-category share <= {s.unseen_category_share}", "success": True,
+        rows.append({"expectation": f"unseen-category share <= {s.validation.unseen_category_share}", "success": True,
                      "unexpected": 0, "observed": "skipped: no champion and no collected day before this one"})
         return []
     failures = []
     sources = describe_sources(unseen.known.sources)
     for c, share in shares.items():
         eligible, key = unseen.eligible[c], unseen.known.rules[c]
-        gated = eligible >= s.unseen_min_rows
-        ok = share <= s.unseen_category_share or not gated
+        gated = eligible >= s.validation.unseen_min_rows
+        ok = share <= s.validation.unseen_category_share or not gated
         where = f"rows of known {spec.features[c].entity} entities ({key} seen before)" if key else "rows"
-        rows.append({"expectation": f"unseen-category share of {c} <= {s.unseen_category_share} (on {where})",
+        rows.append({"expectation": f"unseen-category share of {c} <= {s.validation.unseen_category_share} (on {where})",
                      "success": ok, "unexpected": unseen.unseen[c],
                      "observed": f"{share:.6f} of {eligible} rows" + ("" if gated else
                                                                      " (not gated: < unseen_min_rows)")})
@@ -525,7 +525,7 @@ def _unseen_failures(s: Settings, spec: FeatureSpec, unseen: UnseenCounter, rows
             failures.append(
                 f"rule unseen_category_share on feature {c}: {share:.2%} of {eligible} {where} "
                 f"({unseen.unseen[c]} rows) have a {c} never seen in the reference ({sources}), above "
-                f"{s.unseen_category_share:.2%}; e.g. {unseen.top_examples(c)}. If such values are normal for "
+                f"{s.validation.unseen_category_share:.2%}; e.g. {unseen.top_examples(c)}. If such values are normal for "
                 f"{c}, raise {knob('unseen_category_share')}"
                 + ("" if key else f", or declare {c} as an attribute of its entity (entity: ...) in the spec"))
     return failures
@@ -539,9 +539,9 @@ def _batch_gate(s: Settings, spec: FeatureSpec, expectations: list[tuple[object,
     failures: list[str] = []
     warnings: list[str] = []
     bad_fraction = quarantined / max(total, 1)
-    if bad_fraction > s.max_bad_fraction:
+    if bad_fraction > s.validation.max_bad_fraction:
         failures.append(f"rule max_bad_fraction: {bad_fraction:.2%} of rows ({quarantined} of {total}) "
-                        f"quarantined, above max_bad_fraction {s.max_bad_fraction:.2%}; caught by "
+                        f"quarantined, above max_bad_fraction {s.validation.max_bad_fraction:.2%}; caught by "
                         f"{_top_reasons(tallies)}. Fix the upstream data, widen the spec's min/max or nullable "
                         f"for the feature, or raise {knob('max_bad_fraction')}")
     evaluated = []
@@ -557,8 +557,8 @@ def _batch_gate(s: Settings, spec: FeatureSpec, expectations: list[tuple[object,
     failures += _unseen_failures(s, spec, unseen, rows)
     for item in report.severe:
         msg = (f"rule drift_psi_severe: severe drift in {item.name} ({item.kind}): PSI {item.psi:.3f} > "
-               f"{s.drift_psi_severe} against the validated days {report.reference_days}")
-        if s.drift_action == "block":
+               f"{s.drift.psi_severe} against the validated days {report.reference_days}")
+        if s.drift.action == "block":
             failures.append(f"{msg}; with drift_action=block this fails the day: set {knob('drift_action')}=warn "
                             f"or raise {knob('drift_psi_severe')}")
         else:
@@ -592,7 +592,7 @@ def validate(day: str | date, rt: Runtime | None = None) -> ValidateResult:
     tallies: dict[str, _RowTally] = {}
     total = 0
     try:
-        for batch in rt.lake.iter_batches(TRAINING, day, s.validate_chunk_rows):
+        for batch in rt.lake.iter_batches(TRAINING, day, s.validation.chunk_rows):
             frame, mask, why = _chunk(batch, total, checker, tallies)
             good = batch.filter(pa.array(~mask))
             good_writer.write(good)

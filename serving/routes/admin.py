@@ -25,12 +25,12 @@ async def reload(state: State) -> Response:
 @router.post("/flush", summary="Seal every worker's spools into Parquet segments now (admin token)")
 async def flush(state: State) -> Response:
     """Used before collecting a day that just ended, instead of waiting a seal interval."""
-    wait_s = 10 * state.settings.log_flush_interval_ms / 1000 + 5
+    wait_s = 10 * state.settings.prediction_log.flush_interval_ms / 1000 + 5
     try:
         sealed = {lg.stream: await asyncio.to_thread(lg.seal) for lg in state.logs}
         acked, missing = await asyncio.to_thread(state.workers.request_flush, wait_s)
     except (LogUnavailable, OSError) as e:
-        return unavailable(f"sealing failed: {e}", state.settings.retry_after_s)
+        return unavailable(f"sealing failed: {e}", state.settings.serving.retry_after_s)
     if missing:
         return json_response({"detail": f"workers {missing} did not seal in time", "sealed": sealed}, 503)
     return json_response({"sealed": sealed, "workers": acked})

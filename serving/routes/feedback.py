@@ -34,6 +34,6 @@ async def post_feedback(state: State, body: Body) -> Response:
         await state.feedback.durable(state.feedback.append(batch))
     except LogUnavailable as e:
         state.metrics.requests.labels("/feedback", "503").inc()
-        return unavailable(f"feedback log unavailable: {e}", state.settings.retry_after_s)
+        return unavailable(f"feedback log unavailable: {e}", state.settings.serving.retry_after_s)
     state.metrics.requests.labels("/feedback", "202").inc()
     return json_response({"accepted": len(items)}, 202)

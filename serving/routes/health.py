@@ -23,7 +23,7 @@ async def health(state: State) -> Response:
         "model_name": state.rt.model_name,
         "model_version": loaded.version if loaded else None,
         "challenger_version": challenger.current.version if challenger and challenger.current else None,
-        "canary_share": state.settings.canary_share,
+        "canary_share": state.settings.serving.canary_share,
         "last_error": state.champion.last_error,
         "fallback_from": state.champion.fallback_from,
         "model_data_day": loaded.data_day.isoformat() if loaded and loaded.data_day else None,

@@ -62,7 +62,7 @@ async def score(state: ServerState, route: str, body: object, client_id: tuple[s
     chose (or None) and where it came from. The id that is logged is the id that is returned (header
     `X-Request-Id` on every protocol), so feedback can always join on it."""
     start, s, metrics = time.perf_counter(), state.settings, state.metrics
-    cols, times = parse_rows(body, state.spec, s.max_rows_per_request, state.fillable, state.limits)
+    cols, times = parse_rows(body, state.spec, s.serving.max_rows_per_request, state.fillable, state.limits)
     request_id, where = client_id
     if request_id is not None:
         _claim(state, request_id, where, cols, times)
@@ -72,13 +72,13 @@ async def score(state: ServerState, route: str, body: object, client_id: tuple[s
         problem = f"no model loaded: {state.champion.last_error}"
     if problem is not None:
         metrics.requests.labels(route, "503").inc()
-        return unavailable(problem, s.retry_after_s)
+        return unavailable(problem, s.serving.retry_after_s)
     job = Job(loaded, cols, times, len(times), request_id or uuid.uuid4().hex)
     try:
         scores = await state.scorer.submit(job)
     except LogUnavailable as e:
         metrics.requests.labels(route, "503").inc()
-        return unavailable(f"prediction log unavailable, not serving unlogged predictions: {e}", s.retry_after_s)
+        return unavailable(f"prediction log unavailable, not serving unlogged predictions: {e}", s.serving.retry_after_s)
     except ModelOutputInvalid as e:
         metrics.nonfinite.labels(loaded.version).inc()
         metrics.requests.labels(route, "500").inc()

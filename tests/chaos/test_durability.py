@@ -55,7 +55,7 @@ def test_sigkill_under_concurrent_load_loses_no_answered_row(tmp_path, mlflow_se
     base, _ = champion
     s = make_settings(tmp_path / "home", mlflow_server[1], model_name=base.model_name, serving_port=free_port(),
                       log_flush_interval_ms=1000)  # a long interval: only group commit can make answers durable
-    assert s.log_durability == "group", "durable-before-answer is the default"
+    assert s.prediction_log.durability == "group", "durable-before-answer is the default"
     url = serve(s)
     sent: set[str] = set()
     answered: dict[str, int] = {}

@@ -82,7 +82,7 @@ def test_a_task_runs_to_success_through_the_scheduler_and_the_celery_worker(cele
     s, af, startup_s = celery_stack
     assert (s.run_dir / "airflow-celery-worker.pid").exists()
     pool = af.request("GET", "/api/v2/pools/gpu-probe").json()
-    assert pool["slots"] == s.gpu_pool_slots
+    assert pool["slots"] == s.cluster.gpu_pool_slots
     af.unpause(DAG)
     start = time.monotonic()
     run_id = af.trigger(DAG, date(2026, 3, 1))

@@ -37,7 +37,7 @@ def test_up_down_up_on_one_home_keeps_and_resizes_the_gpu_pool(tmp_path):
         assert "stopped: " in cli("down").stderr
         cli("up", "--no-server", FLYWHEEL_GPU_POOL_SLOTS="3")
         af = AirflowClient(s.airflow_url, s.airflow_user, stack.airflow_password(s))
-        pool = af.request("GET", f"/api/v2/pools/{s.gpu_pool}").json()
+        pool = af.request("GET", f"/api/v2/pools/{s.cluster.gpu_pool}").json()
         assert pool["slots"] == 3 and pool["include_deferred"] is False
     finally:
         stack.stop_all(s)

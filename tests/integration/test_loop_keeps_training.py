@@ -60,11 +60,11 @@ def test_entity_churn_does_not_freeze_the_loop(settings_factory, tmp_path):
         frame = churn_day(k)
         seen_branches = set(history.branch) | {b for j in range(HISTORY_DAYS, k) for b in churn_day(j).branch}
         # the stream really churns: most rows carry a branch no earlier day had
-        assert (~frame.branch.isin(seen_branches)).mean() > rt.settings.unseen_category_share
+        assert (~frame.branch.isin(seen_branches)).mean() > rt.settings.validation.unseen_category_share
         log_day(rt, frame)
         out = run_nightly(day, rt)
         v = out["validate"]
-        assert v["passed"] and v["unseen_category_share"]["branch"] < rt.settings.unseen_category_share
+        assert v["passed"] and v["unseen_category_share"]["branch"] < rt.settings.validation.unseen_category_share
         assert "champion v" in v["unseen_reference"][0]
         if k > HISTORY_DAYS:
             assert any(s.startswith("collected days") for s in v["unseen_reference"])

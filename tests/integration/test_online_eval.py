@@ -89,7 +89,7 @@ def test_a_degraded_champion_is_rolled_back_once_labels_arrive(rt):
     result = online_eval(DAY, rt)
     assert result.decision == "rolled_back", result.reason
     assert result.rows == 1500 and result.auc_diff.estimate < 0
-    margin = rt.settings.online_max_logloss_regression * result.previous_metrics["logloss"]
+    margin = rt.settings.online_eval.max_logloss_regression * result.previous_metrics["logloss"]
     assert result.logloss_diff.low > margin  # confidently worse beyond the declared margin, not by noise
     client = rt.client()
     assert registry.get_alias(client, rt.model_name, Alias.CHAMPION).version == "1"

@@ -76,7 +76,7 @@ def train_rows(rt) -> pd.DataFrame:
 
 def good(rt) -> ModelBundle:
     b = champion_bundle(rt)
-    b.grow_vocab(train_rows(rt), rt.settings.vocab_min_count)
+    b.grow_vocab(train_rows(rt), rt.settings.training.vocab_min_count)
     fit(b, train_rows(rt), "defaulted", epochs=1, batch_size=64, lr=1e-3, seed=0)
     return b
 

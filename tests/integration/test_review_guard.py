@@ -45,7 +45,7 @@ def _cli(rt_, monkeypatch, *args: str):
 
     s = rt_.settings
     for key, value in {"HOME": str(s.home), "SPEC_PATH": str(s.spec_path), "MODEL_NAME": rt_.model_name,
-                       "MLFLOW_TRACKING_URI": s.mlflow_tracking_uri, "PROMOTION_MODE": s.promotion_mode}.items():
+                       "MLFLOW_TRACKING_URI": s.mlflow_tracking_uri, "PROMOTION_MODE": s.promotion.mode}.items():
         monkeypatch.setenv(f"FLYWHEEL_{key}", value)
     get_settings.cache_clear()
     try:

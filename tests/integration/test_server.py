@@ -114,7 +114,7 @@ def test_wrong_type_and_oversize_requests(server):
     bad[0]["price"] = "cheap"
     r = httpx.post(f"{url}/predict", json={"rows": bad})
     assert r.status_code == 422 and "rows[0].price: expected a number" in r.json()["detail"]
-    r = httpx.post(f"{url}/predict", json={"rows": rows(1) * (s.max_rows_per_request + 1)})
+    r = httpx.post(f"{url}/predict", json={"rows": rows(1) * (s.serving.max_rows_per_request + 1)})
     assert r.status_code == 413
 
 
@@ -247,7 +247,7 @@ def test_sigkill_loses_at_most_one_flush_interval_and_restart_recovers_without_d
     assert len(logged) == len(set(logged)), "no duplicates after recovery"
     assert set(logged) <= set(answered), "nothing logged that was not answered"
     missing = set(answered) - set(logged)
-    window = (s.log_flush_interval_ms / 1000) * 2 + 0.1
+    window = (s.prediction_log.flush_interval_ms / 1000) * 2 + 0.1
     assert all(killed_at - answered[rid] <= window for rid in missing), "only the last flush interval may be lost"
     assert len(logged) > 20
 
@@ -435,7 +435,7 @@ def test_idle_connections_neither_lock_out_requests_nor_stay_open(tmp_path, mlfl
     s = make_settings(tmp_path / "home", mlflow_server[1], model_name=base.model_name, serving_port=free_port(),
                       max_concurrency=8, header_timeout_s=8, body_timeout_s=60)
     url = start_server_on_champion(s)
-    port = s.serving_port
+    port = s.serving.port
     idle: list[socket.socket] = []
     try:
         idle = [_raw(port) for _ in range(400)]  # connect, never send a byte
@@ -445,16 +445,16 @@ def test_idle_connections_neither_lock_out_requests_nor_stay_open(tmp_path, mlfl
             for _ in range(20):
                 r = h.post("/predict", json={"rows": rows(1)})
                 assert r.status_code == 200, r.text
-        assert time.monotonic() - opened < s.header_timeout_s, "checked while the idle sockets were held"
+        assert time.monotonic() - opened < s.serving.header_timeout_s, "checked while the idle sockets were held"
         # requests whose bodies never come are being processed: they, not sockets, fill the limit
         head = (b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                 b"Content-Length: 100\r\n\r\n")
-        stalled = [_raw(port, head) for _ in range(s.max_concurrency)]
+        stalled = [_raw(port, head) for _ in range(s.serving.max_concurrency)]
         deadline = time.monotonic() + 10
         while (r := httpx.post(f"{url}/predict", json={"rows": rows(1)})).status_code == 200:
             assert time.monotonic() < deadline, "the in-flight limit never applied"
             time.sleep(0.1)
-        assert r.status_code == 503 and r.headers["retry-after"] == str(s.retry_after_s)
+        assert r.status_code == 503 and r.headers["retry-after"] == str(s.serving.retry_after_s)
         assert "busy" in r.json()["detail"]
         for sock in stalled:
             sock.close()
@@ -462,7 +462,7 @@ def test_idle_connections_neither_lock_out_requests_nor_stay_open(tmp_path, mlfl
         while httpx.post(f"{url}/predict", json={"rows": rows(1)}).status_code != 200:
             assert time.monotonic() < deadline, "slots not released when the stalled clients left"
             time.sleep(0.1)
-        time.sleep(max(0.0, opened + s.header_timeout_s + 1 - time.monotonic()))
+        time.sleep(max(0.0, opened + s.serving.header_timeout_s + 1 - time.monotonic()))
         for sock in idle:
             sock.settimeout(5)
         assert all(_closed_by_server(sock) for sock in idle), "silent connections are closed by the header timeout"
@@ -474,12 +474,12 @@ def test_idle_connections_neither_lock_out_requests_nor_stay_open(tmp_path, mlfl
 
 def test_chunked_body_is_refused_while_it_streams_and_non_json_gets_415(server):
     s, _, url = server
-    with _raw(s.serving_port, b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    with _raw(s.serving.port, b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                               b"Transfer-Encoding: chunked\r\n\r\n") as sock:
         chunk = b"x" * 65536
         # just past the limit, and then nothing: not even the terminating chunk, so a server that buffered the
         # whole body before measuring it would wait forever (sending more would only race the server's close)
-        for _ in range(s.max_body_bytes // len(chunk)):
+        for _ in range(s.serving.max_body_bytes // len(chunk)):
             sock.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
         sock.sendall(b"1\r\nx\r\n")  # one byte over: the server reads it all, so its close cannot reset
         sock.settimeout(10)

@@ -66,10 +66,10 @@ def test_streamed_split_and_encoding_equal_the_pandas_path(tmp_path):
     b.grow_vocab(reader.frames(b.categorical, keep), 2, day=DAY)
     assert {c: v.to_dict() for c, v in a.vocabs.items()} == {c: v.to_dict() for c, v in b.vocabs.items()}
 
-    cut = int(round(len(train_pos) * (1 - settings.validation_fraction)))
+    cut = int(round(len(train_pos) * (1 - settings.training.validation_fraction)))
     fit_rows, val_rows = encode_groups(b, reader.batches([*b.categorical, *b.numeric, SPEC.label.name]),
                                        SPEC.label.name, [train_pos[:cut], train_pos[cut:]])
-    fit_df, val_df = split_by_time(train_df, SPEC.event_time, settings.validation_fraction)
+    fit_df, val_df = split_by_time(train_df, SPEC.event_time, settings.training.validation_fraction)
     expected = Encoded.of(a, fit_df, SPEC.label.name)
     for k in ("cat", "num", "y"):
         assert torch.equal(getattr(fit_rows, k), getattr(expected, k))

@@ -48,8 +48,8 @@ def test_shifted_numeric_feature_is_severe_and_blocks_only_when_asked(tmp_path):
     rt, day = _days(tmp_path, shift=3.0, drift_action="warn")
     result = validate(day, rt)
     stored = rt.lake.read_partition(DRIFT, day).to_pandas().set_index("name")
-    assert stored.loc["price", "psi"] > rt.settings.drift_psi_severe and stored.loc["price", "severity"] == "severe"
-    assert stored.loc["position", "psi"] < rt.settings.drift_psi_warn
+    assert stored.loc["price", "psi"] > rt.settings.drift.psi_severe and stored.loc["price", "severity"] == "severe"
+    assert stored.loc["position", "psi"] < rt.settings.drift.psi_warn
     assert result.passed and result.drift["severe"] == ["price"]
     assert any("severe drift in price" in w for w in result.warnings)
     directory = Path(result.report).parent

@@ -119,4 +119,4 @@ def test_kueue_example_uses_only_documented_v1beta1_fields(settings):
         assert value is None or value in allowed, (key, value)
     local = kinds["LocalQueue"]
     assert local["spec"]["clusterQueue"] == kinds["ClusterQueue"]["metadata"]["name"]
-    assert local["metadata"]["name"] == settings.kueue_queue  # the queue the jobs name
+    assert local["metadata"]["name"] == settings.cluster.kueue_queue  # the queue the jobs name

@@ -14,8 +14,8 @@ from tests.helpers import LOANS_SPEC, loans_frame
 def test_a_fresh_model_keeps_every_id_its_parent_knew_and_adds_the_windows(tmp_path):
     spec = load_spec(LOANS_SPEC)
     s = Settings(home=tmp_path, epochs=1, bootstrap_min_steps=5, batch_size=64, vocab_min_count=1)
-    parent = ModelBundle.create(spec, loans_frame(date(2026, 1, 1), 600, seed=1, regions=5), s.embedding_dim,
-                                s.hidden_units, 1)
+    parent = ModelBundle.create(spec, loans_frame(date(2026, 1, 1), 600, seed=1, regions=5), s.training.embedding_dim,
+                                s.training.hidden_units, 1)
     window = loans_frame(date(2026, 1, 9), 400, seed=2, regions=1)  # a window that holds one region only
     window["region"] = "r_new"
     fresh, _ = fit_fresh(spec, window, None, s, known=parent)

@@ -192,7 +192,7 @@ def test_churn_stream_passes_every_day(tmp_path):
                      model_version="1", score=0.5, churned=f["churned"].astype(float),
                      label_time=f["ts"] + timedelta(minutes=1))
         if k > 1:
-            assert (~f.branch.isin(seen)).mean() > rt.settings.unseen_category_share
+            assert (~f.branch.isin(seen)).mean() > rt.settings.validation.unseen_category_share
         seen |= set(f.branch)
         day = START + timedelta(days=k)
         rt.lake.write_partition(TRAINING, day, pa.Table.from_pandas(f[schema.names], schema=schema,
@@ -288,7 +288,7 @@ def test_demo_suite_file_passes_on_simulated_traffic(tmp_path):
     day, frame = sim_day(6, rows=3000, seed=0)
     spec_suite = Path(__file__).resolve().parents[2] / "feature_store" / "specs" / "ctr.expectations.json"
     rt = make_rt(tmp_path / "home", validation_suite_path=None)
-    assert rt.settings.validation_suite_path is None  # the default next to the spec is found by name
+    assert rt.settings.validation.suite_path is None  # the default next to the spec is found by name
     write_training(rt, day, frame)
     result = validate(day, rt)
     assert result.suite_file == str(spec_suite) and result.passed and result.quarantined == 0
