@@ -194,7 +194,7 @@ def test_noise_neither_promotes_nor_blocks():
     checks, (passed, reason) = judge(y, candidate, champion)
     assert checks["auc_vs_champion"].detail.split(":")[0] in ("non_inferior", "inconclusive")
     assert not passed and checks["ece_ceiling"].blocking and not checks["ece_ceiling"].passed
-    assert "FLYWHEEL_MAX_ECE" in reason and "FLYWHEEL_MAX_LOGLOSS_REGRESSION" in reason
+    assert "FLYWHEEL_GATE__MAX_ECE" in reason and "FLYWHEEL_GATE__MAX_LOGLOSS_REGRESSION" in reason
 
 
 def test_a_collapsed_champion_is_replaced():
@@ -222,7 +222,7 @@ def test_a_regression_is_blocked_even_against_a_failing_champion():
     worse = _sig(0.3 * x + rng.normal(0, 2, len(x)))
     checks, (passed, reason) = judge(y, worse, champion)
     assert not passed and checks["auc_vs_champion"].detail.startswith("worse")
-    assert "auc_vs_champion worse" in reason and "FLYWHEEL_MAX_AUC_REGRESSION" in reason
+    assert "auc_vs_champion worse" in reason and "FLYWHEEL_GATE__MAX_AUC_REGRESSION" in reason
     checks, (passed, _) = judge(y, worse, champion, registered_auc=0.99)  # "collapsed" from 0.99, still better
     assert not checks["champion_health"].passed and not passed and checks["auc_vs_champion"].blocking
 

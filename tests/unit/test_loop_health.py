@@ -30,7 +30,7 @@ def test_counts_and_status_by_nights():
     # trained every night, but the gate kept the champion from three nights ago: a stuck loop too
     vetoed = assess(D, days_before(0, 1, 2, 3), "4", D - timedelta(days=3), 2, 5)
     assert (vetoed.status, vetoed.nights_without_training, vetoed.nights_without_promotion) == ("warn", 0, 3)
-    assert "FLYWHEEL_LOOP_HEALTH_WARN_NIGHTS" in vetoed.message and "champion v4" in vetoed.message
+    assert "FLYWHEEL_LOOP_HEALTH__WARN_NIGHTS" in vetoed.message and "champion v4" in vetoed.message
     # the validation gate failed the last five nights: no training, no promotion
     frozen = assess(D, days_before(5, 6), "2", D - timedelta(days=5), 2, 5)
     assert (frozen.status, frozen.nights_without_training) == ("fail", 5)
@@ -59,7 +59,7 @@ def test_default_hook_logs_an_error_and_a_broken_hook_does_not_hide_the_failure(
     with caplog.at_level(logging.ERROR, "flywheel.loop_health"):
         report(failing, make_settings(tmp_path / "a", 1))
     assert "LOOP HEALTH FAILURE" in caplog.text and "9 nights without training" in caplog.text
-    with pytest.raises(ValueError, match="FLYWHEEL_LOOP_HEALTH_CALLBACK.*no.such"):
+    with pytest.raises(ValueError, match="FLYWHEEL_LOOP_HEALTH__CALLBACK.*no.such"):
         callback(make_settings(tmp_path / "b", 1, loop_health_callback="no.such.hook"))
     caplog.clear()
     with caplog.at_level(logging.ERROR, "flywheel.loop_health"):

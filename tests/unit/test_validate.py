@@ -116,7 +116,7 @@ def test_unseen_category_share_around_threshold(tmp_path):
             with pytest.raises(GateFailed, match="rule unseen_category_share on feature device: 30.00% of 2000 rows"
                                r".*have a device never seen in the reference \(collected days 2026-") as err:
                 validate(day, rt)
-            assert "tablet" in str(err.value) and "FLYWHEEL_UNSEEN_CATEGORY_SHARE" in str(err.value)
+            assert "tablet" in str(err.value) and "FLYWHEEL_VALIDATION__UNSEEN_CATEGORY_SHARE" in str(err.value)
             assert rt.lake.read_manifest(VALIDATED, day) is None
             assert rt.lake.read_partition(QUARANTINE, day).num_rows == 0  # new categories are not bad rows
 
@@ -153,7 +153,7 @@ def test_entity_attributes_count_only_on_known_entities(tmp_path):
                                           _users(frame.iloc[1000:], "old", ["renamed"])]))
     with pytest.raises(GateFailed, match=r"rule unseen_category_share on feature user_segment: 100.00% of 1000 "
                                          r"rows of known user entities \(user_id seen before\) \(1000 rows\)"
-                                         r".*'renamed'.*FLYWHEEL_UNSEEN_CATEGORY_SHARE"):
+                                         r".*'renamed'.*FLYWHEEL_VALIDATION__UNSEEN_CATEGORY_SHARE"):
         validate(day, moved)
 
 
