@@ -75,7 +75,7 @@ def test_keywords_flat_or_nested_beat_the_environment(env):
     s = Settings(min_rows=5)
     assert (s.validation.min_rows, s.validation.max_bad_fraction) == (5, 0.2)
     assert Settings(validation={"min_rows": 6}).validation.min_rows == 6
-    with pytest.raises(ValidationError, match="both given"):
+    with pytest.raises(ValueError, match="both given"):
         Settings(min_rows=5, validation={"min_rows": 6})
     assert Settings.model_validate({"serving_port": 9}).serving.port == 9
 
