@@ -443,6 +443,12 @@ def canary_eval(day: Day) -> None:
     _run(stage, day)
 
 
+@app.command("settings")
+def show_settings() -> None:
+    """The settings in force (defaults, FLYWHEEL_* env, --home/--spec) by section, secrets masked."""
+    _emit(get_settings().public_dump())
+
+
 @app.command("db-upgrade")
 def db_upgrade() -> None:
     """Bring the Airflow and MLflow metadata schemas up to date (a second run is a no-op)."""

@@ -16,17 +16,19 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_SPEC = REPO / "feature_store" / "specs" / "ctr.yaml"
 PREFIX = "FLYWHEEL_"
+_URI_CREDENTIALS = re.compile(r"(://[^:/@\s]+:)[^@\s]+@")
 DELIMITER = "__"
 
 
@@ -495,6 +497,22 @@ class Settings(BaseSettings):
             if (name := canonical.get(key.upper())) in env:
                 env[key] = env[name]
         return env
+
+    def public_dump(self) -> dict[str, Any]:
+        """The settings as JSON data, top-level fields then one object per section, with passwords, tokens and
+        the credentials inside URIs masked: what `flywheel settings` prints, safe to paste in an issue."""
+        def mask(name: str, value: Any) -> Any:
+            if value in (None, [], "") or isinstance(value, bool | int | float):
+                return value
+            if any(word in name for word in ("password", "token")):
+                return "***"
+            return _URI_CREDENTIALS.sub(r"\1***@", value) if isinstance(value, str) else value
+
+        out: dict[str, Any] = {}
+        for section, field, value in self.items():
+            target = out.setdefault(section, {}) if section else out
+            target[field] = mask(field, TypeAdapter(Any).dump_python(value, mode="json"))
+        return out
 
     def items(self) -> list[tuple[str | None, str, Any]]:
         """Every setting as (section or None for top-level, field, value), in declaration order."""

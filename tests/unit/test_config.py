@@ -4,6 +4,7 @@ by keyword from their section (a reordered field must not swap two thresholds)."
 from __future__ import annotations
 
 import dataclasses
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -131,3 +132,16 @@ def test_a_fresh_process_reads_legacy_env_vars():
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "FLYWHEEL_TRAINING_CPUS": "3", "FLYWHEEL_EPOCHS": "2"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["3", "2"]
+
+
+def test_flywheel_settings_prints_sections_with_secrets_masked(tmp_path):
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "FLYWHEEL_MIN_ROWS": "9",
+           "FLYWHEEL_AIRFLOW__BROKER_URL": "redis://flywheel:hunter2@redis:6379/1", "FLYWHEEL_ADMIN_TOKEN": "sekrit"}
+    flywheel = str(Path(sys.executable).parent / "flywheel")
+    out = subprocess.run([flywheel, "--home", str(tmp_path), "settings"], env=env, capture_output=True, text=True,
+                         check=True, timeout=120)
+    data = json.loads(out.stdout)
+    assert data["home"] == str(tmp_path.resolve()) and data["validation"]["min_rows"] == 9
+    assert data["airflow"]["broker_url"] == "redis://flywheel:***@redis:6379/1"
+    assert data["serving"]["admin_token"] == "***" and "hunter2" not in out.stdout and "sekrit" not in out.stdout
+    assert set(SECTIONS) <= data.keys()
