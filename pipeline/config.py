@@ -466,6 +466,13 @@ class Settings(BaseSettings):
         """`Settings.model_validate` with flat keys takes the same path as keyword arguments."""
         return nest_legacy(data) if isinstance(data, dict) else data
 
+    def __getattr__(self, name: str) -> Any:
+        """A flat name read the old way fails naming its new place (code merged from before the sections)."""
+        if name in LEGACY:
+            section, field = LEGACY[name]
+            raise AttributeError(f"Settings.{name} is now Settings.{section}.{field}")
+        return super().__getattr__(name)
+
     def model_copy(self, *, update: dict[str, Any] | None = None, deep: bool = False) -> Settings:
         """A copy with its own sections (mutating one never reaches the original); `update` may use flat legacy
         keys, nested dicts or section objects, each validated, and an unknown key is refused."""

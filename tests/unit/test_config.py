@@ -103,6 +103,13 @@ def test_to_env_round_trips_and_overrides_a_stale_legacy_name(env):
     assert again.model_dump() == s.model_copy(update={"home": s.home.resolve()}).model_dump()
 
 
+def test_reading_a_flat_name_the_old_way_says_where_it_moved():
+    with pytest.raises(AttributeError, match=r"Settings.min_rows is now Settings.validation.min_rows"):
+        _ = Settings().min_rows
+    with pytest.raises(AttributeError):
+        _ = Settings().no_such_thing
+
+
 def test_knob_names_the_dotted_path_and_the_canonical_env_var():
     assert knob("min_rows") == knob("validation.min_rows") == "validation.min_rows (FLYWHEEL_VALIDATION__MIN_ROWS)"
     assert knob("home") == "home (FLYWHEEL_HOME)"
