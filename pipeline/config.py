@@ -423,6 +423,9 @@ class Settings(BaseSettings):
     s3_endpoint_url: str | None = Field(default=None, description="S3-compatible endpoint for lake and artifacts.")
     # --- MLflow and Airflow: where they are, who may use them, where they keep their state ---
     mlflow_tracking_uri: str = "http://127.0.0.1:5000"
+    mlflow_ui_url: str | None = Field(default=None, description="The MLflow address people open, for the links "
+                                      "in review cards; default the tracking URI. Set it when processes reach "
+                                      "MLflow at another address than people do (a cluster service vs an ingress).")
     mlflow_port: int = 5000
     mlflow_backend_uri: str | None = Field(default=None, description="e.g. postgresql+psycopg://.../mlflow")
     mlflow_artifacts_uri: str | None = Field(default=None, description="Artifact root, e.g. s3://bucket/mlflow.")
@@ -559,6 +562,9 @@ class Settings(BaseSettings):
 
     def resolved_model_name(self, spec_name: str) -> str:
         return self.model_name or f"flywheel-{spec_name}"
+
+    def resolved_mlflow_ui_url(self) -> str:
+        return (self.mlflow_ui_url or self.mlflow_tracking_uri).rstrip("/")
 
     def resolved_serving_url(self) -> str:
         return self.serving.url or f"http://{self.serving.host}:{self.serving.port}"

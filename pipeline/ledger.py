@@ -14,7 +14,7 @@ from datetime import datetime
 
 from pydantic import BaseModel
 
-from pipeline.tags import ModelTag
+from pipeline.tags import ModelTag, Why
 
 PAGE_CHARS = 4800  # MLflow stores registered-model tag values and descriptions in 5000-character columns
 DESCRIPTION_CHARS = 4900
@@ -61,6 +61,19 @@ def append(tags: dict[str, str], moves: list[AliasMove]) -> dict[str, str]:
         page.append(entry)
         writes[page_key(index)] = candidate
     return writes
+
+
+def unrecorded(moves: list[AliasMove], live: dict[str, str | None], at: str) -> list[AliasMove]:
+    """Entries for aliases whose live target differs from the ledger's last word on them: moved in the MLflow
+    UI, or by a process that died between its alias write and its ledger write. Recorded (or shown) as such,
+    so the ledger never silently disagrees with the registry."""
+    last: dict[str, str | None] = {}
+    for m in moves:
+        last[m.alias] = m.version
+    return [AliasMove(at=at, alias=alias, version=version, replaced=last.get(alias), why=Why.UNRECORDED,
+                      by="unknown", note=f"the registry says {'v' + version if version else 'cleared'}, the "
+                      f"ledger's last entry said {'v' + last[alias] if last.get(alias) else 'nothing'}")
+            for alias, version in live.items() if last.get(alias) != version]
 
 
 def served_on(moves: list[AliasMove], at: datetime) -> AliasMove | None:

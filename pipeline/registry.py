@@ -307,6 +307,10 @@ def _append_ledger(client: MlflowClient, name: str, moves: list[AliasMove]) -> N
     """Append to the ledger and re-render the registered model's description. Called only under alias_lock."""
     model = client.get_registered_model(name)
     tags = dict(model.tags or {})
+    before: dict[str, str | None] = {}
+    for m in moves:
+        before.setdefault(m.alias, m.replaced)
+    moves = [*ledger.unrecorded(ledger.read(tags), before, moves[0].at if moves else ""), *moves]
     for key, value in ledger.append(tags, moves).items():
         client.set_registered_model_tag(name, key, value)
         tags[key] = value
@@ -320,7 +324,14 @@ def _append_ledger(client: MlflowClient, name: str, moves: list[AliasMove]) -> N
 
 
 def history(client: MlflowClient, name: str) -> list[AliasMove]:
-    return ledger.read(dict(client.get_registered_model(name).tags or {}))
+    """The ledger, plus (not written) an entry for every alias the registry has elsewhere than it says."""
+    model = client.get_registered_model(name)
+    moves = ledger.read(dict(model.tags or {}))
+    live: dict[str, str | None] = {a: None for a in (Alias.CHAMPION, Alias.PREVIOUS, Alias.CHALLENGER)}
+    live.update({a: str(v) for a, v in (model.aliases or {}).items() if a in live})
+    if not moves:
+        return moves
+    return [*moves, *ledger.unrecorded(moves, live, datetime.now(UTC).isoformat())]
 
 
 def _move(at: str, alias: str, version: str | None, replaced: str | None, why: str, by: str,

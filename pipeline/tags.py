@@ -85,3 +85,4 @@ class Why(StrEnum):
     CANARY = "canary"                # promoted or retired on its own live traffic
     AUTO_ROLLBACK = "automatic rollback"
     ROLLBACK = "rollback"            # by hand (CLI or the rollback DAG)
+    UNRECORDED = "moved outside Flywheel"  # the MLflow UI, or a process that died before its ledger write

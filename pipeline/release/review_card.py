@@ -167,7 +167,7 @@ def _data_window(tags: dict[str, str], data: dict, params: dict[str, str]) -> li
 
 
 def _links(rt: Runtime, v: registry.VersionInfo, run, data: dict) -> list[str]:
-    ui = rt.settings.mlflow_tracking_uri.rstrip("/")
+    ui = rt.settings.resolved_mlflow_ui_url()
     out = ["### Lineage and evidence", ""]
     params = run.data.params if run else {}
     out.append(f"- parent: v{v.tags.get(Tag.PARENT, '—')}; spec digest `{params.get('spec_digest', '?')[:16]}`; "

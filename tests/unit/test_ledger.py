@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime, timedelta
 
+from pipeline import ledger
 from pipeline.ledger import AliasMove, append, read, render, served_on
 
 T0 = datetime(2026, 3, 1, tzinfo=UTC)
@@ -41,3 +42,14 @@ def test_which_version_served_at_a_time():
     assert served_on(moves, T0 + timedelta(days=1, hours=3)).version == "1"
     assert served_on(moves, T0 + timedelta(days=2, hours=1)).version == "3"
     assert served_on(moves, T0 - timedelta(days=1)) is None
+
+
+def test_an_alias_moved_outside_flywheel_is_named_not_lost():
+    moves = [AliasMove(at="2026-01-01T00:00:00+00:00", alias="champion", version="1", why="bootstrap", by="a"),
+             AliasMove(at="2026-01-02T00:00:00+00:00", alias="challenger", version="2", why="nomination", by="a")]
+    live = {"champion": "3", "previous": None, "challenger": "2"}  # someone set champion -> v3 in the MLflow UI
+    found = ledger.unrecorded(moves, live, "2026-01-03T00:00:00+00:00")
+    assert [(m.alias, m.version, m.replaced, m.why) for m in found] == [
+        ("champion", "3", "1", "moved outside Flywheel")]
+    assert "registry says v3" in found[0].note and "said v1" in found[0].note
+    assert ledger.unrecorded(moves, {"champion": "1", "challenger": "2", "previous": None}, "x") == []
