@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 from typer.core import TyperGroup
 
-from pipeline.config import get_settings
+from pipeline.config import Settings, get_settings
 from pipeline.errors import FlywheelError
 from pipeline.logs import setup_logging
 from pipeline.stages.sequence import STAGE_NAMES
@@ -57,16 +57,12 @@ def main(
     log_format: Annotated[str | None, typer.Option(
         "--log-format", help="Console log lines: human (default) or json (FLYWHEEL_LOG_FORMAT).")] = None,
 ) -> None:
-    if home:
-        os.environ["FLYWHEEL_HOME"] = str(home.resolve())
-    if spec:
-        os.environ["FLYWHEEL_SPEC_PATH"] = str(spec.resolve())
     if log_format not in (None, "human", "json"):
         raise typer.BadParameter("expected human or json", param_hint="--log-format")
-    if log_format:
-        os.environ["FLYWHEEL_LOG_FORMAT"] = log_format
-    get_settings.cache_clear()
-    s = get_settings()
+    options = {"home": home.resolve() if home else None, "spec_path": spec.resolve() if spec else None,
+               "log_format": log_format}
+    get_settings.cache_clear()  # in-process callers (tests) may have changed the environment since
+    s = get_settings.use(Settings(**{k: v for k, v in options.items() if v is not None}))
     setup_logging(verbose, s.log_format, s.home_abs / "logs")
     global _TRACEBACK
     _TRACEBACK = verbose
@@ -117,9 +113,11 @@ def serve() -> None:
     s = get_settings()
     common = uvicorn_options(s)
     if s.serving.workers > 1:
+        from pipeline.ops.stack import settings_env
         from serving.metrics import prepare_multiprocess
 
         prepare_multiprocess(s.metrics_dir)  # one /metrics for all workers
+        os.environ.update(settings_env(s))  # the workers are new processes: they read these settings from it
         uvicorn.run("serving.app:create_app", factory=True, workers=s.serving.workers, **common)
     else:
         uvicorn.run(create_app(s), **common)

@@ -18,7 +18,6 @@ import json
 import os
 import re
 import secrets
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -605,6 +604,26 @@ def knob(name: str) -> str:
     return f"{section + '.' if section else ''}{field} ({env_name(section, field)})"
 
 
-@lru_cache(maxsize=1)
-def get_settings() -> Settings:
-    return Settings()
+class _ProcessSettings:
+    """The process's settings: built from the environment on first use, or installed by the entry point that
+    knows better (the CLI's `--home`/`--spec`, the demo) as an explicit object rather than by rewriting the
+    environment. Child processes get them through `ops.stack.settings_env`. `cache_clear` forgets both, so the
+    next call reads the environment again."""
+
+    def __init__(self) -> None:
+        self._current: Settings | None = None
+
+    def __call__(self) -> Settings:
+        if self._current is None:
+            self._current = Settings()
+        return self._current
+
+    def use(self, settings: Settings) -> Settings:
+        self._current = settings
+        return settings
+
+    def cache_clear(self) -> None:
+        self._current = None
+
+
+get_settings = _ProcessSettings()

@@ -4,7 +4,6 @@ promotion and hot reload observed on the server."""
 
 from __future__ import annotations
 
-import os
 import shutil
 from dataclasses import asdict, dataclass
 
@@ -78,9 +77,7 @@ def run_demo(days: int, keep: bool, history_days: int, rows_per_day: int, seed: 
     for sub in ("lake", "mlflow.db", "mlartifacts", "airflow", "spool", "cache", "reports", "run"):
         p = s.home_abs / sub
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-    os.environ["FLYWHEEL_SCHEDULE"] = "none"
-    get_settings.cache_clear()
-    s = get_settings()
+    s = get_settings.use(s.model_copy(update={"schedule": "none"}))  # the demo triggers its own runs
     rt = runtime(s)
     sim = Simulator(seed=seed, rows_per_day=rows_per_day, horizon_days=history_days + days)
     with console.status("starting MLflow"):
