@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 
 from pipeline.cli import LOOP_HEALTH_FAILED
-from pipeline.config import REPO
+from pipeline.config import LEGACY, REPO, env_name
 from pipeline.ops.stack import settings_env
 from pipeline.runtime import runtime
 from pipeline.stages.bootstrap import bootstrap
@@ -27,7 +27,7 @@ pytestmark = pytest.mark.integration
 def _nightly(env: dict[str, str], **knobs: str) -> subprocess.CompletedProcess:
     flywheel = str(Path(sys.executable).parent / "flywheel")
     return subprocess.run([flywheel, "nightly", "--day", DAY.isoformat()], capture_output=True, text=True,
-                          env={**env, **{f"FLYWHEEL_{k.upper()}": v for k, v in knobs.items()}}, timeout=600)
+                          env={**env, **{env_name(*LEGACY[k]): v for k, v in knobs.items()}}, timeout=600)
 
 
 def test_nightly_exits_3_when_loop_health_fails_and_0_when_it_only_warns(settings_factory, tmp_path):
