@@ -290,8 +290,10 @@ class _Loop:
             else:
                 state.bad += 1
                 stop = patience > 0 and state.bad >= patience
-        log.info("epoch done", extra={"epoch": state.epoch, "loss": round(mean, 5), "rows": len(self.rows[2]),
-                                      "val_loss": round(state.val_losses[-1], 5) if state.val_losses else None})
+        val = round(state.val_losses[-1], 5) if state.val_losses else None
+        log.info("epoch %d done: loss %.4f on %d rows%s", state.epoch + 1, mean, len(self.rows[2]),
+                 "" if val is None else f", validation loss {val:.4f}",
+                 extra={"epoch": state.epoch, "loss": round(mean, 5), "rows": len(self.rows[2]), "val_loss": val})
         state.epoch, state.batch, state.total = state.epoch + 1, 0, 0.0
         return stop
 
