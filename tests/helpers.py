@@ -55,6 +55,32 @@ def start_server_on_champion(s: Settings, version: str | None = None, timeout: f
     return url
 
 
+def bootstrapped_home(home: Path, mlflow_port: int, prefix: str, history: pd.DataFrame):
+    """(settings, runtime) of a home whose own model name has a champion bootstrapped from `history`."""
+    from pipeline.runtime import runtime
+    from pipeline.stages.bootstrap import bootstrap
+
+    s = make_settings(home, mlflow_port, model_name=f"{prefix}-{home.name}", serving_port=free_port())
+    rt = runtime(s)
+    history.to_parquet(home / "history.parquet")
+    bootstrap(home / "history.parquet", rt)
+    return s, rt
+
+
+def wait_every_worker_ready(url: str, timeout: float, in_a_row: int = 10) -> None:
+    """Connections land on either worker, so both must have loaded the model: `in_a_row` ready answers."""
+    import httpx
+
+    deadline, ready = time.monotonic() + timeout, 0
+    while ready < in_a_row:
+        try:
+            ready = ready + 1 if httpx.get(f"{url}/health/ready").status_code == 200 else 0
+        except httpx.HTTPError:
+            ready = 0
+        assert time.monotonic() < deadline, "workers never became ready"
+        time.sleep(0.1)
+
+
 def loans_frame(day: date, n: int, seed: int, regions: int = 5) -> pd.DataFrame:
     """Loan applications whose default risk depends on region, amount and income ratio."""
     rng = np.random.default_rng([seed, day.toordinal()])

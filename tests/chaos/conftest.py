@@ -11,9 +11,7 @@ from feature_store.spec import load_spec
 from pipeline.config import DEFAULT_SPEC
 from pipeline.demo.simulate import Simulator
 from pipeline.ops import stack
-from pipeline.runtime import runtime
-from pipeline.stages.bootstrap import bootstrap
-from tests.helpers import free_port, make_settings
+from tests.helpers import bootstrapped_home
 
 CTR = load_spec(DEFAULT_SPEC)
 SIM = Simulator(seed=11, rows_per_day=600, horizon_days=10)
@@ -22,13 +20,7 @@ SIM = Simulator(seed=11, rows_per_day=600, horizon_days=10)
 @pytest.fixture(scope="session")
 def champion(tmp_path_factory, mlflow_server):
     """(settings, runtime) of a home whose model name has a bootstrapped champion, version 1."""
-    home = tmp_path_factory.mktemp("chaos-home")
-    s = make_settings(home, mlflow_server[1], model_name=f"chaos-{home.name}", serving_port=free_port())
-    rt = runtime(s)
-    history = home / "history.parquet"
-    SIM.history(3).to_parquet(history)
-    bootstrap(history, rt)
-    return s, rt
+    return bootstrapped_home(tmp_path_factory.mktemp("chaos-home"), mlflow_server[1], "chaos", SIM.history(3))
 
 
 def rows(n: int, day: int = 3) -> list[dict]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import time
 
 import httpx
 import pytest
@@ -11,7 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline.ops import stack
 from tests.chaos.conftest import rows, serve
-from tests.helpers import free_port, make_settings
+from tests.helpers import free_port, make_settings, wait_every_worker_ready
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow, pytest.mark.integration]
 
@@ -28,15 +27,7 @@ def test_a_scrape_counts_the_requests_of_every_worker(tmp_path, mlflow_server, c
                       serving_workers=2)
     url = serve(s)
     try:
-        deadline = time.monotonic() + 180
-        ready_in_a_row = 0
-        while ready_in_a_row < 10:  # connections land on either worker: both must have loaded the model
-            try:
-                ready_in_a_row = ready_in_a_row + 1 if httpx.get(f"{url}/health/ready").status_code == 200 else 0
-            except httpx.HTTPError:
-                ready_in_a_row = 0
-            assert time.monotonic() < deadline, "workers never became ready"
-            time.sleep(0.1)
+        wait_every_worker_ready(url, 180)
         body = {"rows": rows(1)}
         sent = 0
         pids: set[str] = set()

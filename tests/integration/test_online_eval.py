@@ -4,7 +4,9 @@ on the rows it actually served is rolled back automatically; too few labels mean
 from __future__ import annotations
 
 import tempfile
+import time
 import uuid
+from contextlib import contextmanager
 from datetime import date, timedelta
 from pathlib import Path
 
@@ -115,6 +117,33 @@ def test_too_few_labels_waits_and_a_sound_champion_stays(rt):
     assert registry.get_version(client, rt.model_name, v2).tags[Tag.ONLINE_EVAL].startswith("keep:")
 
 
+@contextmanager
+def degraded_release(tmp_path, rows_per_day: int):
+    """Its own MLflow and model server, a champion bootstrapped from the simulator, and a degraded v2 promoted
+    and served: yields (simulator, settings, runtime, server URL, the degraded bundle, its version, when it was
+    released)."""
+    from pipeline.demo.simulate import Simulator
+    from pipeline.ops import stack
+    from pipeline.stages.promote import rollout
+    from tests.helpers import free_port, make_settings
+
+    sim = Simulator(seed=5, rows_per_day=rows_per_day, horizon_days=10)
+    s = make_settings(tmp_path / "home", free_port(), online_min_rows=400, online_min_positives=10,
+                      bootstrap_samples=200)
+    try:
+        stack.start_mlflow(s)
+        r = runtime(s)
+        sim.history(3).to_parquet(tmp_path / "history.parquet")
+        bootstrap(tmp_path / "history.parquet", r)
+        stack.start_server(s)
+        released, bad = time.monotonic(), degraded(r)
+        v2 = promote_bundle(r, bad)
+        assert rollout(r).served_version == v2
+        yield sim, s, r, s.resolved_serving_url(), bad, v2, released
+    finally:
+        stack.stop_all(s)
+
+
 @pytest.mark.slow
 def test_degraded_rollout_under_live_traffic_is_rolled_back_without_a_person_or_a_failed_request(tmp_path):
     """Real model server and HTTP traffic: a degraded v2 becomes champion and serves a day; once that day's
@@ -123,27 +152,11 @@ def test_degraded_rollout_under_live_traffic_is_rolled_back_without_a_person_or_
 
     import httpx
 
-    from pipeline.demo.simulate import Simulator
     from pipeline.demo.traffic import flush, send_day
-    from pipeline.ops import stack
     from pipeline.stages.collect import collect
     from pipeline.stages.promote import rollout
-    from tests.helpers import free_port, make_settings
 
-    sim = Simulator(seed=5, rows_per_day=800, horizon_days=10)
-    port = free_port()
-    s = make_settings(tmp_path / "home", port, online_min_rows=400, online_min_positives=10,
-                      bootstrap_samples=200)
-    try:
-        stack.start_mlflow(s)
-        r = runtime(s)
-        sim.history(3).to_parquet(tmp_path / "history.parquet")
-        bootstrap(tmp_path / "history.parquet", r)
-        stack.start_server(s)
-        url = s.resolved_serving_url()
-        bad = degraded(r)
-        v2 = promote_bundle(r, bad)
-        assert rollout(r).served_version == v2
+    with degraded_release(tmp_path, rows_per_day=800) as (sim, s, r, url, bad, v2, _):
         day = sim.day_date(3)
         sent = send_day(url, sim.day(3), r.spec.feature_names)
         flush(url, s.resolved_admin_token())
@@ -173,8 +186,6 @@ def test_degraded_rollout_under_live_traffic_is_rolled_back_without_a_person_or_
         assert sum(t.errors for t in during) == 0 and versions == {v2, "1"}  # swapped under load, none failed
         assert httpx.get(f"{url}/health").json()["model_version"] == "1"
         assert registry.get_version(r.client(), r.model_name, v2).tags[Tag.ROLLED_BACK] == "true"
-    finally:
-        stack.stop_all(s)
 
 
 def test_a_day_not_collected_yet_is_judged_from_its_sealed_logs_and_arrived_feedback(rt):
@@ -213,28 +224,10 @@ def test_a_day_not_collected_yet_is_judged_from_its_sealed_logs_and_arrived_feed
 def test_time_from_a_bad_release_to_rollback_under_labelled_live_traffic(tmp_path):
     """Real server, real HTTP traffic with feedback, nothing collected: a sign-flipped release is rolled back by
     the first hourly evaluation that has enough labels. Measures rows and seconds from release to rollback."""
-    import time
-
-    from pipeline.demo.simulate import Simulator
     from pipeline.demo.traffic import flush, send_day
-    from pipeline.ops import stack
     from pipeline.stages.promote import rollout
-    from tests.helpers import free_port, make_settings
 
-    sim = Simulator(seed=5, rows_per_day=2000, horizon_days=10)
-    port = free_port()
-    s = make_settings(tmp_path / "home", port, online_min_rows=400, online_min_positives=10,
-                      bootstrap_samples=200)
-    try:
-        stack.start_mlflow(s)
-        r = runtime(s)
-        sim.history(3).to_parquet(tmp_path / "history.parquet")
-        bootstrap(tmp_path / "history.parquet", r)
-        stack.start_server(s)
-        url = s.resolved_serving_url()
-        released = time.monotonic()
-        v2 = promote_bundle(r, degraded(r))
-        assert rollout(r).served_version == v2
+    with degraded_release(tmp_path, rows_per_day=2000) as (sim, s, r, url, _, v2, released):
         day, live = sim.day_date(3), sim.day(3)
         sent, evaluations, result = 0, 0, None
         for start in range(0, len(live), 200):  # each step stands for a slice of an hour's labelled traffic
@@ -251,5 +244,3 @@ def test_time_from_a_bad_release_to_rollback_under_labelled_live_traffic(tmp_pat
         assert rollout(r).served_version == "1"
         print(f"\nbad release -> rollback: {sent} live rows sent, {result.rows} labelled rows judged, "
               f"{evaluations} evaluations, {elapsed:.1f}s wall (plus up to one online_eval_schedule period)")
-    finally:
-        stack.stop_all(s)

@@ -24,11 +24,15 @@ from pipeline import registry
 from pipeline.config import DEFAULT_SPEC
 from pipeline.demo.simulate import Simulator
 from pipeline.ops import stack
-from pipeline.runtime import runtime
-from pipeline.stages.bootstrap import bootstrap
 from pipeline.stages.collect import TRAINING, collect
 from pipeline.tags import Alias, Tag
-from tests.helpers import free_port, make_settings, start_server_on_champion
+from tests.helpers import (
+    bootstrapped_home,
+    free_port,
+    make_settings,
+    start_server_on_champion,
+    wait_every_worker_ready,
+)
 
 pytestmark = pytest.mark.integration
 CTR = load_spec(DEFAULT_SPEC)
@@ -37,12 +41,7 @@ SIM = Simulator(seed=5, rows_per_day=600, horizon_days=10)
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, mlflow_server):
-    home = tmp_path_factory.mktemp("serving-home")
-    s = make_settings(home, mlflow_server[1], model_name=f"serving-{home.name}", serving_port=free_port())
-    rt = runtime(s)
-    history = home / "history.parquet"
-    SIM.history(3).to_parquet(history)
-    bootstrap(history, rt)
+    s, rt = bootstrapped_home(tmp_path_factory.mktemp("serving-home"), mlflow_server[1], "serving", SIM.history(3))
     url = start_server_on_champion(s)
     yield s, rt, url
     stack.stop_all(s)
@@ -392,15 +391,7 @@ def test_several_workers_share_the_port_and_seal_together(tmp_path, mlflow_serve
     stack.start_server(s)
     url = s.resolved_serving_url()
     try:
-        deadline = time.monotonic() + 60
-        ready_in_a_row = 0
-        while ready_in_a_row < 10:  # connections land on either worker: both must have loaded the model
-            try:
-                ready_in_a_row = ready_in_a_row + 1 if httpx.get(f"{url}/health/ready").status_code == 200 else 0
-            except httpx.HTTPError:
-                ready_in_a_row = 0
-            assert time.monotonic() < deadline, "workers never became ready"
-            time.sleep(0.1)
+        wait_every_worker_ready(url, 60)
         answered = []
         with httpx.Client(base_url=url) as h:
             for _ in range(60):
