@@ -20,15 +20,10 @@ training in the worker; its result comes back through the pod's XCom sidecar. Ev
 from __future__ import annotations
 
 from airflow.providers.standard.sensors.date_time import DateTimeSensorAsync
-from airflow.sdk import Asset, dag, task, teardown
+from airflow.sdk import dag, task, teardown
 
 from pipeline.orchestration import airflow_tasks as t
-
-# Partitioned by day (the partition key is D): the asset view lists which days were collected, validated and
-# produced a registered candidate.
-TRAINING_DAY = Asset(name="flywheel_training_day", uri="file:///flywheel/lake/training")
-VALIDATED_DAY = Asset(name="flywheel_validated_day", uri="file:///flywheel/lake/validated")
-CANDIDATE = Asset(name="flywheel_candidate", uri="mlflow://flywheel/registered-candidate")
+from pipeline.orchestration.assets import CANDIDATE, TRAINING_DAY, VALIDATED_DAY
 
 
 @dag(
@@ -59,6 +54,8 @@ def flywheel_nightly():
         return t.run_note(ti, dag_run)
 
     # One task per stage of `pipeline.stages.sequence.NIGHTLY`, in order; each reads the day from the run.
+    # collect, validate and register publish partition D of their asset (the asset view lists which days exist;
+    # `flywheel_online_eval_day` follows the collected day).
     stages = t.nightly_stage_tasks(after=wait_for_labels, outlets={
         "collect": TRAINING_DAY, "validate": VALIDATED_DAY, "register": CANDIDATE})
     health = loop_health()

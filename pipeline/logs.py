@@ -9,9 +9,14 @@ import json
 import logging
 import logging.handlers
 import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
 NOISY = ("httpx", "httpcore", "matplotlib", "great_expectations", "urllib3", "alembic", "filelock")
@@ -26,6 +31,39 @@ QUIET_ENV = {
     "GX_ANALYTICS_ENABLED": "false",
     "TQDM_DISABLE": "1",
 }
+
+
+_shared: Console | None = None
+_format: LogFormat | None = None  # set by setup_logging; None in a library or Airflow task: no live displays
+
+
+def console() -> Console:
+    """The one stderr console that log lines, status spinners and progress bars share: rich keeps a live display
+    and the lines printed under it from overwriting each other only when they go through one console."""
+    global _shared
+    if _shared is None:
+        from rich.console import Console
+
+        terminal = Console(stderr=True).is_terminal
+        _shared = Console(stderr=True, width=None if terminal else 150)
+    return _shared
+
+
+@contextmanager
+def progress(total: int, what: str, shown: bool = True) -> Iterator[Callable[[str], None]]:
+    """A transient bar for a long loop on a person's terminal (between its log lines, the loop shows it moves);
+    nothing on a file, in CI, with JSON logs, where Flywheel's CLI did not set up logging, or when not `shown`
+    (a DDP worker other than rank 0). Yields `step(info)`: one unit done, `info` shown beside the bar."""
+    out = console()
+    if not shown or _format != "human" or not out.is_terminal:
+        yield lambda info="": None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn(what), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("{task.fields[info]}"), console=out, transient=True) as bar:
+        task = bar.add_task(what, total=total, info="")
+        yield lambda info="": bar.update(task, advance=1, info=info)
 
 
 class JsonFormatter(logging.Formatter):
@@ -60,15 +98,14 @@ def _console_handler(fmt: LogFormat) -> logging.Handler:
         handler: logging.Handler = logging.StreamHandler()
         handler.setFormatter(JsonFormatter())
         return handler
-    from rich.console import Console
     from rich.logging import RichHandler
 
-    console = Console(stderr=True)
-    if not console.is_terminal:  # piped to a file or CI: one unwrapped line per record
+    out = console()
+    if not out.is_terminal:  # piped to a file or CI: one unwrapped line per record
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(message)s", "%H:%M:%S"))
         return handler
-    handler = RichHandler(console=console, show_path=False, markup=False, log_time_format="%H:%M:%S")
+    handler = RichHandler(console=out, show_path=False, markup=False, log_time_format="%H:%M:%S")
     handler.setFormatter(logging.Formatter("%(message)s"))
     return handler
 
@@ -78,6 +115,8 @@ def log_file(log_dir: Path) -> Path:
 
 
 def setup_logging(verbose: bool = False, fmt: LogFormat = "human", log_dir: Path | None = None) -> None:
+    global _format
+    _format = fmt
     if not verbose:
         for key, value in QUIET_ENV.items():
             os.environ.setdefault(key, value)

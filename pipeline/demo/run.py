@@ -9,19 +9,18 @@ from dataclasses import asdict, dataclass
 
 import httpx
 import numpy as np
-from rich.console import Console
 from rich.table import Table
 
 from pipeline import registry
 from pipeline.checks.metrics import auc, logloss
 from pipeline.config import get_settings
+from pipeline.logs import console as shared_console
 from pipeline.ops import stack
 from pipeline.ops.airflow_client import AirflowClient
 from pipeline.runtime import runtime
 from pipeline.tags import Alias
 
 DAG_ID = "flywheel_nightly"
-console = Console(width=None if Console().is_terminal else 150)
 
 
 @dataclass
@@ -72,6 +71,7 @@ def run_demo(days: int, keep: bool, history_days: int, rows_per_day: int, seed: 
     from pipeline.demo.traffic import flush, send_day
     from pipeline.stages.bootstrap import bootstrap
 
+    console = shared_console()  # the log lines' console: its spinners and the training bars never overwrite them
     s = get_settings()
     stack.stop_all(s)
     for sub in ("lake", "mlflow.db", "mlartifacts", "airflow", "spool", "cache", "reports", "run"):

@@ -30,6 +30,7 @@ from pipeline.learn.calibration import Calibration
 from pipeline.learn.checkpoint import Checkpointer, fingerprint
 from pipeline.learn.holdout import split_by_time
 from pipeline.learn.model import ModelBundle
+from pipeline.logs import progress
 
 log = logging.getLogger("flywheel.trainer")
 
@@ -350,10 +351,13 @@ def fit(bundle: ModelBundle, frame: pd.DataFrame | Encoded, label: str, *, epoch
         opt.load_state_dict(saved["opt"])
         state = LoopState.from_dict(saved)
     resumed_at = state.step
-    while state.epoch < epochs:
-        loop.epoch(state, checkpointer, job)
-        if loop.close_epoch(state, val_data, patience):
-            break
+    with progress(epochs - state.epoch, "training epochs", shown=rank == 0) as step:
+        while state.epoch < epochs:
+            loop.epoch(state, checkpointer, job)
+            stop = loop.close_epoch(state, val_data, patience)
+            step(f"loss {state.losses[-1]:.4f}")
+            if stop:
+                break
     if state.best_state is not None and state.val_losses and state.val_losses[-1] > state.best_loss:
         net.load_state_dict(state.best_state)
     net.to("cpu")

@@ -67,6 +67,18 @@ class AirflowClient:
         return wait_until(finished, timeout, 2, lambda: TimeoutError(
             f"run {run_id} of {dag_id} did not finish within {timeout}s"))
 
+    def partition_run(self, dag_id: str, partition_key: str, timeout: float = 300) -> str:
+        """The run an asset partition event created (a partitioned DAG's run is keyed by the partition, not
+        by a logical date); waits until the scheduler has created it."""
+        def created() -> str | None:
+            r = self.request("GET", f"/api/v2/dags/{dag_id}/dagRuns", params={"limit": 100})
+            r.raise_for_status()
+            runs = [run for run in r.json()["dag_runs"] if run.get("partition_key") == partition_key]
+            return runs[0]["dag_run_id"] if runs else None
+
+        return wait_until(created, timeout, 2, lambda: TimeoutError(
+            f"no run of {dag_id} for partition {partition_key} within {timeout}s"))
+
     def task_states(self, dag_id: str, run_id: str) -> dict[str, str | None]:
         r = self.request("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances")
         r.raise_for_status()

@@ -221,6 +221,15 @@ def online_eval_schedule():
     return _timetable(get_settings().schedules.online_eval)
 
 
+def run_day(ds: str | None, partition_key: str | None) -> str:
+    """The day a run is about: the asset partition that triggered it (a partitioned run has no logical date),
+    else its logical date."""
+    day = partition_key or ds
+    if not day:
+        raise ValueError("this run has neither a partition key nor a logical date: trigger it with a date")
+    return day
+
+
 def online_eval(ds: str) -> dict:
     import logging
 

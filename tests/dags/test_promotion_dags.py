@@ -15,7 +15,7 @@ from airflow.dag_processing.dagbag import DagBag
 b = DagBag(dag_folder={folder!r})
 out = {{'errors': {{k: str(v) for k, v in b.import_errors.items()}},
        'heavy': sorted(m for m in ('torch', 'mlflow', 'great_expectations') if m in sys.modules)}}
-for dag_id in ('flywheel_rollback', 'flywheel_online_eval', 'flywheel_nightly'):
+for dag_id in ('flywheel_rollback', 'flywheel_online_eval', 'flywheel_online_eval_day', 'flywheel_nightly'):
     d = b.dags.get(dag_id)
     out[dag_id] = None if d is None else {{
         'tasks': [t.task_id for t in d.tasks], 'timetable': type(d.timetable).__name__,
@@ -43,6 +43,8 @@ def test_rollback_and_online_eval_dags(tmp_path):
     oe = info["flywheel_online_eval"]
     assert oe["tasks"] == ["online_eval", "canary_eval"] and oe["timetable"] == "CronDataIntervalTimetable"
     assert oe["max_active_runs"] == 1 and oe["doc"]
+    per_day = info["flywheel_online_eval_day"]  # follows the collected day's partition, not the clock
+    assert per_day["tasks"] == oe["tasks"] and per_day["timetable"] == "PartitionedAssetTimetable"
     nightly = info["flywheel_nightly"]
     assert nightly["upstream"]["await_approval"] == ["register"]
     assert nightly["upstream"]["promote"] == ["await_approval", "register"]

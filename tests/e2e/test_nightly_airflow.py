@@ -27,6 +27,7 @@ from tests.helpers import free_port, make_settings
 
 pytestmark = pytest.mark.slow
 DAG = "flywheel_nightly"
+PER_DAY_EVAL = "flywheel_online_eval_day"
 SIM = Simulator(seed=11, rows_per_day=600, horizon_days=10)
 BAD_ROWS = 7
 REDIS_URI = "redis://127.0.0.1:6379/12"
@@ -107,8 +108,9 @@ def _stack(s, home):
         stack.start_server(s)
         stack.start_airflow(s)
         af = AirflowClient(s.airflow_url, s.airflow_user, stack.airflow_password(s))
-        af.wait_for_dag(DAG, timeout=180)
-        af.unpause(DAG)
+        for dag_id in (DAG, PER_DAY_EVAL):
+            af.wait_for_dag(dag_id, timeout=180)
+            af.unpause(dag_id)
         yield s, rt, af
     finally:
         stack.stop_all(s)
@@ -163,6 +165,12 @@ def test_nightly_dag_run_collects_quarantines_trains_promotes_and_rolls_out(loop
                   if e["source_dag_id"] == DAG and e["source_run_id"] == run_id}
     assert partitions == {name: day.isoformat() for name in
                           ("flywheel_training_day", "flywheel_validated_day", "flywheel_candidate")}, partitions
+
+    # The collected day's partition starts the per-day online evaluation of that very day.
+    eval_run = af.partition_run(PER_DAY_EVAL, day.isoformat())
+    assert af.wait_run(PER_DAY_EVAL, eval_run, timeout=300) == "success", af.task_states(PER_DAY_EVAL, eval_run)
+    judged = af.xcom(PER_DAY_EVAL, eval_run, "online_eval")
+    assert judged["day"] == day.isoformat() and judged["days"][-1] == day.isoformat(), judged
 
     # Re-running the day through Airflow (clear + rerun) changes nothing: same rows, same version.
     r = af.request("POST", f"/api/v2/dags/{DAG}/clearTaskInstances",
