@@ -3,7 +3,7 @@ protocol class, keep-alive, workers) that reads the same body, parses it with th
 constant. What Flywheel loses against it is what its own work costs: validation, routing, the forward pass,
 the log append and the fsync.
 
-    FLYWHEEL_SERVING_PORT=8123 .venv/bin/python bench/ceiling_app.py --workers 2
+    FLYWHEEL_SERVING__PORT=8123 .venv/bin/python bench/ceiling_app.py --workers 2
 """
 
 from __future__ import annotations

@@ -12,9 +12,12 @@ seeded random bursts). N models each need one incremental training job per night
                `min`; every membership change restarts the workers from the last checkpoint
 
 The clock is discrete (one-minute ticks): at each tick the high-priority demand is served first (it always fits;
-training is preempted to make room), then queued training is admitted earliest-deadline-first. Work lost on a
-preemption or a membership change is the work since the last checkpoint; it is redone. Every assumption is a field
-of `Scenario`, printed with the results.
+training is preempted to make room), then queued training is admitted earliest-deadline-first. A stopped job
+(preempted, or restarted by torchrun for a membership change) saves a checkpoint at its next step when it is
+stopped gracefully: Kubernetes sends SIGTERM and waits the pod's grace period, torchrun's agent does the same to its
+workers, and `pipeline.learn.checkpoint` saves on SIGTERM in whichever rank receives it
+(`tests/integration/test_ddp.py`). `graceful_stops=False` models hard kills instead: the work since the last
+periodic checkpoint is lost and redone. Every assumption is a field of `Scenario`, printed with the results.
 
     .venv/bin/python bench/cluster_sim.py            # writes bench/results/cluster_sim.{md,png,json}; ~10 s
 
@@ -76,6 +79,7 @@ class Scenario:
     promote_min: int = 15  # evaluate + register + roll out after training
     deadline_h: float = 8.0  # from the end of the data day to the promoted model
     checkpoint_min: int = 10  # checkpoint interval (wall minutes of running)
+    graceful_stops: bool = True  # a stop saves at the next step (SIGTERM + grace period) instead of losing work
     restart_min: int = 3  # rendezvous + checkpoint load + warm-up after any (re)start: GPUs held, no progress
     scaling_per_doubling: float = 0.95  # throughput efficiency lost each time the worker count doubles
     grow_hold_min: int = 30  # an elastic job grows at most this often (a membership change costs a restart)
@@ -158,9 +162,11 @@ class Cluster:
         self.trace = {"hp": np.zeros(n, int), "train": np.zeros(n, int), "useful": np.zeros(n)}
 
     def _stop(self, job: Job, now: int, keep: int) -> None:
-        """Take GPUs away: everything since the last checkpoint is lost (torchrun restarts from it)."""
-        job.work += job.since_ckpt
-        job.wasted += job.since_ckpt
+        """Take GPUs away. Stopped gracefully the workers save at their next step (a step is seconds, well inside a
+        grace period); killed hard, everything since the last checkpoint is lost (torchrun restarts from it)."""
+        if not self.s.graceful_stops:
+            job.work += job.since_ckpt
+            job.wasted += job.since_ckpt
         job.since_ckpt, job.running_since_ckpt = 0.0, 0
         job.preemptions += 1
         job.alloc = keep
@@ -306,23 +312,27 @@ def simulate(s: Scenario) -> tuple[dict, dict[str, Cluster]]:
 
 
 def sweep(s: Scenario, means: tuple[float, ...]) -> list[dict]:
-    """The same week under heavier or lighter high-priority load: where each shared policy starts missing."""
+    """The same week under heavier or lighter high-priority load, with graceful stops and with hard kills: where
+    each shared policy starts missing."""
     rows = []
-    for mean in means:
-        r, _ = simulate(Scenario(**{**{k: getattr(s, k) for k in s.__dataclass_fields__}, "hp_mean": mean}))
-        rows.append({"hp_mean": mean, **{p: {k: r[p][k] for k in ("utilisation", "deadline_misses",
-                                                                  "wasted_gpu_hours", "preemptions")}
-                                         for p in ("preemptible", "elastic")}})
+    for graceful in (True, False):
+        for mean in means:
+            fields = {k: getattr(s, k) for k in s.__dataclass_fields__}
+            r, _ = simulate(Scenario(**{**fields, "hp_mean": mean, "graceful_stops": graceful}))
+            rows.append({"hp_mean": mean, "graceful_stops": graceful,
+                         **{p: {k: r[p][k] for k in ("utilisation", "deadline_misses", "wasted_gpu_hours",
+                                                     "preemptions")} for p in ("preemptible", "elastic")}})
     return rows
 
 
 def sweep_table(rows: list[dict]) -> str:
-    out = ["| high-priority mean | preemptible: utilisation / misses / wasted GPU-h | "
-           "elastic: utilisation / misses / wasted GPU-h |", "|---:|---|---|"]
+    out = ["| stops | high-priority mean | preemptible: utilisation / misses / wasted GPU-h | "
+           "elastic: utilisation / misses / wasted GPU-h |", "|---|---:|---|---|"]
     for r in rows:
         cells = [f"{r[p]['utilisation']:.1%} / {r[p]['deadline_misses']} / {r[p]['wasted_gpu_hours']:,.0f}"
                  for p in ("preemptible", "elastic")]
-        out.append(f"| {r['hp_mean']:.2f} | " + " | ".join(cells) + " |")
+        out.append(f"| {'graceful' if r['graceful_stops'] else 'hard kill'} | {r['hp_mean']:.2f} | "
+                   + " | ".join(cells) + " |")
     return "\n".join(out)
 
 

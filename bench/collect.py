@@ -111,8 +111,8 @@ def main() -> None:
             gen_s = time.perf_counter() - t
             suite = home / "bench.expectations.json"
             suite.write_text(json.dumps(SUITE))
-            env = {**os.environ, "FLYWHEEL_HOME": str(home), "FLYWHEEL_COLLECT_FLUSHES_SERVER": "false",
-                   "FLYWHEEL_MIN_ROWS": "1", "FLYWHEEL_VALIDATION_SUITE_PATH": str(suite)}
+            env = {**os.environ, "FLYWHEEL_HOME": str(home), "FLYWHEEL_COLLECT__FLUSHES_SERVER": "false",
+                   "FLYWHEEL_VALIDATION__MIN_ROWS": "1", "FLYWHEEL_VALIDATION__SUITE_PATH": str(suite)}
             out = subprocess.run([sys.executable, "-c", CHILD, DAY.isoformat(), "1" if args.validate else "0"],
                                  cwd=ROOT, env=env, capture_output=True, text=True, check=True)
             r = json.loads(out.stdout.strip().splitlines()[-1])

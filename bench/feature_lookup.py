@@ -150,7 +150,7 @@ def run(args, base: Settings, rts: dict, home: Path, procs: list):
                           for e in spec.entities}
                 reads[f"{name}_b{b}"] = read_timing(st, wanted, 2000 if b == 1 else 500)
         port = rt.settings.serving.port
-        env = {**stack.full_env(rt.settings), "FLYWHEEL_SERVING_PORT": str(port)}
+        env = {**stack.full_env(rt.settings), "FLYWHEEL_SERVING__PORT": str(port)}
         proc = start(flywheel, env, home / f"serve-{name}.log")
         procs.append(proc)
         url = f"http://127.0.0.1:{port}"

@@ -144,17 +144,17 @@ def main() -> None:
     fw_port, nolog_port, interval_port, ml_port = s.serving.port, free_port(), free_port(), free_port()
     procs, urls, cold = {}, {}, {}
     flywheel = [str(Path(sys.executable).parent / "flywheel"), "serve"]
-    servers = (("flywheel", fw_port, {"FLYWHEEL_LOG_DURABILITY": "group"}),
-               ("flywheel-interval", interval_port, {"FLYWHEEL_LOG_DURABILITY": "interval"}),
-               ("flywheel-nolog", nolog_port, {"FLYWHEEL_LOG_PREDICTIONS": "false"}))
+    servers = (("flywheel", fw_port, {"FLYWHEEL_PREDICTION_LOG__DURABILITY": "group"}),
+               ("flywheel-interval", interval_port, {"FLYWHEEL_PREDICTION_LOG__DURABILITY": "interval"}),
+               ("flywheel-nolog", nolog_port, {"FLYWHEEL_PREDICTION_LOG__ENABLED": "false"}))
     ceiling_port = free_port()
     procs["ceiling"] = start([sys.executable, str(REPO / "bench" / "ceiling_app.py"), "--workers", str(args.workers)],
-                             {**env, "FLYWHEEL_SERVING_PORT": str(ceiling_port), "PYTHONPATH": str(REPO)},
+                             {**env, "FLYWHEEL_SERVING__PORT": str(ceiling_port), "PYTHONPATH": str(REPO)},
                              home / "ceiling.log")
     urls["ceiling"] = f"http://127.0.0.1:{ceiling_port}/predict"
     cold["ceiling"] = wait_predict(urls["ceiling"], bodies[("flywheel", 1)].read_bytes())
     for name, port, extra in servers:
-        e = {**env, **extra, "FLYWHEEL_SERVING_PORT": str(port)}
+        e = {**env, **extra, "FLYWHEEL_SERVING__PORT": str(port)}
         procs[name] = start(flywheel, e, home / f"{name}.log")
         urls[name] = f"http://127.0.0.1:{port}/predict"
         cold[name] = wait_predict(urls[name], bodies[("flywheel", 1)].read_bytes())

@@ -9,7 +9,9 @@
 Under torchrun every rank reads the same rows and the trainer splits each global batch between ranks, so the
 loss curve is the single-process one (gloo on CPU, NCCL on GPUs). With --checkpoint-dir (a directory or an
 object-storage URI, see `pipeline.learn.checkpoint`), a run killed mid-epoch (a preempted node) is restarted with
-the same command and continues from the newest checkpoint to the same weights; SIGTERM saves one first.
+the same command and continues from the newest checkpoint to the same weights. SIGTERM (a preempted pod, or the
+elastic agent stopping its workers for a membership change) makes the rank that receives it save one at its next
+step first, whichever rank that is: a graceful stop loses no work.
 
 Elastic (torchrun `--nnodes=MIN:MAX`): when a worker leaves or joins, torchrun restarts every worker with the new
 world size. The checkpoint is bound to the data and hyperparameters, not the world size, and the batch is global

@@ -273,7 +273,10 @@ class _Loop:
                 continue
             state.total += self.step(order[begin:begin + self.batch_size])
             state.step, state.batch = state.step + 1, b + 1
-            if checkpointer is not None and self.rank == 0 and checkpointer.due(state.step):
+            # Rank 0 writes the periodic checkpoints; a SIGTERM'd rank writes its own (after a step every rank
+            # holds the same weights and loop state), since a preempted pod's workers need not include rank 0.
+            if checkpointer is not None and checkpointer.due(state.step) \
+                    and (self.rank == 0 or checkpointer.stop_requested):
                 checkpointer.save(job, {**state.as_dict(), "net": _state_cpu(self.net), "opt": _opt_cpu(self.opt)})
 
     def close_epoch(self, state: LoopState, val_data: tuple[torch.Tensor, ...] | None, patience: int) -> bool:

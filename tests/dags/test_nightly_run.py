@@ -52,7 +52,8 @@ def test_each_stage_task_reads_the_day_from_the_run(settings_factory, tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     states = result["states"]
-    assert [states[n] for n in STAGE_NAMES if n != "rollout"] == ["success"] * 6, states
+    failures = [line for line in out.stderr.splitlines() if "Error" in line or "error" in line][-20:]
+    assert [states[n] for n in STAGE_NAMES if n != "rollout"] == ["success"] * 6, (states, failures)
     assert states["await_approval"] == "success" and states["loop_health"] == "success", states
     # no model server runs here: a promoted champion's rollout fails, an unpromoted one is skipped
     assert states["rollout"] in ("failed", "skipped"), states

@@ -63,3 +63,14 @@ def test_sizing_fits_the_fixed_run_and_jobs_never_start_before_release(sim, runs
     starts = clusters["elastic"].trace["train"]
     first_release = min(j.release for j in clusters["elastic"].jobs)
     assert starts[:first_release].sum() == 0
+
+
+def test_graceful_stops_lose_no_work_and_hard_kills_redo_it(sim):
+    """A stop with a grace period saves at the next step (what the trainer does on SIGTERM, any rank); a hard kill
+    loses the work since the last periodic checkpoint, and that work is redone."""
+    base = dict(days=2, cluster_gpus=128, hp_mean=0.85, models=(sim.Model("a", 40, 0), sim.Model("b", 24, -6),
+                                                                sim.Model("c", 12, 3)))
+    graceful, _ = sim.simulate(sim.Scenario(**base, graceful_stops=True))
+    hard, _ = sim.simulate(sim.Scenario(**base, graceful_stops=False))
+    assert graceful["elastic"]["preemptions"] > 0 and graceful["elastic"]["wasted_gpu_hours"] == 0
+    assert hard["elastic"]["wasted_gpu_hours"] > 0
