@@ -3,10 +3,12 @@ loss scaling make DDP a speed-up, not a different optimiser."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
@@ -115,20 +117,32 @@ def _newest_step(ck: Path) -> int:
     return max((int(p.stem.split("-")[1]) for p in ck.glob("ckpt-*.pt")), default=0)
 
 
-@pytest.mark.slow
-def test_elastic_job_survives_a_worker_leaving(tmp_path):
-    """torchrun --nnodes=1:2 (c10d): kill one of two nodes mid-epoch; the job restarts with world size 1 from the
-    last checkpoint and finishes; the loss curve is the uninterrupted one because the batch is global and the
-    split follows the world size. (A second node re-joining is not tested: on torch 2.13 here the re-join round
-    timed out in the c10d rendezvous, see the module report.)"""
+@dataclass
+class ElasticRun:
+    single: dict  # the uninterrupted one-process run's result
+    out: Path
+    ck: Path
+    host: subprocess.Popen  # agent a: hosts the c10d store, holds rank 0 (ranks follow the agents' pids)
+    other: subprocess.Popen  # agent b
+
+    def log(self, agent: str) -> str:
+        return (self.out.parent / f"{agent}.log").read_text()[-3000:]
+
+    def result(self) -> dict:
+        return json.loads((self.out / "result.json").read_text())
+
+
+@contextlib.contextmanager
+def elastic_pair(tmp_path: Path, epochs: int, checkpoint_every: int):
+    """The one-process reference run, then the same job as two torchrun nodes (1..2) on a c10d rendezvous;
+    both nodes are killed on the way out, whatever the test did to them."""
     data = tmp_path / "data.parquet"
     loans_frame(date(2026, 3, 1), 6000, seed=9).to_parquet(data)
-    common = ["--data", str(data), "--spec", str(LOANS_SPEC), "--epochs", "4", "--batch-size", "32", "--lr", "0.01",
-              "--seed", "5", "--device", "cpu", "--checkpoint-every", "10"]
+    common = ["--data", str(data), "--spec", str(LOANS_SPEC), "--epochs", str(epochs), "--batch-size", "32",
+              "--lr", "0.01", "--seed", "5", "--device", "cpu", "--checkpoint-every", str(checkpoint_every)]
     subprocess.run([sys.executable, "-m", "pipeline.learn.ddp_train", *common, "--out", str(tmp_path / "one")],
                    check=True, cwd=ROOT, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
     single = json.loads((tmp_path / "one" / "result.json").read_text())
-
     out, ck = tmp_path / "elastic", tmp_path / "ck"
     args = [*common, "--out", str(out), "--checkpoint-dir", str(ck)]
     torchrun = str(Path(sys.executable).with_name("torchrun"))
@@ -137,18 +151,27 @@ def test_elastic_job_survives_a_worker_leaving(tmp_path):
     b = _agent(torchrun, port, False, args, tmp_path / "b.log")
     try:
         _wait(lambda: _starts(out)[:1] == [2] and _newest_step(ck) > 0, "a 2-worker checkpoint", [a, b])
-        _kill_node(b)  # the node is gone: agent and worker, no goodbye
-        b.wait(timeout=30)
-        left_at = _newest_step(ck)
-        assert left_at < single["steps"] // 2, "the kill came too late to test anything"
-        assert a.wait(timeout=600) == 0, (tmp_path / "a.log").read_text()[-3000:]
+        yield ElasticRun(single, out, ck, a, b)
     finally:
         _kill_node(a)
         _kill_node(b)
-    assert _starts(out) == [2, 1]
-    elastic = json.loads((out / "result.json").read_text())
-    assert elastic["world_size"] == 1 and 0 < elastic["resumed_at_step"] and elastic["steps"] == single["steps"]
-    np.testing.assert_allclose(elastic["losses"], single["losses"], rtol=1e-3)
+
+
+@pytest.mark.slow
+def test_elastic_job_survives_a_worker_leaving(tmp_path):
+    """torchrun --nnodes=1:2 (c10d): kill one of two nodes mid-epoch; the job restarts with world size 1 from the
+    last checkpoint and finishes; the loss curve is the uninterrupted one because the batch is global and the
+    split follows the world size. (A second node re-joining is not tested: on torch 2.13 here the re-join round
+    timed out in the c10d rendezvous, see the module report.)"""
+    with elastic_pair(tmp_path, epochs=4, checkpoint_every=10) as run:
+        _kill_node(run.other)  # the node is gone: agent and worker, no goodbye
+        run.other.wait(timeout=30)
+        assert _newest_step(run.ck) < run.single["steps"] // 2, "the kill came too late to test anything"
+        assert run.host.wait(timeout=600) == 0, run.log("a")
+    assert _starts(run.out) == [2, 1]
+    elastic = run.result()
+    assert elastic["world_size"] == 1 and 0 < elastic["resumed_at_step"] and elastic["steps"] == run.single["steps"]
+    np.testing.assert_allclose(elastic["losses"], run.single["losses"], rtol=1e-3)
 
 
 def _worker(agents: list[subprocess.Popen], rank: int):
@@ -177,33 +200,15 @@ def test_a_preempted_node_holding_rank_1_saves_its_step_and_no_work_is_lost(tmp_
     (not from the periodic one) and ends on the one-process loss curve."""
     import signal
 
-    data = tmp_path / "data.parquet"
-    loans_frame(date(2026, 3, 1), 6000, seed=9).to_parquet(data)
-    common = ["--data", str(data), "--spec", str(LOANS_SPEC), "--epochs", "3", "--batch-size", "32", "--lr", "0.01",
-              "--seed", "5", "--device", "cpu", "--checkpoint-every", "100"]
-    subprocess.run([sys.executable, "-m", "pipeline.learn.ddp_train", *common, "--out", str(tmp_path / "one")],
-                   check=True, cwd=ROOT, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
-    single = json.loads((tmp_path / "one" / "result.json").read_text())
-
-    out, ck = tmp_path / "elastic", tmp_path / "ck"
-    args = [*common, "--out", str(out), "--checkpoint-dir", str(ck)]
-    torchrun = str(Path(sys.executable).with_name("torchrun"))
-    port = free_port()
-    a = _agent(torchrun, port, True, args, tmp_path / "a.log")
-    b = _agent(torchrun, port, False, args, tmp_path / "b.log")
-    try:
-        _wait(lambda: _starts(out)[:1] == [2] and _newest_step(ck) > 0, "rank 0's first checkpoint", [a, b])
-        assert _worker([b], 1) is not None, "ranks follow the agents' pids: the second agent's worker holds rank 1"
-        b.send_signal(signal.SIGTERM)  # the pod's main process: what the kubelet signals on preemption
-        assert b.wait(timeout=60) != 0
-        saved_at = _newest_step(ck)
-        assert "saved after SIGTERM" in (tmp_path / "b.log").read_text(), (tmp_path / "b.log").read_text()[-3000:]
-        assert 0 < saved_at < single["steps"], "the SIGTERM came too late to test anything"
-        assert a.wait(timeout=600) == 0, (tmp_path / "a.log").read_text()[-3000:]
-    finally:
-        _kill_node(a)
-        _kill_node(b)
-    assert _starts(out) == [2, 1]
-    elastic = json.loads((out / "result.json").read_text())
-    assert elastic["resumed_at_step"] == saved_at and elastic["steps"] == single["steps"]
-    np.testing.assert_allclose(elastic["losses"], single["losses"], rtol=1e-3)
+    with elastic_pair(tmp_path, epochs=3, checkpoint_every=100) as run:
+        assert _worker([run.other], 1) is not None, "ranks follow the agents' pids: agent b's worker holds rank 1"
+        run.other.send_signal(signal.SIGTERM)  # the pod's main process: what the kubelet signals on preemption
+        assert run.other.wait(timeout=60) != 0
+        saved_at = _newest_step(run.ck)
+        assert "saved after SIGTERM" in run.log("b"), run.log("b")
+        assert 0 < saved_at < run.single["steps"], "the SIGTERM came too late to test anything"
+        assert run.host.wait(timeout=600) == 0, run.log("a")
+    assert _starts(run.out) == [2, 1]
+    elastic = run.result()
+    assert elastic["resumed_at_step"] == saved_at and elastic["steps"] == run.single["steps"]
+    np.testing.assert_allclose(elastic["losses"], run.single["losses"], rtol=1e-3)
