@@ -16,9 +16,9 @@ from pipeline.errors import RequestError
 from serving.state import ServerState
 
 api_bearer = HTTPBearer(scheme_name="apiToken", auto_error=False,
-                        description="One of FLYWHEEL_API_TOKENS; not required when that list is empty.")
+                        description="One of FLYWHEEL_SERVING__API_TOKENS; not required when that list is empty.")
 admin_bearer = HTTPBearer(scheme_name="adminToken", auto_error=False,
-                          description="The admin token (FLYWHEEL_ADMIN_TOKEN or the home's secret).")
+                          description="The admin token (FLYWHEEL_SERVING__ADMIN_TOKEN or the home's secret).")
 Credentials = HTTPAuthorizationCredentials | None
 
 

@@ -88,7 +88,7 @@ def celery_env(s: Settings) -> dict[str, str]:
     if s.airflow.executor != "CeleryExecutor":
         return {}
     if not s.airflow.broker_url:
-        raise ValueError("airflow_executor=CeleryExecutor needs FLYWHEEL_AIRFLOW_BROKER_URL "
+        raise ValueError("FLYWHEEL_AIRFLOW__EXECUTOR=CeleryExecutor needs FLYWHEEL_AIRFLOW__BROKER_URL "
                          "(e.g. redis://127.0.0.1:6379/1)")
     env = {"AIRFLOW__CELERY__BROKER_URL": s.airflow.broker_url,
            "AIRFLOW__CELERY__WORKER_CONCURRENCY": str(s.airflow.celery_concurrency)}

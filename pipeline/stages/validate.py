@@ -95,7 +95,7 @@ def suite_file(s: Settings) -> Path | None:
     if s.validation.suite_path is not None:
         if not s.validation.suite_path.is_file():
             raise SuiteFileError(f"{s.validation.suite_path}: validation suite file not found "
-                                 "(FLYWHEEL_VALIDATION_SUITE_PATH)")
+                                 "(FLYWHEEL_VALIDATION__SUITE_PATH)")
         return s.validation.suite_path
     default = s.spec_path.with_name(f"{s.spec_path.stem}.expectations.json")
     return default if default.is_file() else None

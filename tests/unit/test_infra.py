@@ -123,7 +123,7 @@ def test_a_half_configured_production_profile_refuses_to_start_naming_the_missin
 
     from pipeline.ops import stack
 
-    with pytest.raises(ValueError, match="FLYWHEEL_AIRFLOW_BROKER_URL"):
+    with pytest.raises(ValueError, match="FLYWHEEL_AIRFLOW__BROKER_URL"):
         stack.full_env(Settings(home=tmp_path, airflow_executor="CeleryExecutor"))
     celery = stack.full_env(Settings(home=tmp_path, airflow_executor="CeleryExecutor",
                                      airflow_broker_url="redis://127.0.0.1:6379/9", airflow_celery_concurrency=3))
