@@ -14,8 +14,10 @@ elastic agent stopping its workers for a membership change) makes the rank that 
 step first, whichever rank that is: a graceful stop loses no work.
 
 Elastic (torchrun `--nnodes=MIN:MAX`): when a worker leaves or joins, torchrun restarts every worker with the new
-world size. The checkpoint is bound to the data and hyperparameters, not the world size, and the batch is global
-(`--batch-size` rows per step, split between ranks), so the restarted job resumes at the same step with the same
+world size (run the agents with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, as the rendered jobs do: without it a node
+that re-joins waits forever for the round's master address, see `pipeline.orchestration.k8s_jobs`). The
+checkpoint is bound to the data and hyperparameters, not the world size, and the batch is global (`--batch-size`
+rows per step, split between ranks), so the restarted job resumes at the same step with the same
 effective batch and the same order of rows: the result stays the one-process result up to float summation order.
 Rank 0 writes the bundle and a `result.json` with the loss curve and the weights digest, and appends each start
 (torchrun restart count, world size) to `starts.jsonl` beside it, so a membership change is visible afterwards.

@@ -27,6 +27,11 @@ from pipeline.config import Settings
 from pipeline.orchestration.k8s import training_pod
 
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+# torchrun's agents share the rendezvous TCP store with the workers by default, and the agent that stays rank 0
+# then keeps the first round's master address: a worker that re-joins later waits for a key no one writes
+# (DistStoreError on MASTER_ADDR; measured on torch 2.13, `tests/integration/test_ddp.py`). Opting out makes every
+# rendezvous round publish its own.
+ELASTIC_ENV = [{"name": "TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "value": "1"}]
 PYTORCH_CONTAINER = "pytorch"  # the training operator finds the container by this name
 RDZV_PORT = 29400
 
@@ -78,6 +83,7 @@ def pytorch_job(s: Settings, day: str) -> dict:
     container["name"] = PYTORCH_CONTAINER
     container["command"] = torchrun_command(s, name)
     container["args"] = ddp_args(s, day)
+    container["env"] = [*container.get("env", []), *ELASTIC_ENV]
     return {
         "apiVersion": "kubeflow.org/v1", "kind": "PyTorchJob",
         "metadata": {"name": name, "namespace": s.cluster.namespace, "labels": _labels(s, day)},
@@ -108,7 +114,7 @@ def train_job(s: Settings, day: str, runtime: str = "torch-distributed") -> dict
             "activeDeadlineSeconds": deadline_seconds(s),
             "trainer": {"image": s.cluster.image, "command": [*torchrun_command(s, name), *ddp_args(s, day)],
                         "numNodes": s.cluster.max_nodes, "resourcesPerNode": resources,
-                        "env": [e for e in container.get("env", []) if "valueFrom" not in e]},
+                        "env": [*(e for e in container.get("env", []) if "valueFrom" not in e), *ELASTIC_ENV]},
         },
     }
 

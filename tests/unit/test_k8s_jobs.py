@@ -62,6 +62,7 @@ def test_pytorchjob_is_elastic_queued_and_matches_the_crd(settings, tmp_path):
     assert container["name"] == "pytorch" and container["command"][:2] == ["torchrun", "--nnodes=1:4"]
     assert "--rdzv-backend=c10d" in container["command"] and "--max-restarts=50" in container["command"]
     assert container["args"][:2] == ["-m", "pipeline.learn.ddp_train"]
+    assert {"name": "TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "value": "1"} in container["env"]  # re-join works
     assert container["args"][container["args"].index("--checkpoint-dir") + 1] == f"s3://flywheel/checkpoints/{DAY}"
     assert worker["template"]["spec"]["priorityClassName"] == "flywheel-training"
     pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "w", **worker["template"]["metadata"]},
@@ -83,6 +84,7 @@ def test_trainjob_round_trips_through_the_trainer_api_models(settings):
     assert typed.spec.trainer.num_nodes == 4 and typed.spec.runtime_ref.name == "torch-distributed"
     assert typed.spec.trainer.resources_per_node.requests["nvidia.com/gpu"].actual_instance == "2"
     assert typed.metadata.labels[k8s_jobs.QUEUE_LABEL] == "flywheel-training"
+    assert {"name": "TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "value": "1"} in job["spec"]["trainer"]["env"]
     job["spec"]["trainer"]["numNodes"] = "four"
     with pytest.raises(ValueError):
         TrainerV1alpha1TrainJob.from_dict(job)
