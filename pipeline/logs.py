@@ -54,8 +54,8 @@ def progress(total: int, what: str, shown: bool = True) -> Iterator[Callable[[st
     """A transient bar for a long loop on a person's terminal (between its log lines, the loop shows it moves);
     nothing on a file, in CI, with JSON logs, where Flywheel's CLI did not set up logging, or when not `shown`
     (a DDP worker other than rank 0). Yields `step(info)`: one unit done, `info` shown beside the bar."""
-    out = console()
-    if not shown or _format != "human" or not out.is_terminal:
+    out = console() if shown and _format == "human" else None
+    if out is None or not out.is_terminal:
         yield lambda info="": None
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
