@@ -221,6 +221,10 @@ class ClusterSettings(Section):
     job_kind: Literal["pod", "pytorchjob", "trainjob"] = Field(
         default="pod", description="What the kubernetes runner submits: a single pod, a Kubeflow PyTorchJob "
         "(elastic, torchrun) or a Kubeflow Trainer TrainJob.")
+    staging_uri: str | None = Field(default=None, description="Where a pytorchjob/trainjob night is staged for "
+                                    "the job's pods and its result comes back: object storage (s3://...) or a "
+                                    "volume every pod mounts at the same path; none = HOME/staging (one machine).")
+    poll_s: float = Field(default=30.0, gt=0, description="How often the train stage looks at a submitted job.")
     min_nodes: int = Field(default=1, ge=1, description="Elastic job: fewest workers it runs with.")
     max_nodes: int = Field(default=2, ge=1, description="Elastic job: most workers it grows to.")
     max_restarts: int = Field(default=100, ge=0, description="torchrun --max-restarts: membership changes "
@@ -232,6 +236,11 @@ class ClusterSettings(Section):
     retry_delay_s: int = Field(default=60, ge=1, description="Wait before retrying a preempted training.")
     gpu_pool: str = Field(default="gpu", description="Airflow pool bounding concurrent GPU training jobs.")
     gpu_pool_slots: int = Field(default=1, ge=1, description="Slots of `gpu_pool`: nights that train at once.")
+
+    @property
+    def submits_job(self) -> bool:
+        """The train stage stages the night and submits a Kubeflow job (else it trains where it runs)."""
+        return self.runner == "kubernetes" and self.job_kind != "pod"
 
 
 class GateSettings(Section):

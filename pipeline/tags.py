@@ -22,6 +22,7 @@ class Alias(StrEnum):
 class Tag(StrEnum):
     # lineage, written at training and registration
     KIND = "flywheel.kind"
+    MODEL = "flywheel.model_name"             # the registered model a run trains for (part of a night's reuse key)
     DAY = "flywheel.data_day"
     WINDOW = "flywheel.data_window"
     DATA_DIGEST = "flywheel.data_digest"
@@ -35,6 +36,7 @@ class Tag(StrEnum):
     METRICS = "flywheel.metrics"
     POLICY = "flywheel.policy"                # which training policy made the model (warm / shrink / fresh)
     DRIFT_TRIGGER = "flywheel.drift_trigger"  # why a night trained drift challengers ("none" when it did not)
+    TRAINING_JOB = "flywheel.training_job"    # KIND/NAMESPACE/NAME of the Kubeflow job that trained it, if one did
     # the promotion gate's decision, written by evaluate/register, read by promote and review
     GATE_PASSED = "flywheel.gate_passed"
     GATE_REASON = "flywheel.gate_reason"

@@ -5,6 +5,12 @@
 
     torchrun --nnodes=1:4 --nproc_per_node=1 --rdzv-backend=c10d --rdzv-endpoint=HOST:29400 --rdzv-id=DAY \
         --max-restarts=100 -m pipeline.learn.ddp_train ... --checkpoint-dir s3://bucket/checkpoints/DAY
+    torchrun ... -m pipeline.learn.ddp_train --staged s3://bucket/staging/MODEL/NIGHT
+
+`--staged` trains a night the nightly `train` stage prepared and staged (`pipeline.learn.staging`): the same
+`fit_increment` as a local night (replay, early stopping, learning-rate choice, calibration) with the worker's
+training settings, checkpoints under the staged location unless --checkpoint-dir says otherwise; what the
+Kubeflow jobs run (`pipeline.orchestration.k8s_jobs`).
 
 Under torchrun every rank reads the same rows and the trainer splits each global batch between ranks, so the
 loss curve is the single-process one (gloo on CPU, NCCL on GPUs). With --checkpoint-dir (a directory or an
@@ -29,6 +35,7 @@ import argparse
 import hashlib
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -38,9 +45,10 @@ import torch.distributed as dist
 
 from feature_store.spec import load_spec
 from pipeline.config import get_settings
+from pipeline.learn import staging
 from pipeline.learn.checkpoint import Checkpointer, fingerprint
 from pipeline.learn.model import ModelBundle, norm_stats
-from pipeline.learn.trainer import encode_parquet, fit, pick_device
+from pipeline.learn.trainer import encode_parquet, fit, fit_increment, pick_device
 
 
 def file_digest(path: Path) -> str:
@@ -55,8 +63,9 @@ def file_digest(path: Path) -> str:
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     s = get_settings()
     ap = argparse.ArgumentParser(prog="python -m pipeline.learn.ddp_train", description=__doc__.splitlines()[0])
-    ap.add_argument("--data", type=Path, required=True, help="Parquet file with the spec's columns")
-    ap.add_argument("--out", type=Path, required=True, help="directory for the trained bundle and result.json")
+    ap.add_argument("--staged", default=None, help="a night staged by the train stage (path or URI): train it")
+    ap.add_argument("--data", type=Path, help="Parquet file with the spec's columns")
+    ap.add_argument("--out", type=Path, help="directory for the trained bundle and result.json")
     ap.add_argument("--spec", type=Path, default=s.spec_path)
     ap.add_argument("--init", type=Path, default=None, help="bundle to warm-start from (else a fresh model)")
     ap.add_argument("--epochs", type=int, default=s.training.epochs)
@@ -66,19 +75,51 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--checkpoint-dir", default=None, help="directory or URI (s3://...) for checkpoints")
     ap.add_argument("--checkpoint-every", type=int, default=s.training.checkpoint_every_steps)
     ap.add_argument("--device", default=None, help="cpu, cuda, ... (default: automatic)")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.staged is None and (args.data is None or args.out is None):
+        ap.error("either --staged LOCATION, or --data and --out")
+    return args
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = parse(argv)
-    s = get_settings()
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+def join(args: argparse.Namespace, world: int) -> torch.device:
     device = torch.device(args.device) if args.device else pick_device()
     if world > 1:
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def train_staged(args: argparse.Namespace, world: int, device: torch.device) -> dict:
+    """A night staged by the train stage, trained by the same `fit_increment` with the worker's settings."""
+    s = get_settings()
+    with tempfile.TemporaryDirectory() as tmp:
+        night = staging.load(args.staged, Path(tmp))
+    s = s.model_copy(update={"seed": night.settings["seed"],
+                             "training": type(s.training)(**night.settings["training"])})
+    label = night.settings["label"]
+    where = args.checkpoint_dir or f"{args.staged.rstrip('/')}/checkpoints"
+    ckpt = Checkpointer(where, s.training.checkpoint_every_steps, job_key=night.key, graceful=True)
+    result = fit_increment(night.bundle, night.fit_rows, label, "", s, replay=night.replay,
+                           replay_weight=night.replay_weight, device=device, valid=night.valid, checkpointer=ckpt)
+    if (dist.get_rank() if world > 1 else 0) == 0:
+        staging.write_result(args.staged, night.bundle, result)
+    return {"losses": result.losses, "steps": result.steps, "resumed_at_step": result.resumed_at_step,
+            "world_size": world, "device": result.device, "weights_digest": night.bundle.weights_digest()}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse(argv)
+    s = get_settings()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = join(args, world)
+    if args.staged is not None:
+        try:
+            return train_staged(args, world, device)
+        finally:
+            if world > 1:
+                dist.destroy_process_group()
     try:
         if (dist.get_rank() if world > 1 else 0) == 0:
             args.out.mkdir(parents=True, exist_ok=True)

@@ -86,10 +86,18 @@ def schedule():
 
 
 def training_runner() -> str:
-    """Where the nightly `train` task runs (`training_runner`): read at parse time, so switching is config only."""
+    """Where the nightly `train` task runs: `local` (the worker), `kubernetes` (the training pod) or `job` (the
+    worker stages the night and submits a Kubeflow job). Read at parse time, so switching is config only."""
     from pipeline.config import get_settings
 
-    return get_settings().cluster.runner
+    cluster = get_settings().cluster
+    return "job" if cluster.submits_job else cluster.runner
+
+
+def gpu_pool() -> str:
+    from pipeline.config import get_settings
+
+    return get_settings().cluster.gpu_pool
 
 
 def train_pod_operator(task_id: str = "train"):
@@ -122,7 +130,7 @@ def run_stage(name: str, ds: str | None, upstream: dict[str, dict], outlet_event
     return with_partition(_stage(stage.function(), *stage.arguments(ds, upstream)), outlet_events, asset, ds)
 
 
-def _stage_task(stage, asset=None):
+def _stage_task(stage, asset=None, **options: Any):
     """`stage` as a TaskFlow task named after it: Airflow injects `ds`, `outlet_events` and, for a stage that
     reads earlier results, `upstream` (their XComs)."""
     from airflow.sdk import task
@@ -130,7 +138,7 @@ def _stage_task(stage, asset=None):
     def body(upstream: dict | None = None, ds: str | None = None, outlet_events=None) -> dict:
         return run_stage(stage.name, ds, upstream or {}, outlet_events, asset)
 
-    return task(task_id=stage.name, doc_md=stage.doc, **({"outlets": [asset]} if asset else {}))(body)
+    return task(task_id=stage.name, doc_md=stage.doc, **({"outlets": [asset]} if asset else {}), **options)(body)
 
 
 #: The reviewer's decision (a deferrable task, Airflow only) comes right before this stage.
@@ -140,8 +148,9 @@ REVIEW_TASK, REVIEW_BEFORE = "await_approval", "promote"
 def nightly_stage_tasks(after, outlets: dict[str, Any]) -> dict[str, Any]:
     """One task per stage of `stages.sequence.NIGHTLY`, each after the one before (`after` first), keyed by
     task id in creation order; a stage's XComArg doubles as its task. Two steps exist only here: with
-    `training_runner=kubernetes` the `train` stage is the training pod, and `REVIEW_TASK` (the reviewer's
-    decision, deferred) comes before `REVIEW_BEFORE`."""
+    `training_runner=kubernetes` the `train` stage is the training pod (with a Kubeflow job kind, the worker's
+    `train` task that submits the job, in the GPU pool), and `REVIEW_TASK` (the reviewer's decision, deferred)
+    comes before `REVIEW_BEFORE`."""
     from pipeline.orchestration.review_trigger import AwaitApprovalOperator
     from pipeline.stages.sequence import NIGHTLY
 
@@ -154,7 +163,9 @@ def nightly_stage_tasks(after, outlets: dict[str, Any]) -> dict[str, Any]:
             made = train_pod_operator(stage.name).output
         else:
             upstream = {name: tasks[name] for name in stage.needs()}
-            made = _stage_task(stage, outlets.get(stage.name))(**({"upstream": upstream} if upstream else {}))
+            options = {"pool": gpu_pool()} if stage.name == "train" and training_runner() == "job" else {}
+            made = _stage_task(stage, outlets.get(stage.name), **options)(
+                **({"upstream": upstream} if upstream else {}))
         previous >> made
         previous = tasks[stage.name] = made
     return tasks

@@ -5,9 +5,10 @@ All three are built from the one reviewed pod template (`k8s.training_pod`): sam
 low `PriorityClass` and GPU tolerations. The distributed kinds run the pod's entry point under torchrun elastic:
 
     torchrun --nnodes=MIN:MAX --nproc-per-node=GPUS --rdzv-backend=c10d --rdzv-endpoint=<job>-worker-0:29400
-             --max-restarts=N -m pipeline.learn.ddp_train --checkpoint-dir <checkpoint_uri>/<day> ...
+             --max-restarts=N -m pipeline.learn.ddp_train --staged <staging_uri>/<model>/<night>
 
-A worker that is preempted leaves the rendezvous, the others restart from the newest checkpoint in object storage
+The nightly `train` stage prepares the night in the Airflow worker, stages it (`pipeline.learn.staging`), submits
+the job and watches it (`k8s_launch`), then logs the trained bundle the job left beside the inputs. A worker that is preempted leaves the rendezvous, the others restart from the newest checkpoint in object storage
 with the smaller world size, and a worker that comes back joins at the next restart (`ddp_train`'s docstring says
 why the result stays the same). `restartPolicy: ExitCode` lets the training operator restart a pod killed by a
 signal (exit >= 128, preemption) and fail one whose trainer exited 1-127 (a real failure), the same split the
@@ -21,6 +22,7 @@ bounds the whole wait + run by the night's deadline.
 from __future__ import annotations
 
 import copy
+import hashlib
 from datetime import date
 
 from pipeline.config import Settings
@@ -36,16 +38,16 @@ PYTORCH_CONTAINER = "pytorch"  # the training operator finds the container by th
 RDZV_PORT = 29400
 
 
-def job_name(day: date | str) -> str:
-    return f"flywheel-train-{day.isoformat() if isinstance(day, date) else day}"
+def job_name(day: date | str, staged: str = "") -> str:
+    """One name per staged night: re-training a day on another parent (after a rollback) is another job."""
+    label = day.isoformat() if isinstance(day, date) else day
+    return f"flywheel-train-{label}-{hashlib.sha256(staged.encode()).hexdigest()[:8]}" if staged else \
+        f"flywheel-train-{label}"
 
 
-def ddp_args(s: Settings, day: str) -> list[str]:
-    """The pod entry point's arguments for one day: inputs staged on the shared volume, checkpoints in the store."""
-    base = f"/data/{day}"
-    ckpt = f"{s.training.checkpoint_uri.rstrip('/')}/{day}" if s.training.checkpoint_uri else f"{base}/checkpoints"
-    return ["-m", "pipeline.learn.ddp_train", "--data", f"{base}/train.parquet", "--init", f"{base}/parent",
-            "--out", f"{base}/bundle", "--checkpoint-dir", ckpt]
+def ddp_args(staged: str) -> list[str]:
+    """The entry point's arguments: the staged night (inputs, checkpoints and output all live under it)."""
+    return ["-m", "pipeline.learn.ddp_train", "--staged", staged]
 
 
 def torchrun_command(s: Settings, name: str) -> list[str]:
@@ -73,16 +75,16 @@ def queued_pod(s: Settings, day: str, xcom: bool = False) -> dict:
     return pod
 
 
-def pytorch_job(s: Settings, day: str) -> dict:
+def pytorch_job(s: Settings, day: str, staged: str) -> dict:
     """A Kubeflow training-operator `PyTorchJob` (kubeflow.org/v1) with an elastic policy: MIN..MAX workers."""
-    name = job_name(day)
+    name = job_name(day, staged)
     pod = training_pod(s, day)
     spec = copy.deepcopy(pod["spec"])
     spec.pop("restartPolicy", None)  # the replica spec's restartPolicy governs the pods
     container = spec["containers"][0]
     container["name"] = PYTORCH_CONTAINER
     container["command"] = torchrun_command(s, name)
-    container["args"] = ddp_args(s, day)
+    container["args"] = ddp_args(staged)
     container["env"] = [*container.get("env", []), *ELASTIC_ENV]
     return {
         "apiVersion": "kubeflow.org/v1", "kind": "PyTorchJob",
@@ -100,10 +102,10 @@ def pytorch_job(s: Settings, day: str) -> dict:
     }
 
 
-def train_job(s: Settings, day: str, runtime: str = "torch-distributed") -> dict:
+def train_job(s: Settings, day: str, staged: str, runtime: str = "torch-distributed") -> dict:
     """A Kubeflow Trainer `TrainJob` (trainer.kubeflow.org/v1alpha1) on a torch ClusterTrainingRuntime. Elasticity
     and the pod's priority/tolerations come from the runtime (an admin object, see infra/README.md)."""
-    name = job_name(day)
+    name = job_name(day, staged)
     container = training_pod(s, day)["spec"]["containers"][0]
     resources = copy.deepcopy(container["resources"])
     return {
@@ -112,13 +114,17 @@ def train_job(s: Settings, day: str, runtime: str = "torch-distributed") -> dict
         "spec": {
             "runtimeRef": {"name": runtime, "apiGroup": "trainer.kubeflow.org", "kind": "ClusterTrainingRuntime"},
             "activeDeadlineSeconds": deadline_seconds(s),
-            "trainer": {"image": s.cluster.image, "command": [*torchrun_command(s, name), *ddp_args(s, day)],
+            "trainer": {"image": s.cluster.image, "command": [*torchrun_command(s, name), *ddp_args(staged)],
                         "numNodes": s.cluster.max_nodes, "resourcesPerNode": resources,
                         "env": [*(e for e in container.get("env", []) if "valueFrom" not in e), *ELASTIC_ENV]},
         },
     }
 
 
-def training_job(s: Settings, day: str) -> dict:
-    """What `training_job_kind` selects, for one day."""
-    return {"pod": queued_pod, "pytorchjob": pytorch_job, "trainjob": train_job}[s.cluster.job_kind](s, day)
+def training_job(s: Settings, day: str, staged: str = "") -> dict:
+    """What `job_kind` selects, for one day (the distributed kinds for the night staged at `staged`)."""
+    if s.cluster.job_kind == "pod":
+        return queued_pod(s, day)
+    if not staged:
+        raise ValueError(f"a {s.cluster.job_kind} trains a staged night: pass its location")
+    return {"pytorchjob": pytorch_job, "trainjob": train_job}[s.cluster.job_kind](s, day, staged)

@@ -35,7 +35,7 @@ from feature_store.offline import Lake
 from pipeline import registry
 from pipeline.checks.drift import DRIFT
 from pipeline.checks.metrics import auc
-from pipeline.errors import StageError
+from pipeline.errors import StageError, TrainingFailed
 from pipeline.learn import policies, replay
 from pipeline.learn.checkpoint import Checkpointer, mlflow_logger
 from pipeline.learn.holdout import TIE_BREAKERS, split_positions
@@ -206,10 +206,13 @@ class Outcome:
     skipped: list[str] = field(default_factory=list)
 
 
-def finished_run(exp: str, day: date, parent: str, digest: str):
+def finished_run(exp: str, model: str, day: date, parent: str, digest: str):
+    """The finished run of this model for this day, parent and data. The model's name is part of the key: one
+    experiment per spec may hold several models, and a parent version number means something only in its own."""
     found = mlflow.search_runs(
         experiment_names=[exp], output_format="list", max_results=1,
-        filter_string=(f"tags.`{Tag.DAY}` = '{day}' and tags.`{Tag.PARENT}` = '{parent}'"
+        filter_string=(f"tags.`{Tag.MODEL}` = '{model}' and tags.`{Tag.DAY}` = '{day}'"
+                       f" and tags.`{Tag.PARENT}` = '{parent}'"
                        f" and tags.`{Tag.DATA_DIGEST}` = '{digest}' and attributes.status = 'FINISHED'"))
     return found[0] if found else None
 
@@ -226,7 +229,7 @@ def train(day: str | date, rt: Runtime | None = None) -> TrainResult:
     if manifest is None:
         raise StageError(f"day {day} has no validated partition: run collect and validate (and pass the gate)")
     digest = data_digest(manifest)
-    prior = finished_run(experiment(rt), day, parent.version, digest)
+    prior = finished_run(experiment(rt), rt.model_name, day, parent.version, digest)
     reader = DayReader(rt.lake, day, manifest)
     keys = reader.table([spec.event_time, *(c for c in TIE_BREAKERS if c in reader.names)])
     train_pos, holdout_pos = split_positions(keys, spec.event_time, s.training.holdout_fraction)
@@ -342,11 +345,48 @@ def drift_signal(rt: Runtime, night: Night) -> DriftSignal:
 
 def train_warm(rt: Runtime, night: Night, start: ModelBundle) -> Candidate:
     s, label = rt.settings, rt.spec.label.name
+    if s.cluster.submits_job:
+        return train_warm_as_job(rt, night, start)
     t0 = time.monotonic()
     result = fit_increment(start, night.fit_rows, label, rt.spec.event_time, s, replay=night.replay_df,
                            replay_weight=night.replay_w, device=night.device, valid=night.valid,
                            checkpointer=Checkpointer(night.ckpt_dir, s.training.checkpoint_every_steps, mlflow_logger()))
     return Candidate(WARM, start, result, time.monotonic() - t0, replay_window(night))
+
+
+def staging_location(rt: Runtime, night: Night) -> str:
+    s = rt.settings
+    root = s.cluster.staging_uri or str(s.home_abs / "staging")
+    return f"{root.rstrip('/')}/{rt.model_name}/{night.ckpt_dir.name}"
+
+
+def train_warm_as_job(rt: Runtime, night: Night, start: ModelBundle) -> Candidate:
+    """The warm start as a Kubeflow job (`job_kind` pytorchjob/trainjob): the night prepared here is staged where
+    the job's pods read it, the job trains it with the same `fit_increment` (elastic, preemptible, queued), and
+    its bundle comes back to be judged and logged like a local one. A result already there (a retried task whose
+    job had finished) is taken as is."""
+    from pipeline.learn import staging
+    from pipeline.orchestration import k8s_jobs
+    from pipeline.orchestration.k8s_launch import Launcher
+
+    s = rt.settings
+    t0 = time.monotonic()
+    where = staging_location(rt, night)
+    with tempfile.TemporaryDirectory() as tmp:
+        done = staging.read_result(where, Path(tmp))
+        if done is None:
+            staging.stage(where, start, night.fit_rows, night.valid, night.replay_df, night.replay_w,
+                          {"seed": s.seed, "label": rt.spec.label.name,
+                           "training": s.training.model_dump(mode="json")})
+            job = k8s_jobs.training_job(s, night.day.isoformat(), where)
+            mlflow.set_tags({Tag.TRAINING_JOB: f"{job['kind']}/{s.cluster.namespace}/{job['metadata']['name']}"})
+            ran = Launcher(job).run(timeout_s=k8s_jobs.deadline_seconds(s), poll_s=s.cluster.poll_s)
+            log.info("%s %s finished in %.0f s (%s)", ran.kind, ran.name, ran.seconds, " -> ".join(ran.conditions))
+            done = staging.read_result(where, Path(tmp))
+            if done is None:
+                raise TrainingFailed(f"{ran.kind} {ran.name} succeeded but left no result under {where}/output")
+        bundle, result = done
+    return Candidate(WARM, bundle, result, time.monotonic() - t0, replay_window(night))
 
 
 def train_shrink(rt: Runtime, night: Night, start: ModelBundle) -> Candidate:
@@ -401,11 +441,15 @@ def train_candidates(rt: Runtime, night: Night) -> Outcome:
     s = rt.settings
     signal = drift_signal(rt, night)
     names = [WARM, *dict.fromkeys(p for p in s.challengers.policies if p != WARM)] if signal.triggered else [WARM]
-    if signal.triggered:
+    skipped = []
+    if s.cluster.submits_job and len(names) > 1:  # challengers are not staged: the worker is no place to train
+        skipped, names = names[1:], [WARM]
+        log.warning("drift night %s: the %s job trains the warm start only; challengers %s skipped",
+                    night.day, s.cluster.job_kind, skipped)
+    elif signal.triggered:
         log.warning("drift night %s: training %s (%s)", night.day, names, "; ".join(signal.reasons))
     begin = time.monotonic()
     candidates: list[Candidate] = []
-    skipped = []
     for name in names:
         if candidates and s.challengers.budget_s and time.monotonic() - begin > s.challengers.budget_s:
             skipped.append(name)
@@ -430,8 +474,8 @@ def train_candidates(rt: Runtime, night: Night) -> Outcome:
 def log_setup(rt: Runtime, night: Night) -> None:
     s, spec = rt.settings, rt.spec
     policy = replay.ReplayPolicy.from_settings(s)
-    mlflow.set_tags({Tag.KIND: "nightly", Tag.DAY: night.day.isoformat(), Tag.PARENT: night.parent.version,
-                     Tag.DATA_DIGEST: night.digest})
+    mlflow.set_tags({Tag.KIND: "nightly", Tag.MODEL: rt.model_name, Tag.DAY: night.day.isoformat(),
+                     Tag.PARENT: night.parent.version, Tag.DATA_DIGEST: night.digest})
     if night.migration is not None:
         mlflow.set_tag(Tag.MIGRATION, night.migration)
     mlflow.log_params({"epochs": s.training.epochs, "batch_size": s.training.batch_size, "lr": s.training.learning_rate,

@@ -24,6 +24,7 @@ from tests.helpers import free_port, make_settings
 from tests.unit.test_infra import _validate
 
 DAY = "2026-03-01"
+STAGED = "s3://flywheel/staging/flywheel-loans/2026-03-01-v3-0123456789abcdef"
 KUEUE_FIELDS = {  # kueue.x-k8s.io/v1beta1, as documented; only what a manifest here may use
     "ResourceFlavor": {"spec": {"nodeLabels", "nodeTaints", "tolerations", "topologyName"}},
     "ClusterQueue": {"spec": {"namespaceSelector", "cohort", "queueingStrategy", "resourceGroups", "preemption",
@@ -48,7 +49,7 @@ def settings(tmp_path):
 def test_pytorchjob_is_elastic_queued_and_matches_the_crd(settings, tmp_path):
     import jsonschema
 
-    job = k8s_jobs.training_job(settings.model_copy(update={"training_job_kind": "pytorchjob"}), DAY)
+    job = k8s_jobs.training_job(settings.model_copy(update={"training_job_kind": "pytorchjob"}), DAY, STAGED)
     schema = json.loads((REPO / "tests" / "data" / "schemas" / "pytorchjob-v1-excerpt.json").read_text())
     jsonschema.validate(job, schema)
     spec = job["spec"]
@@ -63,7 +64,8 @@ def test_pytorchjob_is_elastic_queued_and_matches_the_crd(settings, tmp_path):
     assert "--rdzv-backend=c10d" in container["command"] and "--max-restarts=50" in container["command"]
     assert container["args"][:2] == ["-m", "pipeline.learn.ddp_train"]
     assert {"name": "TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "value": "1"} in container["env"]  # re-join works
-    assert container["args"][container["args"].index("--checkpoint-dir") + 1] == f"s3://flywheel/checkpoints/{DAY}"
+    assert container["args"] == ["-m", "pipeline.learn.ddp_train", "--staged", STAGED]
+    assert job["metadata"]["name"].startswith(f"flywheel-train-{DAY}-")
     assert worker["template"]["spec"]["priorityClassName"] == "flywheel-training"
     pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "w", **worker["template"]["metadata"]},
            "spec": worker["template"]["spec"]}
@@ -78,13 +80,14 @@ def test_pytorchjob_is_elastic_queued_and_matches_the_crd(settings, tmp_path):
 def test_trainjob_round_trips_through_the_trainer_api_models(settings):
     from kubeflow_trainer_api.models import TrainerV1alpha1TrainJob
 
-    job = k8s_jobs.training_job(settings.model_copy(update={"training_job_kind": "trainjob"}), DAY)
+    job = k8s_jobs.training_job(settings.model_copy(update={"training_job_kind": "trainjob"}), DAY, STAGED)
     typed = TrainerV1alpha1TrainJob.from_dict(job)
     assert typed.to_dict() == job, "a field the API model does not know was dropped"
     assert typed.spec.trainer.num_nodes == 4 and typed.spec.runtime_ref.name == "torch-distributed"
     assert typed.spec.trainer.resources_per_node.requests["nvidia.com/gpu"].actual_instance == "2"
     assert typed.metadata.labels[k8s_jobs.QUEUE_LABEL] == "flywheel-training"
     assert {"name": "TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "value": "1"} in job["spec"]["trainer"]["env"]
+    assert typed.spec.trainer.command[-2:] == ["--staged", STAGED]
     job["spec"]["trainer"]["numNodes"] = "four"
     with pytest.raises(ValueError):
         TrainerV1alpha1TrainJob.from_dict(job)
@@ -122,3 +125,22 @@ def test_kueue_example_uses_only_documented_v1beta1_fields(settings):
     local = kinds["LocalQueue"]
     assert local["spec"]["clusterQueue"] == kinds["ClusterQueue"]["metadata"]["name"]
     assert local["metadata"]["name"] == settings.cluster.kueue_queue  # the queue the jobs name
+
+
+def test_job_condition_reads_the_operators_status():
+    from pipeline.orchestration.k8s_launch import condition
+
+    def c(kind: str, status: str = "True", at: str = "2026-03-01T00:00:00Z", **extra: str) -> dict:
+        return {"type": kind, "status": status, "lastTransitionTime": at, **extra}
+
+    assert condition({}) == ("Pending", "", "")
+    restarting = {"conditions": [c("Created"), c("Running", "False", "2026-03-01T00:01:00Z"),
+                                 c("Restarting", at="2026-03-01T00:02:00Z", reason="PyTorchJobRestarting",
+                                   message="worker-1 exited with code 143")]}
+    assert condition({"status": restarting}) == ("Restarting", "PyTorchJobRestarting", "worker-1 exited with code 143")
+    # A terminal condition wins over a later-stamped one (the operator may touch Running after it).
+    done = {"conditions": [c("Created"), c("Complete", at="2026-03-01T00:05:00Z"),
+                           c("Running", at="2026-03-01T00:06:00Z")]}
+    assert condition({"status": done})[0] == "Complete"
+    failed = {"conditions": [c("Running"), c("Failed", reason="BackoffLimitExceeded", message="3 restarts")]}
+    assert condition({"status": failed}) == ("Failed", "BackoffLimitExceeded", "3 restarts")

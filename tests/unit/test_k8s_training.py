@@ -65,6 +65,11 @@ def test_kubernetes_runner_makes_train_a_pod_operator_in_the_gpu_pool(k8s_dag, t
     assert info["upstream"] == ["validate"] and info["downstream"] == ["evaluate", "note"] and info["retries"] == 480
     local = _parse(tmp_path)
     assert local["errors"] == {} and local["type"] != "TrainingPodOperator" and local["pool"] == "default_pool"
+    # A Kubeflow job kind: `train` stays the worker's task (it stages, submits and watches), in the GPU pool.
+    job = _parse(tmp_path, FLYWHEEL_CLUSTER__RUNNER="kubernetes", FLYWHEEL_CLUSTER__JOB_KIND="pytorchjob",
+                 FLYWHEEL_CLUSTER__GPU_POOL="gpu-a100")
+    assert job["errors"] == {} and job["type"] == local["type"] and job["pool"] == "gpu-a100"
+    assert job["heavy"] == [] and job["downstream"] == local["downstream"]
 
 
 def test_pod_request_runs_train_for_the_rendered_day_with_gpu_priority_and_secrets(k8s_dag):

@@ -1,0 +1,95 @@
+"""The nightly `train` stage as a Kubeflow job (`job_kind` pytorchjob / trainjob): the worker prepares and stages
+the night, submits the job and watches it, and logs the bundle the job left, as a local night logs its own.
+
+The Kubernetes control plane is a FAKE (`tests/fake_kube.py`: no cluster runs here); the client calls, the staged
+files, the job's command (the rendered torchrun line, on this machine) and the trainer are the real ones.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import date, timedelta
+
+import mlflow
+import pandas as pd
+import pytest
+
+from pipeline.errors import TrainingFailed
+from pipeline.runtime import runtime
+from pipeline.stages.bootstrap import bootstrap
+from pipeline.stages.train import train
+from pipeline.tags import Tag
+from tests.fake_kube import FakeKube
+from tests.helpers import LOANS_SPEC
+from tests.integration.test_drift_policies import put_day, stream_day
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+DAY = date(2026, 6, 10)
+
+
+@pytest.fixture
+def home(settings_factory, tmp_path):
+    """A champion bootstrapped on three days and a fourth day validated, with settings for the job runner."""
+    s = settings_factory(spec_path=LOANS_SPEC, epochs=2, batch_size=64, lr_candidates=())
+    history = pd.concat([stream_day(DAY - timedelta(days=d), 800, seed=1) for d in (3, 2, 1)])
+    history.to_parquet(tmp_path / "history.parquet")
+    rt = runtime(s)
+    bootstrap(tmp_path / "history.parquet", rt)
+    put_day(rt, DAY, stream_day(DAY, 2000, seed=5))
+    return s
+
+
+def as_job(s, kind: str, **cluster):
+    return s.model_copy(update={"cluster": s.cluster.model_copy(update={
+        "runner": "kubernetes", "job_kind": kind, "poll_s": 0.5, "kueue_queue": "flywheel-training", **cluster})})
+
+
+@pytest.mark.parametrize("kind", ["pytorchjob", "trainjob"])
+def test_a_night_trained_as_a_kubeflow_job_equals_the_night_trained_locally(home, kind, tmp_path, monkeypatch,
+                                                                              caplog):
+    caplog.set_level(logging.INFO, logger="flywheel")
+    with FakeKube(tmp_path / "kube", admit_after_s=1.0) as kube:
+        monkeypatch.setenv("KUBECONFIG", str(kube.kubeconfig))
+        s = as_job(home, kind, staging_uri=str(tmp_path / "staging"))
+        rt = runtime(s)
+        remote = train(DAY, rt)
+    assert [j["kind"] for j in kube.created] == [{"pytorchjob": "PyTorchJob", "trainjob": "TrainJob"}[kind]]
+    job = kube.created[0]
+    client = rt.client()
+    run = client.get_run(remote.run_id)
+    assert run.data.tags[Tag.TRAINING_JOB] == f"{job['kind']}/{s.cluster.namespace}/{job['metadata']['name']}"
+    assert remote.policy == "warm" and not remote.reused and remote.epochs_run == 2
+    assert "waits for capacity" in caplog.text  # Kueue held it first, and the log said so
+    staged = next((tmp_path / "staging" / rt.model_name).iterdir())
+    assert (staged / "output" / "result.json").is_file() and (staged / "inputs" / "DONE").is_file()
+    # The same night trained in the worker: same weights (one process, same seed, same staged inputs).
+    mlflow.delete_run(remote.run_id)
+    local = train(DAY, runtime(home))
+    assert not local.reused and local.run_id != remote.run_id
+    here = client.get_run(local.run_id)
+    assert Tag.TRAINING_JOB not in here.data.tags
+    assert run.data.tags[Tag.WEIGHTS] == here.data.tags[Tag.WEIGHTS]
+    assert run.data.metrics["train_loss"] == pytest.approx(here.data.metrics["train_loss"], rel=1e-6)
+    assert run.data.metrics["calibration_scale"] == pytest.approx(here.data.metrics["calibration_scale"])
+
+
+def test_a_failed_job_fails_the_night_and_its_retry_replaces_it(home, tmp_path, monkeypatch):
+    with FakeKube(tmp_path / "kube") as kube:
+        monkeypatch.setenv("KUBECONFIG", str(kube.kubeconfig))
+        rt = runtime(as_job(home, "pytorchjob", staging_uri=str(tmp_path / "staging"), kueue_queue=None))
+        kube.fail_next = True
+        with pytest.raises(TrainingFailed, match=r"failed: JobFailed: worker exited with code 1.*kubectl logs"):
+            train(DAY, rt)
+        assert len(kube.jobs) == 1  # kept for `kubectl logs`
+        retried = train(DAY, rt)  # the same name exists and failed: deleted and submitted again
+        assert len(kube.created) == 2 and kube.created[0]["metadata"]["name"] == kube.created[1]["metadata"]["name"]
+        assert retried.policy == "warm" and rt.client().get_run(retried.run_id).info.status == "FINISHED"
+        again = train(DAY, rt)  # a finished night is reused: no third job
+        assert again.reused and len(kube.created) == 2
+
+
+def test_no_cluster_is_a_clear_error(home, tmp_path, monkeypatch):
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing"))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    with pytest.raises(Exception, match="no Kubernetes cluster to submit the training job to"):
+        train(DAY, runtime(as_job(home, "pytorchjob", staging_uri=str(tmp_path / "staging"))))
