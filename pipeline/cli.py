@@ -396,6 +396,8 @@ def backtest(
     max_periods: Annotated[int | None, typer.Option(help="Replay only the first N periods.")] = None,
     retrain_every: Annotated[int, typer.Option(help="From-scratch reference retrained every K periods.")] = 1,
     last_k: Annotated[int, typer.Option(help="Periods the recent gradient-boosted reference is refit on.")] = 3,
+    airflow: Annotated[bool, typer.Option("--airflow", help="Run each night as a run of the nightly DAG through "
+                                                            "the scratch home's own Airflow scheduler.")] = False,
 ) -> None:
     """Would the loop have helped on my history? Replays STREAM through the real server and nightly on a scratch
     home, test-then-train, against the frozen, retrained and gradient-boosted references."""
@@ -410,7 +412,8 @@ def backtest(
         raise typer.Exit(2) from None
     opts = BacktestOptions(spec=spec, history=history, stream=stream, period=period, label_delay=delay,
                            label_time=label_time, max_periods=max_periods, retrain_every=max(1, retrain_every),
-                           last_k=max(1, last_k), home=home or get_settings().home_abs / "backtest" / spec.stem)
+                           last_k=max(1, last_k), home=home or get_settings().home_abs / "backtest" / spec.stem,
+                           airflow=airflow)
     result = run_backtest(opts, out, console)  # a refusal (Decision) is one error line, exit 2, like any command
     console.print(f"report: {result['files']['html']}")
     typer.echo(json.dumps(result, default=str))

@@ -13,11 +13,13 @@ from pipeline.backtest.run import Backtest, BacktestOptions
 def period_note(opts: BacktestOptions, is_day: bool) -> str:
     delay = (f"labels at the stream's {opts.label_time!r} column" if opts.label_time
              else f"labels at the event time + {opts.label_delay}")
+    how = (" Each night ran as a run of the nightly DAG (run id backtest__DATE) through the scheduler of the "
+           "scratch home's own Airflow." if opts.airflow else "")
     if is_day:
-        return f"Period 1d: each period is replayed on its own date; {delay}."
+        return f"Period 1d: each period is replayed on its own date; {delay}.{how}"
     return (f"Period {opts.period} is not a day: period k is replayed on logical date (first stream day + k days), "
             f"times inside a period mapped linearly into that day, so label delays and the spec's attribution "
-            f"window are compared on that compressed clock; {delay}.")
+            f"window are compared on that compressed clock; {delay}.{how}")
 
 
 def backtest(opts: BacktestOptions, out_dir: Path | None = None, console: Console | None = None) -> dict:

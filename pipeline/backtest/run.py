@@ -1,7 +1,8 @@
 """The backtest loop: a scratch home on embedded defaults (its own MLflow and model server on free ports),
 bootstrap from the history, then per period: rows through the server (test-then-train: the loop is scored by
 what /predict answered), labels through /feedback, the nightly through `pipeline.stages.nightly` (the code the
-DAG runs, one task per stage there), and the references trained on the labels known before the period."""
+DAG runs, one task per stage there) or, with `airflow`, as a run of the nightly DAG on the scratch home's own
+Airflow (scheduler, api-server, SQLite), and the references trained on the labels known before the period."""
 
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ class BacktestOptions(BaseModel):
     max_periods: int | None = None
     retrain_every: int = 1
     last_k: int = 3
+    airflow: bool = False
 
 
 def _free_port() -> int:
@@ -60,6 +62,7 @@ def scratch_settings(opts: BacktestOptions) -> Settings:
     return Settings(home=opts.home.resolve(), spec_path=opts.spec.resolve(), lake_uri=None, model_name=None,
                     mlflow_port=mlflow_port, mlflow_tracking_uri=f"http://127.0.0.1:{mlflow_port}",
                     serving_port=_free_port(), serving_host="127.0.0.1", serving_url=None, schedule="none",
+                    airflow_port=(port := _free_port()), airflow_url=f"http://127.0.0.1:{port}",
                     airflow_db_uri=None, mlflow_backend_uri=None, mlflow_artifacts_uri=None, s3_endpoint_url=None,
                     mlflow_auth=False, online_store_uri=None, training_runner="local", canary_share=0.0,
                     promotion_mode="auto", api_tokens=[], log_seal_interval_s=3600.0)
@@ -100,6 +103,44 @@ def run_nightly_for(day, rt: Runtime) -> tuple[dict, float]:
     return result, round(time.monotonic() - start, 3)
 
 
+NIGHTLY_DAG = "flywheel_nightly"
+
+
+class AirflowNights:
+    """The nightly as a run of the nightly DAG per logical date, through the real scheduler: the outcome is read
+    from the stage tasks' XComs (the same results `run_nightly` returns) and, when a run fails, from its note.
+    A run already there for the day (a resumed backtest) is waited for and read, not triggered again."""
+
+    def __init__(self, s: Settings) -> None:
+        from pipeline.ops import stack
+        from pipeline.ops.airflow_client import AirflowClient
+
+        stack.start_airflow(s)
+        self.af = AirflowClient(s.airflow_url, s.airflow_user, stack.airflow_password(s))
+        self.af.wait_for_dag(NIGHTLY_DAG, timeout=s.service_start_timeout_s)
+        self.af.unpause(NIGHTLY_DAG)
+
+    def __call__(self, day) -> tuple[dict, float]:
+        af, run_id = self.af, f"backtest__{day.isoformat()}"
+        start = time.monotonic()
+        if af.request("GET", f"/api/v2/dags/{NIGHTLY_DAG}/dagRuns/{run_id}").status_code == 404:
+            af.trigger(NIGHTLY_DAG, day, run_id)
+        state = af.wait_run(NIGHTLY_DAG, run_id, timeout=4 * 3600)
+        states = af.task_states(NIGHTLY_DAG, run_id)
+        out = {name: af.xcom(NIGHTLY_DAG, run_id, name) for name in ("train", "evaluate", "register", "promote")
+               if states.get(name) == "success"}
+        if state == "success":
+            result = gate_outcome(out)
+        else:
+            note = af.request("GET", f"/api/v2/dags/{NIGHTLY_DAG}/dagRuns/{run_id}").json().get("note") or ""
+            failed = sorted(name for name, st in states.items() if st == "failed")
+            outcome = "validation failed" if states.get("validate") == "failed" else f"stopped ({', '.join(failed)})"
+            result = {"outcome": outcome, "reason": note or f"DAG run {run_id} {state}",
+                      "trained": states.get("train") == "success", "candidate": (out.get("register") or {}).get(
+                          "version")}
+        return result | {"dag_run": run_id}, round(time.monotonic() - start, 3)
+
+
 class Backtest:
     """One backtest in one home; `run` may be called again after an interruption and skips finished periods."""
 
@@ -112,6 +153,7 @@ class Backtest:
         self.store = Store(self.s.home_abs / "backtest")
         self.scratch: tuple[int, object] | None = None
         self.is_day = True
+        self.nightly = lambda day: run_nightly_for(day, self.rt)
 
     def inputs(self) -> bt_data.Inputs:
         o = self.opts
@@ -135,6 +177,9 @@ class Backtest:
             with self.console.status("starting the model server"):
                 stack.start_server(self.s)
                 _wait_serving(self.s, boot["version"])
+            if self.opts.airflow:
+                with self.console.status("starting Airflow (each night is a run of the nightly DAG)"):
+                    self.nightly = AirflowNights(self.s)
             frozen = registry.load_version(self.rt.client(), self.rt.model_name, boot["version"], self.rt.cache_dir)
             self.periods(inputs, ks, frozen)
         finally:
@@ -182,7 +227,7 @@ class Backtest:
                                  spec.label.name, bt_data.LABEL_TIME, f"bt-p{k:05d}")
             self.store.save_served(k, served)
         status("nightly")
-        night, seconds = run_nightly_for(day, self.rt)
+        night, seconds = self.nightly(day)
         status("references")
         scores = {"loop": served["score"].to_numpy(dtype=np.float64), "frozen": frozen.predict(rows),
                   **self.references(inputs, i, k, rows)}
@@ -194,7 +239,8 @@ class Backtest:
                   "positives": int(y.sum()), "served_version": ",".join(v for v, _ in versions.most_common()),
                   "gate": night["outcome"], "gate_reason": night["reason"], "trained": night["trained"],
                   "candidate": night["candidate"], "champion_after": champion.version if champion else None,
-                  "nightly_s": seconds, "scratch_from_period": self.scratch[0] if self.scratch else None}
+                  "nightly_s": seconds, "scratch_from_period": self.scratch[0] if self.scratch else None,
+                  "dag_run": night.get("dag_run")}
         for name, p in scores.items():
             result |= {f"{name}_{m}": v for m, v in metrics(y, p, s.gate.ece_bins).items()}
         self.store.save_result(k, result)
