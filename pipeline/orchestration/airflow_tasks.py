@@ -14,11 +14,11 @@ from typing import Any
 def _stage(fn: Callable[..., Any], *args: Any) -> dict:
     from airflow.sdk.exceptions import AirflowFailException
 
-    from pipeline.runtime import StageError  # imported here: DAG parsing must not pull in pandas
+    from pipeline.errors import Decision  # a decision is the same on every retry: fail the task at once
 
     try:
         return fn(*args).model_dump(mode="json")
-    except StageError as e:
+    except Decision as e:
         _record_error(str(e))
         raise AirflowFailException(str(e)) from e
 

@@ -94,8 +94,10 @@ class Launcher:
         except ApiException as e:
             if e.status == 409 or (e.status == 404 and method != "create_namespaced_custom_object"):
                 raise
+            hint = (f" (is the {self.kind} custom resource installed? see infra/README.md)" if e.status == 404
+                    else " (the task's service account needs create/get/delete on it)" if e.status == 403 else "")
             raise TrainingFailed(f"the Kubernetes API refused {method} of {self.kind} {self.namespace}/{self.name}: "
-                                 f"HTTP {e.status} {e.reason}: {(e.body or '')[:500]}") from e
+                                 f"HTTP {e.status} {e.reason}{hint}: {(e.body or '')[:500]}") from e
 
     def submit(self) -> bool:
         """Create the job; True when an existing one (still running or done) is attached to instead."""

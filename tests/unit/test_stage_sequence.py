@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import inspect
 
+import pytest
+
 from pipeline.orchestration.airflow_tasks import stage_task_ids
 from pipeline.orchestration.run_note import STAGES
 from pipeline.stages.promote import PromoteResult
@@ -38,3 +40,22 @@ def test_rollout_is_skipped_with_the_reason_unless_promoted():
 
 def test_the_run_note_reads_the_tasks_the_dag_makes():
     assert STAGES == stage_task_ids() == (*STAGE_NAMES[:5], "await_approval", *STAGE_NAMES[5:])
+
+
+def test_a_decision_fails_the_task_at_once_and_a_fault_is_left_to_retries():
+    """Every `Decision` (a refused night, a failed training job, a passed deadline) is final; a `Fault` is not."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from pipeline.errors import DeadlinePassed, Preempted, TrainingFailed
+    from pipeline.orchestration.airflow_tasks import _stage
+
+    def raising(error: Exception):
+        def fn():
+            raise error
+        return fn
+
+    for final in (TrainingFailed("PyTorchJob failed"), DeadlinePassed("too late")):
+        with pytest.raises(AirflowFailException, match=str(final)):
+            _stage(raising(final))
+    with pytest.raises(Preempted):
+        _stage(raising(Preempted("node drained")))
