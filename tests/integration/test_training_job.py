@@ -22,6 +22,7 @@ from pipeline.tags import Tag
 from tests.fake_kube import FakeKube
 from tests.helpers import LOANS_SPEC
 from tests.integration.test_drift_policies import put_day, stream_day
+from tests.integration.test_resume_training import BUCKET, s3  # noqa: F401 - the S3 emulator fixture
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 DAY = date(2026, 6, 10)
@@ -76,6 +77,25 @@ def test_a_night_trained_as_a_kubeflow_job_equals_the_night_trained_locally(home
     assert (run.data.tags[Tag.WEIGHTS] == here.data.tags[Tag.WEIGHTS]) is (procs == 1)
     assert run.data.metrics["calibration_scale"] == pytest.approx(here.data.metrics["calibration_scale"],
                                                                   rel=1e-6 if procs == 1 else 1e-2)
+
+
+def test_a_night_staged_in_object_storage_trains_on_pods_that_share_no_disk(home, tmp_path, monkeypatch, s3):  # noqa: F811
+    """The production profile: the night goes through object storage (moto's S3 emulator stands in for it: the
+    store is outside this machine), and the job's process gets the store's credentials, not the worker's disk."""
+    environ, client = s3
+    for k, v in environ.items():
+        monkeypatch.setenv(k, v)
+    with FakeKube(tmp_path / "kube") as kube:
+        monkeypatch.setenv("KUBECONFIG", str(kube.kubeconfig))
+        rt = runtime(as_job(home, "pytorchjob", staging_uri=f"s3://{BUCKET}/staging", kueue_queue=None))
+        out = train(DAY, rt)
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket=BUCKET, Prefix="staging/")["Contents"]]
+    night = f"staging/{rt.model_name}/"
+    assert any(k.startswith(night) and k.endswith("/inputs/DONE") for k in keys)
+    assert any(k.startswith(night) and k.endswith("/output/result.json") for k in keys)
+    assert any(k.startswith(night) and "/output/bundle/weights.safetensors" in k for k in keys)
+    assert not (tmp_path / "home" / "staging").exists()
+    assert rt.client().get_run(out.run_id).data.tags[Tag.TRAINING_JOB].startswith("PyTorchJob/")
 
 
 def test_a_failed_job_fails_the_night_and_its_retry_replaces_it(home, tmp_path, monkeypatch):
