@@ -10,7 +10,7 @@
 `--staged` trains a night the nightly `train` stage prepared and staged (`pipeline.learn.staging`): the same
 `fit_increment` as a local night (replay, early stopping, learning-rate choice, calibration) with the worker's
 training settings, checkpoints under the staged location unless --checkpoint-dir says otherwise; what the
-Kubeflow jobs run (`pipeline.orchestration.k8s_jobs`).
+Kubeflow jobs run (`pipeline.cluster.jobs`).
 
 Under torchrun every rank reads the same rows and the trainer splits each global batch between ranks, so the
 loss curve is the single-process one (gloo on CPU, NCCL on GPUs). With --checkpoint-dir (a directory or an
@@ -21,7 +21,7 @@ step first, whichever rank that is: a graceful stop loses no work.
 
 Elastic (torchrun `--nnodes=MIN:MAX`): when a worker leaves or joins, torchrun restarts every worker with the new
 world size (run the agents with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, as the rendered jobs do: without it a node
-that re-joins waits forever for the round's master address, see `pipeline.orchestration.k8s_jobs`). The
+that re-joins waits forever for the round's master address, see `pipeline.cluster.jobs`). The
 checkpoint is bound to the data and hyperparameters, not the world size, and the batch is global (`--batch-size`
 rows per step, split between ranks), so the restarted job resumes at the same step with the same
 effective batch and the same order of rows: the result stays the one-process result up to float summation order.

@@ -365,9 +365,9 @@ def train_warm_as_job(rt: Runtime, night: Night, start: ModelBundle) -> Candidat
     the job's pods read it, the job trains it with the same `fit_increment` (elastic, preemptible, queued), and
     its bundle comes back to be judged and logged like a local one. A result already there (a retried task whose
     job had finished) is taken as is."""
+    from pipeline.cluster import jobs
+    from pipeline.cluster.launch import Launcher
     from pipeline.learn import staging
-    from pipeline.orchestration import k8s_jobs
-    from pipeline.orchestration.k8s_launch import Launcher
 
     s = rt.settings
     t0 = time.monotonic()
@@ -378,9 +378,9 @@ def train_warm_as_job(rt: Runtime, night: Night, start: ModelBundle) -> Candidat
             staging.stage(where, start, night.fit_rows, night.valid, night.replay_df, night.replay_w,
                           {"seed": s.seed, "label": rt.spec.label.name,
                            "training": s.training.model_dump(mode="json")})
-            job = k8s_jobs.training_job(s, night.day.isoformat(), where)
+            job = jobs.training_job(s, night.day.isoformat(), where)
             mlflow.set_tags({Tag.TRAINING_JOB: f"{job['kind']}/{s.cluster.namespace}/{job['metadata']['name']}"})
-            ran = Launcher(job).run(timeout_s=k8s_jobs.deadline_seconds(s), poll_s=s.cluster.poll_s)
+            ran = Launcher(job).run(timeout_s=jobs.deadline_seconds(s), poll_s=s.cluster.poll_s)
             log.info("%s %s finished in %.0f s (%s)", ran.kind, ran.name, ran.seconds, " -> ".join(ran.conditions))
             done = staging.read_result(where, Path(tmp))
             if done is None:

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from feature_store.spec import load_spec
+from pipeline.cluster.jobs import ELASTIC_ENV
 from pipeline.learn.model import ModelBundle
-from pipeline.orchestration.k8s_jobs import ELASTIC_ENV
 from tests.helpers import LOANS_SPEC, free_port, loans_frame
 
 pytestmark = pytest.mark.integration

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.cluster.pod import training_pod
 from pipeline.config import Settings
-from pipeline.orchestration.k8s import training_pod
 
 INFRA = Path(__file__).resolve().parents[2] / "infra"
 VALIDATE = Path(sys.executable).parent / "kubernetes-validate"

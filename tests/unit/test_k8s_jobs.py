@@ -18,8 +18,8 @@ import json
 import pytest
 import yaml
 
+from pipeline.cluster import jobs as k8s_jobs
 from pipeline.config import REPO
-from pipeline.orchestration import k8s_jobs
 from tests.helpers import free_port, make_settings
 from tests.unit.test_infra import _validate
 
@@ -128,7 +128,7 @@ def test_kueue_example_uses_only_documented_v1beta1_fields(settings):
 
 
 def test_job_condition_reads_the_operators_status():
-    from pipeline.orchestration.k8s_launch import condition
+    from pipeline.cluster.launch import condition
 
     def c(kind: str, status: str = "True", at: str = "2026-03-01T00:00:00Z", **extra: str) -> dict:
         return {"type": kind, "status": status, "lastTransitionTime": at, **extra}

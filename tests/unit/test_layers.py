@@ -20,6 +20,8 @@ FORBIDDEN = {
     "pipeline/checks": ("airflow", "mlflow", "pipeline.stages", "pipeline.orchestration", "pipeline.release"),
     "pipeline/stages": ("airflow", "pipeline.orchestration", "pipeline.ops", "pipeline.demo"),
     "pipeline/release": ("airflow", "pipeline.orchestration", "pipeline.demo"),
+    "pipeline/cluster": ("airflow", "mlflow", "pipeline.stages", "pipeline.orchestration", "pipeline.release",
+                         "pipeline.registry", "pipeline.demo"),
     "pipeline/backtest": ("airflow", "pipeline.orchestration", "pipeline.demo", "serving"),
 }
 

@@ -1,14 +1,14 @@
 """The night's training as a Kubernetes job for a shared cluster: a single pod, an elastic Kubeflow `PyTorchJob`, or
 a Kubeflow Trainer `TrainJob` (`training_job_kind`), optionally queued through Kueue (`kueue_queue`).
 
-All three are built from the one reviewed pod template (`k8s.training_pod`): same image, secrets, security context,
+All three are built from the one reviewed pod template (`pod.training_pod`): same image, secrets, security context,
 low `PriorityClass` and GPU tolerations. The distributed kinds run the pod's entry point under torchrun elastic:
 
     torchrun --nnodes=MIN:MAX --nproc-per-node=GPUS --rdzv-backend=c10d --rdzv-endpoint=<job>-worker-0:29400
              --max-restarts=N -m pipeline.learn.ddp_train --staged <staging_uri>/<model>/<night>
 
 The nightly `train` stage prepares the night in the Airflow worker, stages it (`pipeline.learn.staging`), submits
-the job and watches it (`k8s_launch`), then logs the trained bundle the job left beside the inputs. A worker that is preempted leaves the rendezvous, the others restart from the newest checkpoint in object storage
+the job and watches it (`launch`), then logs the trained bundle the job left beside the inputs. A worker that is preempted leaves the rendezvous, the others restart from the newest checkpoint in object storage
 with the smaller world size, and a worker that comes back joins at the next restart (`ddp_train`'s docstring says
 why the result stays the same). `restartPolicy: ExitCode` lets the training operator restart a pod killed by a
 signal (exit >= 128, preemption) and fail one whose trainer exited 1-127 (a real failure), the same split the
@@ -25,8 +25,8 @@ import copy
 import hashlib
 from datetime import date
 
+from pipeline.cluster.pod import training_pod
 from pipeline.config import Settings
-from pipeline.orchestration.k8s import training_pod
 
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 # torchrun's agents share the rendezvous TCP store with the workers by default, and the agent that stays rank 0
