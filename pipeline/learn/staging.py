@@ -15,10 +15,14 @@ feature spec's vocabularies nor MLflow, and a staged night trains to the same we
                               whatever its own config says
     LOCATION/inputs/DONE      written last: a half-staged night is never trained
     LOCATION/output/bundle/, LOCATION/output/result.json  the job's result (result.json written last)
+
+The whole location is deleted once the candidate is logged in MLflow (a task retried before that finds the
+result and takes it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import tempfile
@@ -133,6 +137,14 @@ def write_result(location: str, bundle: ModelBundle, result: FitResult) -> None:
         _upload(Path(tmp) / "bundle", f"{out}/bundle")
     data = dataclasses.asdict(result) | {"weights_digest": bundle.weights_digest()}
     _put_text(f"{out}/{RESULT}", json.dumps(data, indent=2))
+
+
+def remove(location: str) -> None:
+    """Delete a staged night once its candidate is logged: encoded rows must not pile up in the store."""
+    fs, root = _fs(location)
+    fs.delete_dir_contents(root, missing_dir_ok=True)
+    with contextlib.suppress(OSError):  # an object store may have no directory object to delete
+        fs.delete_dir(root)
 
 
 def read_result(location: str, workdir: Path) -> tuple[ModelBundle, FitResult] | None:

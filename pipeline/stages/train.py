@@ -248,6 +248,10 @@ def train(day: str | date, rt: Runtime | None = None) -> TrainResult:
         outcome = train_candidates(rt, night)
         log_outcome(rt, night, outcome, Path(tmp))
     update_replay(rt, night.reader, night.past, day)
+    if s.cluster.submits_job:  # the candidate is in MLflow now: the staged night (rows, checkpoints) can go
+        from pipeline.learn import staging
+
+        staging.remove(staging_location(rt, night))
     best = outcome.winner
     return TrainResult(day=day.isoformat(), run_id=run.info.run_id, parent_version=parent.version,
                        train_rows=len(train_pos), holdout_rows=len(holdout_pos), new_vocab=night.added,
