@@ -90,6 +90,9 @@ class PredictionLogSettings(Section):
         "flush_interval_ms (lower latency, a SIGKILL loses up to one interval).")
     flush_interval_ms: int = Field(default=200, ge=10, description="Background spool flush interval (the most "
                                    "a SIGKILL loses in interval durability).")
+    commit_delay_ms: float = Field(default=0.5, ge=0, description="Group commit: when the last commit carried "
+                                   "several requests' rows, wait this long for more before the next one (fewer "
+                                   "fsyncs under load, like PostgreSQL's commit_delay); 0 = commit at once.")
     seal_interval_s: float = Field(default=10.0, gt=0, description="How often the spool is sealed to Parquet.")
 
 

@@ -4,7 +4,10 @@ Two durability modes. `group` (the server's default): rows are appended to a buf
 appended them waits until an fsync covering them has returned; every request that arrives while one fsync is in
 flight shares the next one (group commit, as databases do it), so a SIGKILL loses nothing that was answered.
 `interval`: rows are written and fsync'd every flush interval by a background thread, so the answer goes out
-first and a SIGKILL loses at most one interval.
+first and a SIGKILL loses at most one interval. Under load a group commit first waits `commit_delay_s` when the
+previous commit carried several requests' rows (PostgreSQL's commit_delay with commit_siblings): more rows share
+each fsync. Measured at batch 1, c32, 2 workers: 0.5 ms took group commit from 0.62 to 0.74-0.76 of interval
+mode's requests/s (server CPU per request 212 -> 179 us); 2 ms was worse (0.51). A lone client never waits.
 
 A write is all or nothing: the spool is cut back to its last complete record when a write fails (a full disk),
 so the spool never holds a torn record followed by good ones. In `group` mode the failed rows are dropped (their
@@ -92,11 +95,15 @@ class SegmentLog:
         lake_dir: str,
         partition_columns: tuple[str, ...],
         durability: Durability = "interval",
+        commit_delay_s: float = 0.0,
     ) -> None:
         self.stream, self.schema, self.lake, self.lake_dir = stream, schema, lake, lake_dir
         self.partition_columns = partition_columns
         self.spool_dir = spool_dir
         self.durability = durability
+        self.commit_delay_s = commit_delay_s
+        self._appends = 0  # requests whose rows were appended since the last commit began
+        self._last_group = 0  # requests the last commit carried: more than one means others are writing
         self._header = schema.serialize().to_pybytes()
         self._buf_lock = threading.Lock()  # guards the in-memory buffers; held for microseconds
         self._io_lock = threading.Lock()  # serialises spool writes and the spool switch; never taken by append
@@ -131,10 +138,11 @@ class SegmentLog:
             raise LogUnavailable(self.error)
         with self._buf_lock:
             self._pending.append(batch)
+            self._appends += 1
             self.rows_appended += batch.num_rows
             return self.rows_appended
 
-    def append_columns(self, columns: dict[str, list], rows: int) -> int:
+    def append_columns(self, columns: dict[str, list], rows: int, requests: int = 1) -> int:
         """Buffer plain Python columns; they become one Arrow batch per flush, which is far cheaper per row than
         building a batch per request on the serving path. Returns the rows' sequence number for `durable`."""
         if self.error and self.durability == "interval":
@@ -143,6 +151,7 @@ class SegmentLog:
             for name, buf in self._columns.items():
                 buf.extend(columns[name])
             self._column_rows += rows
+            self._appends += requests
             self.rows_appended += rows
             return self.rows_appended
 
@@ -153,9 +162,14 @@ class SegmentLog:
         if self.durability != "group":
             return
         loop = asyncio.get_running_loop()
+        delayed = False
         while (state := self._state(seq)) == "pending":
             task = self._commit
             if task is None or task.done():
+                if not delayed and self.commit_delay_s and self._last_group > 1:
+                    delayed = True  # others are writing too: let more rows join this commit, then look again
+                    await asyncio.sleep(self.commit_delay_s)
+                    continue
                 task = self._commit = loop.run_in_executor(None, self._commit_quietly)
             await asyncio.shield(task)
         if state == "dropped":
@@ -179,6 +193,7 @@ class SegmentLog:
     def _take(self) -> tuple[list[pa.RecordBatch], dict[str, list] | None, int]:
         with self._buf_lock:
             batches, self._pending = self._pending, []
+            self._last_group, self._appends = self._appends, 0
             columns = None
             if self._column_rows:
                 columns = self._columns

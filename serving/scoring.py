@@ -118,7 +118,7 @@ class Scorer:
                 jobs, cols, scores, rows = self._refuse_non_finite(jobs, cols, scores)
                 if not jobs:
                     return
-            seq = self.log.append_columns(self._log_columns(jobs, cols, scores, rows), rows) \
+            seq = self.log.append_columns(self._log_columns(jobs, cols, scores, rows), rows, len(jobs)) \
                 if self.log is not None else None
         except Exception as e:  # every waiting request learns why, none hangs
             _fail(jobs, e)

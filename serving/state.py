@@ -84,9 +84,11 @@ class ServerState:
         rt = runtime(s)
         spec, metrics = rt.spec, Metrics()
         predictions = SegmentLog("predictions", prediction_schema(spec), s.spool_dir, rt.lake, PREDICTIONS,
-                                 (spec.event_time, "served_at"), durability=s.prediction_log.durability)
+                                 (spec.event_time, "served_at"), durability=s.prediction_log.durability,
+                                 commit_delay_s=s.prediction_log.commit_delay_ms / 1000)
         feedback = SegmentLog("feedback", feedback_schema(), s.spool_dir, rt.lake, FEEDBACK,
-                              ("label_time", "received_at"), durability=s.prediction_log.durability)
+                              ("label_time", "received_at"), durability=s.prediction_log.durability,
+                              commit_delay_s=s.prediction_log.commit_delay_ms / 1000)
         logs = [predictions, feedback]
 
         def on_event(kind: str, version: str, alias: str) -> None:

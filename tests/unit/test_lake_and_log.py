@@ -102,3 +102,47 @@ def test_unwritable_spool_refuses_rows(tmp_path):
         log.flush()
     with pytest.raises(LogUnavailable, match="not writable"):
         log.append(_batch(spec, ["b"], [None]))
+
+
+class CountingLog(SegmentLog):
+    """A real SegmentLog that counts its group commits (spool write + fsync)."""
+
+    commits = 0
+
+    def _commit_quietly(self) -> None:
+        type(self).commits += 1
+        super()._commit_quietly()
+
+
+@pytest.mark.parametrize(("delay", "expected_commits"), [(0.3, 2), (0.0, 3)])
+def test_group_commit_waits_for_company_only_when_others_are_writing(tmp_path, delay, expected_commits):
+    """A lone request commits at once. Once a commit has carried several requests, the next waits
+    `commit_delay_s`, and a request arriving meanwhile shares its fsync (without the delay it needs its own)."""
+    import asyncio
+    import time
+
+    spec = load_spec(LOANS_SPEC)
+    lake = Lake(str(tmp_path / "lake"))
+    log = CountingLog("predictions", prediction_schema(spec), tmp_path / "spool", lake, PREDICTIONS,
+                      (spec.event_time, "served_at"), durability="group", commit_delay_s=delay)
+    CountingLog.commits = 0
+    now = datetime(2026, 3, 1, tzinfo=UTC)
+
+    async def request(ids: list[str], after: float = 0.0, requests: int = 1) -> float:
+        await asyncio.sleep(after)
+        batch = _batch(spec, ids, [now] * len(ids))
+        seq = log.append_columns(batch.to_pydict(), batch.num_rows, requests)
+        start = time.monotonic()
+        await log.durable(seq)
+        return time.monotonic() - start
+
+    async def scenario() -> float:
+        lone = await request(["a"])  # nobody else writes: no delay
+        await request(["b", "c"], requests=2)  # one micro-batch of two requests: now others are writing
+        await asyncio.gather(request(["d"]), request(["e"], after=0.1))
+        return lone
+
+    lone = asyncio.run(scenario())
+    assert lone < 0.25 and CountingLog.commits == 2 + expected_commits - 1
+    log.flush()
+    assert read_spool(log._spool.path, log.schema).num_rows == 5
