@@ -53,15 +53,14 @@ def custom_objects_api() -> Any:
 
 
 def condition(job: dict) -> tuple[str, str, str]:
-    """The job's newest true condition: (type, reason, message); ("Pending", "", "") before the first."""
+    """The job's verdict (a true Failed, else Succeeded/Complete), else its newest true condition: (type, reason,
+    message); ("Pending", "", "") before the first."""
     found = [c for c in (job.get("status") or {}).get("conditions") or [] if c.get("status") == "True"]
     if not found:
         return "Pending", "", ""
-    last = max(found, key=lambda c: (c.get("lastTransitionTime") or "", found.index(c)))
-    if any(c.get("type") in FAILED for c in found):
-        last = next(c for c in found if c.get("type") in FAILED)
-    elif any(c.get("type") in SUCCEEDED for c in found):
-        last = next(c for c in found if c.get("type") in SUCCEEDED)
+    terminal = [c for kinds in (FAILED, SUCCEEDED) for c in found if c.get("type") in kinds]
+    last = terminal[0] if terminal else max(found, key=lambda c: (c.get("lastTransitionTime") or "",
+                                                                   found.index(c)))
     return last.get("type", "?"), last.get("reason") or "", last.get("message") or ""
 
 

@@ -114,13 +114,9 @@ def main(argv: list[str] | None = None) -> dict:
     s = get_settings()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     device = join(args, world)
-    if args.staged is not None:
-        try:
-            return train_staged(args, world, device)
-        finally:
-            if world > 1:
-                dist.destroy_process_group()
     try:
+        if args.staged is not None:
+            return train_staged(args, world, device)
         if (dist.get_rank() if world > 1 else 0) == 0:
             args.out.mkdir(parents=True, exist_ok=True)
             with open(args.out / "starts.jsonl", "a") as f:
