@@ -45,12 +45,18 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def filesystem(location: str | Path) -> tuple[pafs.FileSystem, str]:
+    """The filesystem and path of a location that is either a URI (s3://, gs://, hdfs://, file://) or a local
+    path: the lake, checkpoints and staged training jobs all accept both, resolved the one same way."""
+    loc = str(location)
+    if "://" in loc:
+        return pafs.FileSystem.from_uri(loc)
+    return pafs.LocalFileSystem(), str(Path(loc).resolve())
+
+
 class Lake:
     def __init__(self, root: str) -> None:
-        if "://" in root:
-            self.fs, self.root = pafs.FileSystem.from_uri(root)
-        else:
-            self.fs, self.root = pafs.LocalFileSystem(), str(Path(root).resolve())
+        self.fs, self.root = filesystem(root)
         self.fs.create_dir(self.root, recursive=True)
 
     def path(self, *parts: str) -> str:

@@ -147,7 +147,8 @@ def init(
     event_time: Annotated[str | None, typer.Option(help="Event-time column (default: first timestamp column).")]
     = None,
     out: Annotated[Path | None, typer.Option(help="Write the draft here (default: print it).")] = None,
-    name: Annotated[str | None, typer.Option(help="Spec name (default: the history file's name).")] = None,
+    name: Annotated[str | None, typer.Option(help="Spec name (default: the --out file's name, else the history "
+                                                  "file's).")] = None,
     force: Annotated[bool, typer.Option(help="Overwrite --out if it exists.")] = False,
 ) -> None:
     """Draft a feature spec from a history file: prints every guess and why; the draft loads and bootstraps."""
@@ -165,7 +166,7 @@ def init(
         raise StageError(f"history file {history} not found") from None
     except (pa.ArrowInvalid, OSError) as e:
         raise StageError(f"{history} is not a readable Parquet file: {' '.join(str(e).split())}") from None
-    draft = draft_spec(table, name or history.stem, label=label, event_time=event_time)
+    draft = draft_spec(table, name or (out or history).stem, label=label, event_time=event_time)
     for note in draft.notes:
         console.print(f"guess: {note}", highlight=False, markup=False)
     text = render(draft, history.name)

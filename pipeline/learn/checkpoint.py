@@ -30,6 +30,8 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import torch
 
+from feature_store.offline import filesystem
+
 log = logging.getLogger("flywheel.checkpoint")
 PATTERN = re.compile(r"^ckpt-(\d{12})\.pt$")
 SIGTERM_EXIT = 128 + signal.SIGTERM
@@ -49,9 +51,7 @@ def resolve(location: Path | str) -> tuple[pafs.FileSystem, str]:
         root = s.home_abs / "checkpoints"
         if s.training.checkpoint_uri and Path(loc).resolve().is_relative_to(root.resolve()):
             loc = f"{s.training.checkpoint_uri.rstrip('/')}/{Path(loc).resolve().relative_to(root.resolve()).as_posix()}"
-    if "://" in loc:
-        return pafs.FileSystem.from_uri(loc)
-    return pafs.LocalFileSystem(), str(Path(loc).resolve())
+    return filesystem(loc)
 
 
 class Checkpointer:

@@ -34,6 +34,7 @@ import pandas as pd
 import pyarrow.fs as pafs
 import torch
 
+from feature_store.offline import filesystem
 from pipeline.learn.calibration import Calibration
 from pipeline.learn.checkpoint import fingerprint
 from pipeline.learn.model import ModelBundle
@@ -44,31 +45,25 @@ DONE = "DONE"
 RESULT = "result.json"
 
 
-def _fs(location: str) -> tuple[pafs.FileSystem, str]:
-    if "://" in location:
-        return pafs.FileSystem.from_uri(location)
-    return pafs.LocalFileSystem(), str(Path(location).resolve())
-
-
 def _upload(local: Path, location: str) -> None:
-    fs, root = _fs(location)
+    fs, root = filesystem(location)
     fs.create_dir(root, recursive=True)
     pafs.copy_files(str(local), root, destination_filesystem=fs)
 
 
 def _download(location: str, local: Path) -> None:
-    fs, root = _fs(location)
+    fs, root = filesystem(location)
     local.mkdir(parents=True, exist_ok=True)
     pafs.copy_files(root, str(local), source_filesystem=fs)
 
 
 def _exists(location: str) -> bool:
-    fs, root = _fs(location)
+    fs, root = filesystem(location)
     return fs.get_file_info(root).type != pafs.FileType.NotFound
 
 
 def _put_text(location: str, text: str) -> None:
-    fs, path = _fs(location)
+    fs, path = filesystem(location)
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
     with fs.open_output_stream(path) as f:
         f.write(text.encode())
@@ -93,7 +88,7 @@ def stage(location: str, bundle: ModelBundle, fit_rows: Encoded, valid: Encoded 
     key = fingerprint(settings=settings, weights=bundle.weights_digest(), rows=len(fit_rows),
                       valid=len(valid) if valid else 0, replay=len(replay), y=float(fit_rows.y.sum()),
                       num=float(fit_rows.num.double().sum()))
-    fs, root = _fs(location)
+    fs, root = filesystem(location)
     done = f"{root}/inputs/{DONE}"
     if fs.get_file_info(done).type == pafs.FileType.File:
         with fs.open_input_stream(done) as f:
@@ -141,7 +136,7 @@ def write_result(location: str, bundle: ModelBundle, result: FitResult) -> None:
 
 def remove(location: str) -> None:
     """Delete a staged night once its candidate is logged: encoded rows must not pile up in the store."""
-    fs, root = _fs(location)
+    fs, root = filesystem(location)
     fs.delete_dir_contents(root, missing_dir_ok=True)
     with contextlib.suppress(OSError):  # an object store may have no directory object to delete
         fs.delete_dir(root)
@@ -152,7 +147,7 @@ def read_result(location: str, workdir: Path) -> tuple[ModelBundle, FitResult] |
     out = f"{location.rstrip('/')}/output"
     if not _exists(f"{out}/{RESULT}"):
         return None
-    fs, path = _fs(f"{out}/{RESULT}")
+    fs, path = filesystem(f"{out}/{RESULT}")
     with fs.open_input_stream(path) as f:
         data = json.loads(f.read().decode())
     _download(f"{out}/bundle", workdir / "bundle")

@@ -45,6 +45,7 @@ def test_init_drafts_a_spec_that_loads_and_bootstraps_as_is(tmp_path, mlflow_ser
     assert "guess: label: 'label', its name reads like an outcome" in init.stderr
     assert "calls it 'label_value' and reads it from 'label'" in init.stderr and f"wrote {out}" in init.stderr
     spec = load_spec(out)
+    assert spec.name == "spec", "the draft is named after the file it is written to, not 'history'"
     assert spec.label.name == "label_value" and spec.label.source == "label" and len(spec.numeric) == 9
 
     boot = subprocess.run([*flywheel, "--spec", str(out), "bootstrap", "--history", str(history)],
