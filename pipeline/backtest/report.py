@@ -45,6 +45,7 @@ def summarize(rows: list[dict], name: str, period_note: str, last_k: int, retrai
     out |= {"promotions": sum(r["gate"] == "promoted" for r in rows),
             "trained": sum(bool(r["trained"]) for r in rows),
             "longest_run_without_training": _longest_gap([r["trained"] for r in rows]),
+            "rollbacks": sum(bool(r.get("rolled_back")) for r in rows),
             "gate_outcomes": dict(pd.Series([r["gate"] for r in rows]).value_counts()) if rows else {},
             "nightly_s_first": secs[0] if secs else None, "nightly_s_last": secs[-1] if secs else None,
             "nightly_cost_ratio_last3_first3": round(statistics.median(tail) / statistics.median(head), 3)
@@ -69,8 +70,10 @@ def _png(rows: list[dict]) -> bytes:
     axes[0].set_title("AUC per period (test-then-train)")
     axes[1].set_title("log-loss per period")
     colors = ["tab:green" if r["gate"] == "promoted" else "tab:orange" if r["trained"] else "tab:red" for r in rows]
-    axes[2].bar(x, [r["nightly_s"] for r in rows], color=colors)
-    axes[2].set_title("nightly s: green promoted, orange held, red untrained", fontsize=9)
+    axes[2].bar(x, [r["nightly_s"] for r in rows], color=colors,
+                hatch=["//" if r.get("rolled_back") else "" for r in rows])
+    axes[2].set_title("nightly s: green promoted, orange held, red untrained; hatched: champion rolled back",
+                      fontsize=8)
     axes[0].legend(fontsize=7)
     for ax in axes:
         ax.set_xlabel("period")
@@ -95,7 +98,8 @@ def write(rows: list[dict], summary: dict, out_dir: Path, title: str) -> dict[st
     page.write_text(
         f"<html><head><meta charset=utf-8><title>{html.escape(title)}</title></head><body>"
         f"<h1>{html.escape(title)}</h1><p>{html.escape(summary['period_note'])}</p>"
-        f"<p>Promotions {summary['promotions']}/{summary['periods']}, nights that trained {summary['trained']}, "
+        f"<p>Promotions {summary['promotions']}/{summary['periods']}, rollbacks by the online evaluation "
+        f"{summary.get('rollbacks', 0)}, nights that trained {summary['trained']}, "
         f"longest run without training {summary['longest_run_without_training']} periods; nightly seconds first "
         f"{summary['nightly_s_first']}, last {summary['nightly_s_last']}.</p>"
         f"<table border=1 cellpadding=4><tr><th>model</th><th>mean AUC</th><th>worst AUC</th><th>mean log-loss</th>"

@@ -1,6 +1,8 @@
 """The backtest loop: a scratch home on embedded defaults (its own MLflow and model server on free ports),
 bootstrap from the history, then per period: rows through the server (test-then-train: the loop is scored by
-what /predict answered), labels through /feedback, the nightly through `pipeline.stages.nightly` (the code the
+what /predict answered), labels through /feedback, the online evaluation as the hourly DAG runs it once the
+period's traffic is sealed (it rolls back a champion that did worse than `previous` on the rows it served,
+as the product does unless `schedules.online_eval` is `none`), the nightly through `pipeline.stages.nightly` (the code the
 DAG runs, one task per stage there) or, with `airflow`, as a run of the nightly DAG on the scratch home's own
 Airflow (scheduler, api-server, SQLite), and the references trained on the labels known before the period."""
 
@@ -24,7 +26,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from pipeline import registry
 from pipeline.backtest import data as bt_data
 from pipeline.backtest.references import GradientBoosted, scratch_model
-from pipeline.backtest.replay import send_period
+from pipeline.backtest.replay import admin_flush, send_period
 from pipeline.backtest.store import Store
 from pipeline.checks.metrics import auc, ece, logloss, scores_valid
 from pipeline.config import Settings, get_settings
@@ -104,6 +106,28 @@ def run_nightly_for(day, rt: Runtime) -> tuple[dict, float]:
 
 
 NIGHTLY_DAG = "flywheel_nightly"
+ONLINE_EVAL_DAG = "flywheel_online_eval"
+
+
+def online_outcome(out: dict) -> dict:
+    """What the online evaluation decided, from `online_eval`'s result."""
+    rolled = out.get("decision") == "rolled_back"
+    return {"decision": out.get("decision"), "reason": out.get("reason", ""),
+            "rolled_back": out.get("champion") if rolled else None}
+
+
+def online_enabled(s: Settings) -> bool:
+    """The product runs the online evaluation on its own schedule unless that is `none`; so does a backtest."""
+    return s.schedules.online_eval.lower() not in ("none", "")
+
+
+def run_online_eval_for(day, rt: Runtime) -> dict:
+    from pipeline.release.online_eval import online_eval
+
+    try:
+        return online_outcome(online_eval(day, rt).model_dump())
+    except StageError as e:
+        return {"decision": f"stopped ({type(e).__name__})", "reason": str(e), "rolled_back": None}
 
 
 class AirflowNights:
@@ -117,8 +141,20 @@ class AirflowNights:
 
         stack.start_airflow(s)
         self.af = AirflowClient(s.airflow_url, s.airflow_user, stack.airflow_password(s))
-        self.af.wait_for_dag(NIGHTLY_DAG, timeout=s.service_start_timeout_s)
-        self.af.unpause(NIGHTLY_DAG)
+        for dag_id in (NIGHTLY_DAG, *((ONLINE_EVAL_DAG,) if online_enabled(s) else ())):
+            self.af.wait_for_dag(dag_id, timeout=s.service_start_timeout_s)
+            self.af.unpause(dag_id)
+
+    def online(self, day) -> dict:
+        """The hourly online evaluation's run for the day, triggered once the day's traffic is sealed."""
+        af, run_id = self.af, f"backtest__{day.isoformat()}"
+        if af.request("GET", f"/api/v2/dags/{ONLINE_EVAL_DAG}/dagRuns/{run_id}").status_code == 404:
+            af.trigger(ONLINE_EVAL_DAG, day, run_id)
+        state = af.wait_run(ONLINE_EVAL_DAG, run_id, timeout=3600)
+        if af.task_states(ONLINE_EVAL_DAG, run_id).get("online_eval") != "success":
+            return {"decision": f"stopped (DAG run {state})", "reason": f"{ONLINE_EVAL_DAG} run {run_id} {state}",
+                    "rolled_back": None}
+        return online_outcome(af.xcom(ONLINE_EVAL_DAG, run_id, "online_eval"))
 
     def __call__(self, day) -> tuple[dict, float]:
         af, run_id = self.af, f"backtest__{day.isoformat()}"
@@ -154,6 +190,7 @@ class Backtest:
         self.scratch: tuple[int, object] | None = None
         self.is_day = True
         self.nightly = lambda day: run_nightly_for(day, self.rt)
+        self.online = lambda day: run_online_eval_for(day, self.rt)
 
     def inputs(self) -> bt_data.Inputs:
         o = self.opts
@@ -180,6 +217,7 @@ class Backtest:
             if self.opts.airflow:
                 with self.console.status("starting Airflow (each night is a run of the nightly DAG)"):
                     self.nightly = AirflowNights(self.s)
+                    self.online = self.nightly.online
             frozen = registry.load_version(self.rt.client(), self.rt.model_name, boot["version"], self.rt.cache_dir)
             self.periods(inputs, ks, frozen)
         finally:
@@ -226,6 +264,14 @@ class Backtest:
             served = send_period(s.resolved_serving_url(), rows, spec.feature_names, spec.event_time,
                                  spec.label.name, bt_data.LABEL_TIME, f"bt-p{k:05d}")
             self.store.save_served(k, served)
+        online = self.store.read_json(f"online-{k:05d}.json")
+        if online is None:
+            online = {"decision": "off", "reason": "schedules.online_eval is none", "rolled_back": None}
+            if online_enabled(s):
+                status("online evaluation")
+                admin_flush(s.resolved_serving_url(), s.resolved_admin_token())  # the server seals every few s
+                online = self.online(day)
+            self.store.write_json(f"online-{k:05d}.json", online)
         status("nightly")
         night, seconds = self.nightly(day)
         status("references")
@@ -240,7 +286,8 @@ class Backtest:
                   "gate": night["outcome"], "gate_reason": night["reason"], "trained": night["trained"],
                   "candidate": night["candidate"], "champion_after": champion.version if champion else None,
                   "nightly_s": seconds, "scratch_from_period": self.scratch[0] if self.scratch else None,
-                  "dag_run": night.get("dag_run")}
+                  "dag_run": night.get("dag_run"), "online_eval": online["decision"],
+                  "online_eval_reason": online["reason"], "rolled_back": online["rolled_back"]}
         for name, p in scores.items():
             result |= {f"{name}_{m}": v for m, v in metrics(y, p, s.gate.ece_bins).items()}
         self.store.save_result(k, result)
@@ -295,4 +342,5 @@ def _fmt(v) -> str:
 def _line(r: dict) -> str:
     return (f"period {r['period']} ({r['logical_date']}): {r['rows']} rows, served v{r['served_version']}, AUC loop "
             f"{_fmt(r['loop_auc'])} frozen {_fmt(r['frozen_auc'])} scratch {_fmt(r['scratch_auc'])} hgb "
-            f"{_fmt(r['hgb_all_auc'])}/{_fmt(r['hgb_last_auc'])}; {r['gate']} ({r['nightly_s']:.1f} s)")
+            f"{_fmt(r['hgb_all_auc'])}/{_fmt(r['hgb_last_auc'])}; {r['gate']} ({r['nightly_s']:.1f} s)"
+            + (f"; v{r['rolled_back']} rolled back by the online evaluation" if r.get("rolled_back") else ""))

@@ -11,13 +11,20 @@ import pyarrow.compute as pc
 TIE_BREAKERS = ("request_id", "row")
 
 
-def split_positions(keys: pa.Table, time_col: str, holdout_fraction: float) -> tuple[np.ndarray, np.ndarray]:
-    """Row positions of the earlier and the time-latest `holdout_fraction` of a day, each in time order (ties
-    broken by request id and row, so the cut is reproducible; a stable sort, missing times last). Needs only the
-    key columns, so a large day is split without being loaded whole: the one definition of "holdout" that train
-    and evaluate share. Arrow's sort: a 2M-row day in 0.1 s, where pandas' multi-key sort took 4 s and 450 MB."""
+def time_order(keys: pa.Table, time_col: str) -> np.ndarray:
+    """Row positions in time order, ties broken by request id and row (a stable sort, missing times last): one
+    order for the same rows however the day's files happened to be written (segments are named per server
+    process), so whatever depends on row order (the split, the replay sample) is reproducible."""
     sort_keys = [(time_col, "ascending"), *((c, "ascending") for c in TIE_BREAKERS if c in keys.column_names)]
-    order = pc.sort_indices(keys, sort_keys=sort_keys).to_numpy().astype(np.int64)  # nulls last
+    return pc.sort_indices(keys, sort_keys=sort_keys).to_numpy().astype(np.int64)
+
+
+def split_positions(keys: pa.Table, time_col: str, holdout_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """Row positions of the earlier and the time-latest `holdout_fraction` of a day, each in `time_order`. Needs
+    only the key columns, so a large day is split without being loaded whole: the one definition of "holdout"
+    that train and evaluate share. Arrow's sort: a 2M-row day in 0.1 s, where pandas' multi-key sort took 4 s
+    and 450 MB."""
+    order = time_order(keys, time_col)
     cut = int(round(len(order) * (1 - holdout_fraction)))
     return order[:cut], order[cut:]
 

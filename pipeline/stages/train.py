@@ -38,7 +38,7 @@ from pipeline.checks.metrics import auc
 from pipeline.errors import StageError, TrainingFailed
 from pipeline.learn import policies, replay
 from pipeline.learn.checkpoint import Checkpointer, mlflow_logger
-from pipeline.learn.holdout import TIE_BREAKERS, split_positions
+from pipeline.learn.holdout import TIE_BREAKERS, split_positions, time_order
 from pipeline.learn.model import ModelBundle, norm_stats
 from pipeline.learn.policies import FRESH, SHRINK, WARM, DriftSignal
 from pipeline.learn.trainer import (
@@ -267,7 +267,11 @@ def update_replay(rt: Runtime, reader: DayReader, past: replay.Reservoir, day: d
     if policy.enabled:
         spec = rt.spec
         columns = [*spec.feature_names, spec.event_time, spec.label.name]
-        replay.update(rt.lake, day, reader.table(columns), columns, spec.label.name, policy, previous=past)
+        table = reader.table([*columns, *(c for c in TIE_BREAKERS if c in reader.names)])
+        # The reservoir draws by row position: in time order, a replay of the same traffic samples the same rows
+        # whichever server process logged which of them.
+        day_rows = table.take(pa.array(time_order(table, spec.event_time))).select(columns)
+        replay.update(rt.lake, day, day_rows, columns, spec.label.name, policy, previous=past)
 
 
 def reuse(rt: Runtime, day: date, run, parent: VersionInfo, reader: DayReader, past: replay.Reservoir,

@@ -28,11 +28,11 @@ def test_backtest_through_airflow_measures_the_same_loop(tmp_path):
     assert summary["periods"] == 2 and "through the scheduler" in summary["period_note"]
     dag = pd.read_csv(tmp_path / "report" / "backtest.csv")
     assert list(dag["dag_run"]) == ["backtest__2026-03-04", "backtest__2026-03-05"]
-    assert dag["trained"].all()
+    assert dag["trained"].all() and list(dag["online_eval"]) == ["no_baseline", "wait"]
     _backtest(tmp_path / "local")
     local = pd.read_csv(tmp_path / "local" / "report" / "backtest.csv")
     assert local["dag_run"].isna().all()
-    for column in ("served_version", "gate", "candidate", "champion_after"):
+    for column in ("served_version", "gate", "candidate", "champion_after", "online_eval"):
         assert list(dag[column]) == list(local[column]), column
     for column in ("loop_auc", "frozen_auc", "hgb_all_auc"):
         assert dag[column].tolist() == pytest.approx(local[column].tolist(), abs=1e-9), column

@@ -20,9 +20,10 @@ ROOT = Path(__file__).resolve().parents[2]
 MODELS = ("loop", "frozen", "scratch", "hgb_all", "hgb_last")
 
 
-def _backtest(tmp_path: Path, *extra: str) -> dict:
+def _backtest(tmp_path: Path, *extra: str, env: dict[str, str] | None = None) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "FLYWHEEL_MIN_ROWS": "50",
-           "FLYWHEEL_BOOTSTRAP_MIN_STEPS": "10", "FLYWHEEL_EPOCHS": "1", "FLYWHEEL_BOOTSTRAP_SAMPLES": "50"}
+           "FLYWHEEL_BOOTSTRAP_MIN_STEPS": "10", "FLYWHEEL_EPOCHS": "1", "FLYWHEEL_BOOTSTRAP_SAMPLES": "50",
+           **(env or {})}
     out = subprocess.run([sys.executable, "-m", "pipeline.cli", "backtest", "--spec", str(LOANS_SPEC),
                           "--history", str(tmp_path / "history.parquet"), "--stream", str(tmp_path / "stream.parquet"),
                           "--label-delay", "1h", "--home", str(tmp_path / "home"), "--out", str(tmp_path / "report"),
@@ -55,6 +56,33 @@ def test_backtest_reports_every_period_and_resumes(tmp_path):
         assert rows[f"{m}_auc"].map(math.isfinite).all(), m
     assert rows["served_version"].iloc[0] == 1  # test-then-train: the first period is served by bootstrap's model
     assert rows["trained"].all() and (rows["nightly_s"] > 0).all()
+    # the online evaluation ran before each night: period 0 has no `previous`, later ones too few labelled rows
+    assert rows["online_eval"].iloc[0] == "no_baseline" and set(rows["online_eval"].iloc[1:]) == {"wait"}
+    assert second["rollbacks"] == 0
     assert (tmp_path / "report" / "backtest.html").read_text().count("data:image/png;base64,") == 1
     for m in MODELS:
         assert second[m]["mean_auc"] is not None
+
+
+@pytest.mark.slow
+def test_a_champion_that_does_worse_live_is_rolled_back_during_the_backtest(tmp_path):
+    """As in production, the online evaluation judges each period's champion on the rows it served, before
+    the night. One period's labels follow another rule (a one-off: the label was set by product, not risk):
+    the model trained on it wins that period's holdout and is promoted, then does worse than `previous` on the
+    next period's usual labels and is rolled back; that night warm-starts from the restored version."""
+    start = date(2026, 3, 1)
+    days = lambda ds: pd.concat([loans_frame(start + timedelta(days=d), 700, 4) for d in ds])  # noqa: E731
+    days(range(3)).to_parquet(tmp_path / "history.parquet", index=False)
+    odd = days([3])
+    odd["defaulted"] = (odd["product"] == "card").astype(int)
+    pd.concat([odd, days([4, 5])]).to_parquet(tmp_path / "stream.parquet", index=False)
+    env = {"FLYWHEEL_BOOTSTRAP_MIN_STEPS": "300", "FLYWHEEL_EPOCHS": "10", "FLYWHEEL_LEARNING_RATE": "0.01",
+           "FLYWHEEL_REPLAY__RATIO": "0", "FLYWHEEL_ONLINE_EVAL__MIN_ROWS": "300",
+           "FLYWHEEL_ONLINE_EVAL__MIN_POSITIVES": "20"}
+    summary = _backtest(tmp_path, env=env)
+    rows = pd.read_csv(tmp_path / "report" / "backtest.csv")
+    assert rows["gate"].iloc[0] == "promoted" and rows["served_version"].iloc[1] == 2, rows["gate_reason"].tolist()
+    assert list(rows["online_eval"])[:2] == ["no_baseline", "rolled_back"], rows["online_eval_reason"].tolist()
+    assert rows["rolled_back"].iloc[1] == 2 and "worse than v1" in rows["online_eval_reason"].iloc[1]
+    assert rows["served_version"].iloc[2] != 2 and rows["online_eval"].iloc[2] != "rolled_back"
+    assert summary["rollbacks"] == 1

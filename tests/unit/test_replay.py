@@ -4,6 +4,7 @@ from datetime import date, timedelta
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import torch
 
 from feature_store.offline import Lake
@@ -128,3 +129,25 @@ def test_parquet_streams_into_the_same_tensors_and_training(tmp_path):
     ra = fit(a, frame, LABEL, epochs=2, batch_size=64, lr=1e-2, seed=0, device=torch.device("cpu"))
     rb = fit(b, rows, LABEL, epochs=2, batch_size=64, lr=1e-2, seed=0, device=torch.device("cpu"))
     assert ra.losses == rb.losses and a.weights_digest() == b.weights_digest()
+
+
+def test_the_reservoir_samples_the_same_rows_however_the_day_was_written(tmp_path):
+    """Segments are named per server process, so one day's rows come back in a different order from two replays
+    of the same traffic; the reservoir draws by position, so the nightly puts the rows in time order first."""
+    from pipeline.runtime import runtime
+    from pipeline.stages.train import DayReader, update_replay
+    from tests.helpers import make_settings
+
+    day = D0 + timedelta(days=1)
+    rows = loans_frame(day, 900, seed=8).assign(request_id=lambda f: [f"r{i:04d}" for i in range(len(f))], row=0)
+    rows["applied_at"] = rows["applied_at"].dt.floor("h")  # many ties: broken by request id and row
+    reservoirs = []
+    for name, order in (("a", rows), ("b", rows.sample(frac=1.0, random_state=1))):
+        rt = runtime(make_settings(tmp_path / name, 1, spec_path=LOANS_SPEC, replay_rows=100))
+        ref = rt.lake.write_partition("validated", day, pa.Table.from_pandas(order, preserve_index=False), {})
+        reader = DayReader(rt.lake, day, rt.lake.read_manifest("validated", day))
+        update_replay(rt, reader, replay.Reservoir.empty(), day)
+        reservoirs.append(replay.read_before(rt.lake, day + timedelta(days=1)).rows)
+        assert ref.rows == 900
+    a, b = (r.sort_values([SPEC.event_time, "amount"]).reset_index(drop=True) for r in reservoirs)
+    assert len(a) == 100 and a.equals(b)
