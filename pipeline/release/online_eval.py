@@ -21,6 +21,7 @@ from pipeline import registry
 from pipeline.checks.metrics import scores_valid, summary
 from pipeline.checks.paired import Interval, compare_paired
 from pipeline.errors import StageError
+from pipeline.learn.holdout import TIE_BREAKERS
 from pipeline.release.live_rows import live_rows
 from pipeline.runtime import Runtime, parse_day, runtime
 from pipeline.tags import Alias, Tag
@@ -65,7 +66,10 @@ def served_rows(rt: Runtime, days: list[date], version: str) -> pd.DataFrame:
     if not frames:
         return pd.DataFrame()
     cols = [*rt.spec.feature_names, "model_version", "score", rt.spec.label.name]
-    out = pd.concat([f[cols] for f in frames], ignore_index=True)
+    keys = [c for c in (rt.spec.event_time, *TIE_BREAKERS) if all(c in f.columns for f in frames) and c not in cols]
+    # in time order (ties by request id and row), not file order: the paired bootstrap resamples by position
+    out = pd.concat([f[cols + keys] for f in frames], ignore_index=True)
+    out = (out.sort_values(keys, kind="stable", na_position="last") if keys else out)[cols].reset_index(drop=True)
     return out[np.isfinite(out["score"].to_numpy(dtype=np.float64))].reset_index(drop=True)
 
 

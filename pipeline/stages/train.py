@@ -104,6 +104,12 @@ class DayReader:
     def table(self, columns: list[str]) -> pa.Table:
         return pa.concat_tables([pq.read_table(f, columns=columns, filesystem=self.fs) for f in self.files])
 
+    def in_time_order(self, columns: list[str], time_col: str) -> pa.Table:
+        """`columns` of every row in `time_order`: the files' order is whichever server process logged what,
+        and anything drawn by position (the replay sample, a capped window) must not depend on it."""
+        table = self.table([*columns, *(c for c in TIE_BREAKERS if c in self.names and c not in columns)])
+        return table.take(pa.array(time_order(table, time_col))).select(columns)
+
     def batches(self, columns: list[str]) -> Iterator[pa.RecordBatch]:
         yield from self.lake.iter_batches(self.table_name, self.day, self.batch_rows, columns)
 
@@ -267,11 +273,8 @@ def update_replay(rt: Runtime, reader: DayReader, past: replay.Reservoir, day: d
     if policy.enabled:
         spec = rt.spec
         columns = [*spec.feature_names, spec.event_time, spec.label.name]
-        table = reader.table([*columns, *(c for c in TIE_BREAKERS if c in reader.names)])
-        # The reservoir draws by row position: in time order, a replay of the same traffic samples the same rows
-        # whichever server process logged which of them.
-        day_rows = table.take(pa.array(time_order(table, spec.event_time))).select(columns)
-        replay.update(rt.lake, day, day_rows, columns, spec.label.name, policy, previous=past)
+        replay.update(rt.lake, day, reader.in_time_order(columns, spec.event_time), columns, spec.label.name,
+                      policy, previous=past)
 
 
 def reuse(rt: Runtime, day: date, run, parent: VersionInfo, reader: DayReader, past: replay.Reservoir,
@@ -423,7 +426,7 @@ def train_fresh(rt: Runtime, night: Night, start: ModelBundle) -> Candidate:
             break
         past = DayReader(rt.lake, d, rt.lake.read_manifest(VALIDATED, d) or {"files": []})
         if set(columns) <= set(past.names):  # a day from before a spec change cannot train this spec
-            parts.append(past.table(columns).to_pandas())
+            parts.append(past.in_time_order(columns, spec.event_time).to_pandas())
             first = d
     rows = pd.concat(parts, ignore_index=True).iloc[:s.challengers.window_max_rows]
     valid = night.reader.rows(columns, night.val_pos, night.total) if len(night.val_pos) else None

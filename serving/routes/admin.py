@@ -32,5 +32,6 @@ async def flush(state: State) -> Response:
     except (LogUnavailable, OSError) as e:
         return unavailable(f"sealing failed: {e}", state.settings.serving.retry_after_s)
     if missing:
-        return json_response({"detail": f"workers {missing} did not seal in time", "sealed": sealed}, 503)
+        return json_response({"detail": f"workers {missing} did not seal in time", "sealed": sealed}, 503,
+                             {"Retry-After": str(state.settings.serving.retry_after_s)})
     return json_response({"sealed": sealed, "workers": acked})
