@@ -30,7 +30,7 @@ from pipeline.orchestration.assets import CANDIDATE, TRAINING_DAY, VALIDATED_DAY
     dag_id="flywheel_nightly",
     schedule=t.schedule(),
     # any historical day may be triggered or backfilled
-    **t.dag_defaults(__doc__, "training", retry_delay_s=10, start=(1970, 1, 2)),
+    **t.dag_defaults(__doc__, "training", retry_delay_s=10),
 )
 def flywheel_nightly():
     wait_for_labels = DateTimeSensorAsync(

@@ -75,3 +75,23 @@ def test_a_broken_feature_spec_is_an_import_error_naming_the_file(tmp_path):
     bad.write_text("name: x\n")
     info = json.loads(_dagbag_probe({"FLYWHEEL_SPEC_PATH": str(bad)}, tmp_path))
     assert any(str(bad) in e for e in info["errors"].values())
+
+
+def test_every_dag_runs_for_a_historical_logical_date(tmp_path):
+    """A run triggered or backfilled for a logical date before a DAG's start date gets no task instances, and
+    Airflow marks it a success having run nothing: a backtest's 1994 online evaluation did exactly that under
+    the old 2024 start date. Every Flywheel DAG must accept the dates of a user's history."""
+    import json
+
+    code = (
+        "import json\n"
+        "from airflow.dag_processing.dagbag import DagBag\n"
+        f"b = DagBag(dag_folder={str(REPO / 'dags')!r})\n"
+        "print(json.dumps({i: d.start_date.isoformat() for i, d in b.dags.items()}))\n"
+    )
+    env = {"AIRFLOW_HOME": str(tmp_path), "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, cwd=REPO)
+    starts = json.loads(out.stdout.strip().splitlines()[-1])
+    assert {"flywheel_nightly", "flywheel_online_eval", "flywheel_online_eval_day", "flywheel_rollback",
+            "flywheel_materialize"} <= set(starts)
+    assert all(start <= "1970-01-02T00:00:00+00:00" for start in starts.values()), starts
