@@ -508,7 +508,8 @@ def simulate_traffic(
 ) -> None:
     """Send one simulated day of predictions and feedback to a running server over HTTP."""
     from pipeline.demo.simulate import Simulator
-    from pipeline.demo.traffic import flush, send_day
+    from pipeline.demo.traffic import send_day
+    from pipeline.stages.collect import flush_server
 
     s = get_settings()
     from pipeline.runtime import runtime
@@ -516,7 +517,7 @@ def simulate_traffic(
     target = url or s.resolved_serving_url()
     res = send_day(target, Simulator(seed=seed, rows_per_day=rows_per_day).day(day_index),
                    runtime(s).spec.feature_names, batch=batch)
-    flush(target, s.resolved_admin_token())
+    flush_server(target, s.resolved_admin_token())
     _emit({"requests": res.requests, "rows": res.rows, "errors": res.errors, "feedback": res.feedback})
 
 

@@ -318,6 +318,11 @@ class SchedulesSettings(Section):
     materialize: str = Field(default="@hourly", description="Online-store materialization cron.")
     online_eval: str = Field(default="@hourly", description="Online evaluation DAG cron.")
 
+    @staticmethod
+    def runs(cron: str) -> bool:
+        """Whether a cron setting schedules its DAG at all ('none' or empty: manual/backfill only)."""
+        return cron.lower() not in ("none", "")
+
 
 class AirflowSettings(Section):
     """How the stack runs Airflow (its URL, user and database are top-level: every client needs them)."""

@@ -5,7 +5,6 @@ period re-sent after an interruption logs the same keys and collect drops the re
 from __future__ import annotations
 
 import asyncio
-import time
 
 import httpx
 import numpy as np
@@ -58,15 +57,3 @@ def send_period(url: str, rows: pd.DataFrame, features: list[str], event_time: s
     """The served score and model version of every row, in `rows` order."""
     rows = rows.reset_index(drop=True)
     return asyncio.run(_send(url, rows, features, event_time, label, label_time, prefix, batch, concurrency))
-
-
-def admin_flush(url: str, token: str, attempts: int = 6) -> None:
-    """Seal every worker's spools before judging the period's traffic. A 503 (a worker did not seal within the
-    server's wait, e.g. on a machine busy training) is retried after its Retry-After, as a client should."""
-    for attempt in range(attempts):
-        r = httpx.post(f"{url}/admin/flush", headers={"Authorization": f"Bearer {token}"}, timeout=60)
-        if r.status_code != 503 or attempt == attempts - 1:
-            break
-        time.sleep(float(r.headers.get("retry-after", "1")))
-    if r.is_error:
-        raise StageError(f"{url}/admin/flush answered {r.status_code} {attempt + 1} times: {r.text[:500]}")

@@ -26,13 +26,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from pipeline import registry
 from pipeline.backtest import data as bt_data
 from pipeline.backtest.references import GradientBoosted, scratch_model
-from pipeline.backtest.replay import admin_flush, send_period
+from pipeline.backtest.replay import send_period
 from pipeline.backtest.store import Store
 from pipeline.checks.metrics import auc, ece, logloss, scores_valid
 from pipeline.config import Settings, get_settings
 from pipeline.errors import GateFailed, NoDataError, StageError
 from pipeline.poll import wait_until
 from pipeline.runtime import Runtime, runtime
+from pipeline.stages.collect import flush_server
 
 MODELS = ("loop", "frozen", "scratch", "hgb_all", "hgb_last")
 
@@ -118,7 +119,7 @@ def online_outcome(out: dict) -> dict:
 
 def online_enabled(s: Settings) -> bool:
     """The product runs the online evaluation on its own schedule unless that is `none`; so does a backtest."""
-    return s.schedules.online_eval.lower() not in ("none", "")
+    return s.schedules.runs(s.schedules.online_eval)
 
 
 def run_online_eval_for(day, rt: Runtime) -> dict:
@@ -145,24 +146,26 @@ class AirflowNights:
             self.af.wait_for_dag(dag_id, timeout=s.service_start_timeout_s)
             self.af.unpause(dag_id)
 
+    def _run(self, dag_id: str, day, timeout: float) -> tuple[str, str, dict[str, str | None]]:
+        """The day's run of `dag_id`, triggered unless a resumed backtest finds it there, once it finished:
+        its run id, state and task states."""
+        af, run_id = self.af, f"backtest__{day.isoformat()}"
+        if af.request("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}").status_code == 404:
+            af.trigger(dag_id, day, run_id)
+        state = af.wait_run(dag_id, run_id, timeout=timeout)
+        return run_id, state, af.task_states(dag_id, run_id)
+
     def online(self, day) -> dict:
         """The hourly online evaluation's run for the day, triggered once the day's traffic is sealed."""
-        af, run_id = self.af, f"backtest__{day.isoformat()}"
-        if af.request("GET", f"/api/v2/dags/{ONLINE_EVAL_DAG}/dagRuns/{run_id}").status_code == 404:
-            af.trigger(ONLINE_EVAL_DAG, day, run_id)
-        state = af.wait_run(ONLINE_EVAL_DAG, run_id, timeout=3600)
-        if af.task_states(ONLINE_EVAL_DAG, run_id).get("online_eval") != "success":
+        run_id, state, states = self._run(ONLINE_EVAL_DAG, day, timeout=3600)
+        if states.get("online_eval") != "success":
             return {"decision": f"stopped (DAG run {state})", "reason": f"{ONLINE_EVAL_DAG} run {run_id} {state}",
                     "rolled_back": None}
-        return online_outcome(af.xcom(ONLINE_EVAL_DAG, run_id, "online_eval"))
+        return online_outcome(self.af.xcom(ONLINE_EVAL_DAG, run_id, "online_eval"))
 
     def __call__(self, day) -> tuple[dict, float]:
-        af, run_id = self.af, f"backtest__{day.isoformat()}"
-        start = time.monotonic()
-        if af.request("GET", f"/api/v2/dags/{NIGHTLY_DAG}/dagRuns/{run_id}").status_code == 404:
-            af.trigger(NIGHTLY_DAG, day, run_id)
-        state = af.wait_run(NIGHTLY_DAG, run_id, timeout=4 * 3600)
-        states = af.task_states(NIGHTLY_DAG, run_id)
+        af, start = self.af, time.monotonic()
+        run_id, state, states = self._run(NIGHTLY_DAG, day, timeout=4 * 3600)
         out = {name: af.xcom(NIGHTLY_DAG, run_id, name) for name in ("train", "evaluate", "register", "promote")
                if states.get(name) == "success"}
         if state == "success":
@@ -269,7 +272,8 @@ class Backtest:
             online = {"decision": "off", "reason": "schedules.online_eval is none", "rolled_back": None}
             if online_enabled(s):
                 status("online evaluation")
-                admin_flush(s.resolved_serving_url(), s.resolved_admin_token())  # the server seals every few s
+                # the server seals every few seconds on its own; a busy machine's 503 is retried
+                flush_server(s.resolved_serving_url(), s.resolved_admin_token(), attempts=6)
                 online = self.online(day)
             self.store.write_json(f"online-{k:05d}.json", online)
         status("nightly")

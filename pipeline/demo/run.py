@@ -68,8 +68,9 @@ def _report(rows: list[DayRow], path) -> None:
 
 def run_demo(days: int, keep: bool, history_days: int, rows_per_day: int, seed: int) -> bool:
     from pipeline.demo.simulate import Simulator
-    from pipeline.demo.traffic import flush, send_day
+    from pipeline.demo.traffic import send_day
     from pipeline.stages.bootstrap import bootstrap
+    from pipeline.stages.collect import flush_server
 
     console = shared_console()  # the log lines' console: its spinners and the training bars never overwrite them
     s = get_settings()
@@ -103,7 +104,7 @@ def run_demo(days: int, keep: bool, history_days: int, rows_per_day: int, seed: 
         day = sim.day_date(i)
         with console.status(f"{day}: sending traffic"):
             traffic = send_day(url, sim.day(i), rt.spec.feature_names)
-            flush(url, admin)
+            flush_server(url, admin)
         with console.status(f"{day}: nightly DAG run"):
             run_id = af.trigger(DAG_ID, day)
             state = af.wait_run(DAG_ID, run_id)

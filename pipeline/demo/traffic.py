@@ -71,7 +71,3 @@ def send_day(url: str, day: pd.DataFrame, features: list[str], batch: int = 20, 
     return asyncio.run(_drive(url, day, features, batch, concurrency, token))
 
 
-def flush(url: str, admin_token: str) -> dict:
-    r = httpx.post(f"{url}/admin/flush", headers={"Authorization": f"Bearer {admin_token}"}, timeout=60)
-    r.raise_for_status()
-    return r.json()

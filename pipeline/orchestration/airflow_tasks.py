@@ -53,7 +53,9 @@ def _timetable(cron: str):
     manual/backfill only."""
     from airflow.sdk import CronDataIntervalTimetable
 
-    return None if cron.lower() in ("none", "") else CronDataIntervalTimetable(cron, timezone="UTC")
+    from pipeline.config import SchedulesSettings
+
+    return CronDataIntervalTimetable(cron, timezone="UTC") if SchedulesSettings.runs(cron) else None
 
 
 def dag_defaults(doc: str | None, *tags: str, retries: int = 2, retry_delay_s: float = 30,

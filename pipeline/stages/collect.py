@@ -35,7 +35,7 @@ from pydantic import BaseModel
 
 from feature_store.log_schema import FEEDBACK, PREDICTIONS, TS, feedback_schema, prediction_schema
 from feature_store.offline import fault_point
-from pipeline.errors import NoDataError, SegmentRejected
+from pipeline.errors import NoDataError, SegmentRejected, StageError
 from pipeline.runtime import Runtime, file_lock, parse_day, runtime
 
 log = logging.getLogger("flywheel.collect")
@@ -162,6 +162,24 @@ def _feedback_days(day: date, served_days: set[date], window: timedelta) -> list
     return sorted({d + timedelta(days=i) for d in starts for i in range(span)})
 
 
+def flush_server(url: str, token: str, attempts: int = 1, timeout: float = 60) -> dict:
+    """`POST /admin/flush`: every worker of the server at `url` seals its spools into the lake now. A 503 (a
+    worker did not seal within the server's wait, e.g. on a machine busy training) is retried after its
+    Retry-After, up to `attempts` tries; then StageError with the server's answer."""
+    import time
+
+    import httpx
+
+    for attempt in range(attempts):
+        r = httpx.post(f"{url}/admin/flush", headers={"Authorization": f"Bearer {token}"}, timeout=timeout)
+        if r.status_code != 503 or attempt == attempts - 1:
+            break
+        time.sleep(float(r.headers.get("retry-after", "1")))
+    if r.is_error:
+        raise StageError(f"{url}/admin/flush answered {r.status_code} {attempt + 1} times: {r.text[:500]}")
+    return r.json()
+
+
 def _flush_server(rt: Runtime) -> None:
     """Ask the model server to seal its spools so rows logged moments ago are collected today, not lost to a
     later day. Best effort: without a reachable server, sealed segments are all there is."""
@@ -171,9 +189,8 @@ def _flush_server(rt: Runtime) -> None:
     if not s.collect.flushes_server:
         return
     try:
-        httpx.post(f"{s.resolved_serving_url()}/admin/flush", timeout=30,
-                   headers={"Authorization": f"Bearer {s.resolved_admin_token()}"}).raise_for_status()
-    except httpx.HTTPError as e:
+        flush_server(s.resolved_serving_url(), s.resolved_admin_token(), timeout=30)
+    except (httpx.HTTPError, StageError) as e:
         log.warning("could not flush the model server before collecting (%s); using sealed segments only", e)
 
 

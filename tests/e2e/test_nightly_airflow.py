@@ -16,11 +16,12 @@ import yaml
 from pipeline import registry
 from pipeline.config import DEFAULT_SPEC
 from pipeline.demo.simulate import Simulator
-from pipeline.demo.traffic import flush, send_day
+from pipeline.demo.traffic import send_day
 from pipeline.ops import stack
 from pipeline.ops.airflow_client import AirflowClient
 from pipeline.runtime import runtime
 from pipeline.stages.bootstrap import bootstrap
+from pipeline.stages.collect import flush_server
 from pipeline.stages.materialize import ingest, materialize, open_online_store
 from pipeline.tags import Alias, Tag
 from tests.helpers import free_port, make_settings
@@ -126,7 +127,7 @@ def _send(s, rt, index: int) -> int:
     sent = send_day(url, day, rt.spec.feature_names)
     sent_bad = send_day(url, bad, rt.spec.feature_names)
     assert sent.errors == 0 and sent_bad.errors == 0
-    flush(url, s.resolved_admin_token())
+    flush_server(url, s.resolved_admin_token())
     return sent.rows + sent_bad.rows
 
 

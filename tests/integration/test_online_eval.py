@@ -152,14 +152,14 @@ def test_degraded_rollout_under_live_traffic_is_rolled_back_without_a_person_or_
 
     import httpx
 
-    from pipeline.demo.traffic import flush, send_day
-    from pipeline.stages.collect import collect
+    from pipeline.demo.traffic import send_day
+    from pipeline.stages.collect import collect, flush_server
     from pipeline.stages.promote import rollout
 
     with degraded_release(tmp_path, rows_per_day=800) as (sim, s, r, url, bad, v2, _):
         day = sim.day_date(3)
         sent = send_day(url, sim.day(3), r.spec.feature_names)
-        flush(url, s.resolved_admin_token())
+        flush_server(url, s.resolved_admin_token())
         assert sent.errors == 0 and set(sent.served.model_version) == {v2}
         assert np.allclose(bad.predict(sent.served[r.spec.feature_names]), sent.served.score, atol=1e-6)
         collect(day, r)
@@ -224,7 +224,8 @@ def test_a_day_not_collected_yet_is_judged_from_its_sealed_logs_and_arrived_feed
 def test_time_from_a_bad_release_to_rollback_under_labelled_live_traffic(tmp_path):
     """Real server, real HTTP traffic with feedback, nothing collected: a sign-flipped release is rolled back by
     the first hourly evaluation that has enough labels. Measures rows and seconds from release to rollback."""
-    from pipeline.demo.traffic import flush, send_day
+    from pipeline.demo.traffic import send_day
+    from pipeline.stages.collect import flush_server
     from pipeline.stages.promote import rollout
 
     with degraded_release(tmp_path, rows_per_day=2000) as (sim, s, r, url, _, v2, released):
@@ -234,7 +235,7 @@ def test_time_from_a_bad_release_to_rollback_under_labelled_live_traffic(tmp_pat
             traffic = send_day(url, live.iloc[start:start + 200], r.spec.feature_names)
             assert traffic.errors == 0
             sent += traffic.rows
-            flush(url, s.resolved_admin_token())  # the server seals its spools every few seconds on its own
+            flush_server(url, s.resolved_admin_token())  # the server seals its spools every few seconds on its own
             result, evaluations = online_eval(day, r), evaluations + 1
             if result.decision != "wait":
                 break
