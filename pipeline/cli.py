@@ -22,6 +22,7 @@ from pipeline.logs import setup_logging
 from pipeline.stages.sequence import STAGE_NAMES
 
 _TRACEBACK = False
+_SPEC_GIVEN: Path | None = None  # `flywheel --spec S <command>`: what backtest's own --spec defaults to
 
 
 class _FlywheelGroup(TyperGroup):
@@ -64,8 +65,8 @@ def main(
     get_settings.cache_clear()  # in-process callers (tests) may have changed the environment since
     s = get_settings.use(Settings(**{k: v for k, v in options.items() if v is not None}))
     setup_logging(verbose, s.log_format, s.home_abs / "logs")
-    global _TRACEBACK
-    _TRACEBACK = verbose
+    global _TRACEBACK, _SPEC_GIVEN
+    _TRACEBACK, _SPEC_GIVEN = verbose, spec
     _client_env()
 
 
@@ -383,9 +384,12 @@ def _loop_health_exit(health: dict) -> None:
 
 @app.command()
 def backtest(
-    spec: Annotated[Path, typer.Option("--spec", help="Feature spec YAML of the stream.")],
-    history: Annotated[Path, typer.Option(help="Labeled Parquet to bootstrap from (ends before the stream).")],
-    stream: Annotated[Path, typer.Option(help="Labeled Parquet replayed period by period after the history.")],
+    history: Annotated[Path, typer.Option(exists=True, dir_okay=False, help="Labeled Parquet to bootstrap from "
+                                                                           "(ends before the stream).")],
+    stream: Annotated[Path, typer.Option(exists=True, dir_okay=False, help="Labeled Parquet replayed period by "
+                                                                          "period after the history.")],
+    spec: Annotated[Path | None, typer.Option("--spec", exists=True, dir_okay=False, help="Feature spec YAML of "
+                                              "the stream (or `flywheel --spec S backtest ...`).")] = None,
     period: Annotated[str, typer.Option(help="1d, 7d, 12h, 2w, month, quarter or year; not a day: one period "
                                              "per logical date.")] = "1d",
     label_delay: Annotated[str, typer.Option(help="Label time = event time + this (30m, 2h, 1d), unless "
@@ -406,6 +410,14 @@ def backtest(
     from pipeline.backtest.command import backtest as run_backtest
     from pipeline.backtest.run import BacktestOptions
 
+    spec = spec or _SPEC_GIVEN
+    if spec is None:
+        console.print("[red]error:[/red] backtest needs the stream's feature spec: --spec S (after `backtest`, or "
+                      "before it as `flywheel --spec S backtest`); `flywheel init --history H` drafts one")
+        raise typer.Exit(2)
+    if not spec.is_file():
+        console.print(f"[red]error:[/red] --spec {spec}: no such file")
+        raise typer.Exit(2)
     try:
         delay = parse_duration(label_delay)
     except ValueError as e:

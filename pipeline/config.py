@@ -150,6 +150,10 @@ class TrainingSettings(Section):
     bootstrap_epochs: int = Field(default=3, ge=1, description="Epochs of the first model (flywheel bootstrap).")
     bootstrap_min_steps: int = Field(default=300, ge=0, description="First model: small histories get more "
                                      "epochs.")
+    carry_held_out: bool = Field(default=True, description="Each night also trains on the previous validated "
+                                 "day's validation slice and holdout: rows no model has trained on yet.")
+    bootstrap_refit: bool = Field(default=True, description="After the holdout has measured the first model, "
+                                  "train the champion again on the whole history (holdout included).")
     batch_size: int = Field(default=512, ge=1)
     learning_rate: float = Field(default=3e-3, gt=0)
     embedding_dim: int = Field(default=8, ge=1)
@@ -259,8 +263,9 @@ class GateSettings(Section):
     min_slice_rows: int = Field(default=100, ge=1, description="Smaller slices are reported, not gated.")
     bootstrap_samples: int = Field(default=400, ge=50, description="Paired bootstrap resamples for the CIs.")
     confidence: float = Field(default=0.95, gt=0.5, lt=1, description="Level of the paired bootstrap CIs.")
-    on_inconclusive: Literal["pass", "fail"] = Field(
-        default="pass", description="A CI that straddles the margin (noise level): pass, or fail to demand proof.")
+    on_inconclusive: Literal["pass", "fail", "estimate"] = Field(
+        default="pass", description="A CI that straddles the margin (noise level): pass; fail to demand proof; "
+        "estimate: pass when the point estimate does not favour the champion.")
     ece_bins: int = Field(default=10, ge=2, description="Equal-width score bins for ECE and the reliability plot.")
     max_ece_regression: float = Field(default=0.01, ge=0, description="ECE rise over the champion allowed (judged "
                                       "by its paired bootstrap CI) before calibration counts against a candidate.")

@@ -67,7 +67,7 @@ class GateConfig:
     min_slice_rows: int
     bootstrap_samples: int
     confidence: float
-    on_inconclusive: Literal["pass", "fail"]
+    on_inconclusive: Literal["pass", "fail", "estimate"]
     ece_bins: int
     seed: int
     max_ece_regression: float = 0.01
@@ -81,8 +81,12 @@ class GateConfig:
         return cls(**s.gate.model_dump(), seed=s.seed)
 
 
-def _judge(name: str, v: Verdict, detail: str, on_inconclusive: str, setting: str) -> Check:
-    passed = v in ("better", "non_inferior") or (v == "inconclusive" and on_inconclusive == "pass")
+def _judge(name: str, v: Verdict, detail: str, on_inconclusive: str, setting: str,
+           estimate_favours: bool = True) -> Check:
+    """`estimate_favours`: the point estimate of the difference is not against the candidate, which decides an
+    inconclusive verdict under `on_inconclusive=estimate`."""
+    passed = v in ("better", "non_inferior") or (
+        v == "inconclusive" and (on_inconclusive == "pass" or (on_inconclusive == "estimate" and estimate_favours)))
     hint = "" if passed else f" (to allow more, raise {knob(setting)}" + (
         f"; or set {knob('gate_on_inconclusive')}=pass" if v == "inconclusive" else "") + ")"
     return Check(name=name, passed=passed, detail=f"{v}: {detail}{hint}")
@@ -182,7 +186,7 @@ def decide(y: np.ndarray, pc: np.ndarray, pp: np.ndarray, cand: dict, champ: dic
     ll_v = ll.verdict
     ll_check = _judge("logloss_vs_champion", ll_v, f"log-loss {cand['logloss']:.4f} vs {champ['logloss']:.4f}, "
                       f"diff CI [{ll.low:+.4f}, {ll.high:+.4f}], allowed +{ll.margin:.4f}", cfg.on_inconclusive,
-                      "max_logloss_regression")
+                      "max_logloss_regression", ll.interval is None or ll.interval.estimate <= 0)
     auc_ci, auc_v, auc_checks = None, None, []
     if cand["auc"] is None:
         auc_checks.append(Check(name="auc_floor", passed=True, detail="holdout has one class: AUC undefined"))
@@ -197,12 +201,14 @@ def decide(y: np.ndarray, pc: np.ndarray, pp: np.ndarray, cand: dict, champ: dic
             auc_v = auc_cmp.verdict
             auc_checks.append(_judge("auc_vs_champion", auc_v, f"AUC {cand['auc']:.4f} vs {champ['auc']:.4f}, diff "
                                      f"CI [{auc_cmp.low:+.4f}, {auc_cmp.high:+.4f}], allowed "
-                                     f"-{cfg.max_auc_regression}", cfg.on_inconclusive, "max_auc_regression"))
+                                     f"-{cfg.max_auc_regression}", cfg.on_inconclusive, "max_auc_regression",
+                                     auc_ci.estimate >= 0))
     calibration = _calibration(y, pc, pp, eces, cfg)
     slice_checks = [_judge(f"slice:{sm.slice}={sm.value}", verdict(sm.auc_diff, cfg.max_slice_auc_regression),
                            f"AUC {sm.candidate_auc:.4f} vs {sm.champion_auc:.4f} on {sm.rows} rows, diff CI "
                            f"[{sm.auc_diff.low:+.4f}, {sm.auc_diff.high:+.4f}], allowed "
-                           f"-{cfg.max_slice_auc_regression}", cfg.on_inconclusive, "max_slice_auc_regression")
+                           f"-{cfg.max_slice_auc_regression}", cfg.on_inconclusive, "max_slice_auc_regression",
+                           sm.auc_diff.estimate >= 0)
                     for sm in slices if sm.gated and sm.auc_diff is not None]
     clearly_better = "better" in (auc_v, ll_v) and "worse" not in (auc_v, ll_v)
     if failing is not None and auc_v != "worse":

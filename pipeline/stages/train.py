@@ -13,6 +13,7 @@ Any other night trains exactly one warm start, as before.
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import logging
 import tempfile
@@ -76,6 +77,8 @@ class TrainResult(BaseModel):
     policy: str = Field(default=WARM, description="The training policy of the logged model.")
     candidates: list[str] = Field(default_factory=lambda: [WARM], description="Policies trained tonight.")
     drift_trigger: list[str] = Field(default_factory=list, description="Why challengers were trained.")
+    carried_rows: int = Field(default=0, description="Held-out rows of an earlier day trained on tonight.")
+    carried_from: str | None = Field(default=None, description="The day they came from.")
 
 
 def experiment(rt: Runtime) -> str:
@@ -154,6 +157,45 @@ def log_inputs(rt: Runtime, day: date, manifest: dict, past: replay.Reservoir, r
             name=f"{replay.TABLE}/dt={past.as_of}", digest=data_digest(past_manifest)[:36]), context="replay")
 
 
+@dataclass(frozen=True)
+class Carried:
+    """The previous validated day's time-latest rows, its validation slice and its holdout: no night has trained
+    on them, only judged with them. Without them a night learns from about 72 % of each day (the defaults), and
+    the newest labels of a day reach a model only through the replay sample, at a quarter of a day's weight."""
+
+    day: date | None = None
+    reader: DayReader | None = None
+    positions: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    total: int = 0
+    digest: str = ""
+
+    def mask(self) -> np.ndarray:
+        keep = np.zeros(self.total, dtype=bool)
+        keep[self.positions] = True
+        return keep
+
+
+def validation_cut(settings, train_rows: int) -> int:
+    """Where a day's training rows (in time order) end and its validation slice begins."""
+    if not wants_validation(settings, train_rows):
+        return train_rows
+    return int(round(train_rows * (1 - settings.training.validation_fraction)))
+
+
+def held_out_before(rt: Runtime, day: date) -> Carried:
+    """What the night of `day` carries over from the last validated day before it (nothing when off or none)."""
+    s, spec = rt.settings, rt.spec
+    earlier = [d for d in rt.lake.partition_days(VALIDATED) if d < day] if s.training.carry_held_out else []
+    manifest = rt.lake.read_manifest(VALIDATED, earlier[-1]) if earlier else None
+    if manifest is None or not manifest["files"]:
+        return Carried()
+    reader = DayReader(rt.lake, earlier[-1], manifest)
+    keys = reader.table([spec.event_time, *(c for c in TIE_BREAKERS if c in reader.names)])
+    train_pos, holdout_pos = split_positions(keys, spec.event_time, s.training.holdout_fraction)
+    positions = np.concatenate([train_pos[validation_cut(s, len(train_pos)):], holdout_pos])
+    return Carried(earlier[-1], reader, positions, keys.num_rows, data_digest(manifest))
+
+
 @dataclass
 class Night:
     """One night's inputs, prepared once and shared by every candidate: the parent (migrated to the spec, its
@@ -180,6 +222,7 @@ class Night:
     migration: str | None
     device: torch.device
     ckpt_dir: Path
+    carried: Carried = field(default_factory=Carried)
 
     @property
     def valid(self) -> Encoded | None:
@@ -234,7 +277,8 @@ def train(day: str | date, rt: Runtime | None = None) -> TrainResult:
     manifest = rt.lake.read_manifest(VALIDATED, day)
     if manifest is None:
         raise StageError(f"day {day} has no validated partition: run collect and validate (and pass the gate)")
-    digest = data_digest(manifest)
+    carried = held_out_before(rt, day)
+    digest = data_digest(manifest) + (f"+{carried.day}:{carried.digest}" if carried.day else "")
     prior = finished_run(experiment(rt), rt.model_name, day, parent.version, digest)
     reader = DayReader(rt.lake, day, manifest)
     keys = reader.table([spec.event_time, *(c for c in TIE_BREAKERS if c in reader.names)])
@@ -248,7 +292,7 @@ def train(day: str | date, rt: Runtime | None = None) -> TrainResult:
         return reuse(rt, day, prior, parent, reader, past, len(train_pos), len(holdout_pos))
     if len(train_pos) == 0:
         raise StageError(f"day {day} has no rows left to train on after the holdout split")
-    night = prepare(rt, day, parent, reader, manifest, digest, past, train_pos, holdout_pos, total)
+    night = prepare(rt, day, parent, reader, manifest, digest, past, train_pos, holdout_pos, total, carried)
     with mlflow.start_run(run_name=f"nightly-{day}") as run, tempfile.TemporaryDirectory() as tmp:
         log_setup(rt, night)
         outcome = train_candidates(rt, night)
@@ -265,7 +309,8 @@ def train(day: str | date, rt: Runtime | None = None) -> TrainResult:
                        replay_rows=len(night.replay_df) if best.policy != FRESH else 0,
                        epochs_run=best.result.epochs, migration=night.migration, expired_vocab=night.expired,
                        policy=best.policy, candidates=[c.policy for c in outcome.candidates],
-                       drift_trigger=outcome.signal.reasons)
+                       drift_trigger=outcome.signal.reasons, carried_rows=len(carried.positions),
+                       carried_from=carried.day.isoformat() if carried.day else None)
 
 
 def update_replay(rt: Runtime, reader: DayReader, past: replay.Reservoir, day: date) -> None:
@@ -297,11 +342,14 @@ def reuse(rt: Runtime, day: date, run, parent: VersionInfo, reader: DayReader, p
                        migration=tags.get(Tag.MIGRATION),
                        expired_vocab=json.loads(params.get("expired_vocab", "{}")),
                        policy=tags.get(Tag.POLICY, WARM), candidates=params.get("candidates", WARM).split(","),
-                       drift_trigger=[] if trigger == "none" else trigger.split("; "))
+                       drift_trigger=[] if trigger == "none" else trigger.split("; "),
+                       carried_rows=int(params.get("carried_rows", 0)),
+                       carried_from=None if params.get("carried_from", "None") == "None" else params["carried_from"])
 
 
 def prepare(rt: Runtime, day: date, parent: VersionInfo, reader: DayReader, manifest: dict, digest: str,
-            past: replay.Reservoir, train_pos: np.ndarray, holdout_pos: np.ndarray, total: int) -> Night:
+            past: replay.Reservoir, train_pos: np.ndarray, holdout_pos: np.ndarray, total: int,
+            carried: Carried | None = None) -> Night:
     s, spec = rt.settings, rt.spec
     bundle = registry.load_version(rt.client(), rt.model_name, parent.version, rt.cache_dir)
     is_train = np.zeros(total, dtype=bool)
@@ -313,23 +361,28 @@ def prepare(rt: Runtime, day: date, parent: VersionInfo, reader: DayReader, mani
         raise StageError(f"cannot warm-start v{parent.version} for this feature spec: {e}") from e
     if plan is not None:
         past = replay.migrate(past, plan.renamed, plan.added)
-    added = bundle.grow_vocab(reader.frames(bundle.categorical, is_train), s.training.vocab_min_count, s.seed, day=day)
+    carried = carried or Carried()
+    sightings = [reader.frames(bundle.categorical, is_train)]
+    if carried.reader is not None:
+        sightings.append(carried.reader.frames(bundle.categorical, carried.mask()))
+    added = bundle.grow_vocab(itertools.chain(*sightings), s.training.vocab_min_count, s.seed, day=day)
     expired = bundle.expire_vocab(day, s.training.vocab_expiry_days)
-    fit_pos, val_pos = train_pos, train_pos[:0]
-    if wants_validation(s, len(train_pos)):
-        cut = int(round(len(train_pos) * (1 - s.training.validation_fraction)))
-        fit_pos, val_pos = train_pos[:cut], train_pos[cut:]
+    cut = validation_cut(s, len(train_pos))
+    fit_pos, val_pos = train_pos[:cut], train_pos[cut:]
     device = pick_device()
-    fit_rows, val_rows = encode_groups(
-        bundle, reader.batches([*bundle.categorical, *bundle.numeric, spec.label.name]), spec.label.name,
-        [fit_pos, val_pos], pin=device.type == "cuda")
+    columns = [*bundle.categorical, *bundle.numeric, spec.label.name]
+    fit_rows, val_rows = encode_groups(bundle, reader.batches(columns), spec.label.name, [fit_pos, val_pos],
+                                       pin=device.type == "cuda")
+    if carried.reader is not None and len(carried.positions):
+        [earlier] = encode_groups(bundle, carried.reader.batches(columns), spec.label.name, [carried.positions])
+        fit_rows = Encoded.concat([fit_rows, earlier], pin=device.type == "cuda")
     policy = replay.ReplayPolicy.from_settings(s)
     replay_df, replay_w = replay.sample(past, replay.replay_rows_for(len(train_pos), policy), spec.label.name,
                                         day, policy)
     ckpt_dir = s.home_abs / "checkpoints" / rt.model_name / f"{day}-v{parent.version}-{digest[:16]}"
     return Night(day, parent, reader, manifest, digest, total, train_pos, holdout_pos, fit_pos, val_pos, bundle,
                  fit_rows, val_rows, past, replay_df, replay_w, added, expired,
-                 plan.summary() if plan is not None else None, device, ckpt_dir)
+                 plan.summary() if plan is not None else None, device, ckpt_dir, carried)
 
 
 def severe_drift(lake: Lake, day: date) -> list[str]:
@@ -498,7 +551,8 @@ def log_setup(rt: Runtime, night: Night) -> None:
                        "early_stopping_patience": s.training.early_stopping_patience,
                        "validation_fraction": s.training.validation_fraction, "migration": night.migration or "none",
                        "vocab_expiry_days": s.training.vocab_expiry_days, "expired_vocab": json.dumps(night.expired),
-                       "calibration": s.training.calibration})
+                       "calibration": s.training.calibration, "carried_rows": len(night.carried.positions),
+                       "carried_from": str(night.carried.day)})
     log_inputs(rt, night.day, night.manifest, night.past, night.replay_df)
 
 

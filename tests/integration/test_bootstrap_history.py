@@ -75,3 +75,19 @@ def test_bootstrap_without_mlflow_fails_in_seconds_naming_the_fix(tmp_path):
     with pytest.raises(ServiceUnavailable, match=r"`bootstrap` needs MLflow.*flywheel --home .* up --no-airflow"):
         bootstrap(_history(tmp_path, _frame()), r)
     assert time.monotonic() - start < 10
+
+
+@pytest.mark.parametrize("refit", [True, False])
+def test_the_champion_learns_from_the_holdout_its_metrics_were_measured_on(settings_factory, tmp_path, refit):
+    """The holdout is the history's newest fifth. It measures the first model, then (refit on, the default) the
+    champion trains on it too: a region that only the newest rows bring gets its own embedding row."""
+    r = runtime(settings_factory(spec_path=LOANS_SPEC, batch_size=64, bootstrap_min_steps=20,
+                                 bootstrap_refit=refit))
+    frame = _frame().sort_values("applied_at", ignore_index=True)
+    frame.loc[frame.index[-40:], "region"] = "r-only-lately"  # inside the holdout (the newest 180 of 900 rows)
+    out = bootstrap(_history(tmp_path, frame), r)
+    champion = registry.load_version(r.client(), r.model_name, out.version, r.cache_dir)
+    assert ("r-only-lately" in champion.vocabs["region"].ids) is refit
+    assert out.holdout["rows"] == 180 and 0.5 < out.holdout["auc"] < 1  # measured before the refit, on unseen rows
+    run = r.client().get_run(registry.get_version(r.client(), r.model_name, out.version).run_id)
+    assert run.data.params["refit_on_whole_history"] == str(refit)

@@ -57,3 +57,23 @@ def test_init_drafts_a_spec_that_loads_and_bootstraps_as_is(tmp_path, mlflow_ser
     again = subprocess.run([*flywheel, "init", "--history", str(history), "--out", str(out)],
                            capture_output=True, text=True, env=env, timeout=300)
     assert again.returncode == 2 and "exists: pass --force" in again.stderr
+
+
+def test_backtest_takes_the_spec_before_or_after_the_command_and_names_it_when_missing(tmp_path):
+    """`init` prints `flywheel --spec S bootstrap ...`; the same order must work for backtest."""
+    flywheel = [str(Path(sys.executable).parent / "flywheel"), "--home", str(tmp_path / "home")]
+    data = ["--history", str(tmp_path / "h.parquet"), "--stream", str(tmp_path / "s.parquet")]
+    for name in ("h.parquet", "s.parquet"):
+        (tmp_path / name).write_bytes(b"")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "400"}  # rich boxes would wrap the paths
+    missing = subprocess.run([*flywheel, "backtest", *data], capture_output=True, text=True, env=env)
+    assert missing.returncode == 2 and "backtest needs the stream's feature spec" in missing.stdout + missing.stderr
+    for argv in ([*flywheel, "--spec", str(tmp_path / "mine.yaml"), "backtest", *data],
+                 [*flywheel, "backtest", "--spec", str(tmp_path / "mine.yaml"), *data]):
+        run = subprocess.run(argv, capture_output=True, text=True, env=env)
+        assert run.returncode == 2 and "mine.yaml" in run.stdout + run.stderr, run.stdout + run.stderr
+        assert "Traceback" not in run.stdout + run.stderr
+    gone = subprocess.run([*flywheel, "backtest", "--spec", str(tmp_path / "h.parquet"), "--history",
+                           str(tmp_path / "nowhere.parquet"), "--stream", str(tmp_path / "s.parquet")],
+                          capture_output=True, text=True, env=env)
+    assert gone.returncode == 2 and "nowhere.parquet" in gone.stderr and "Traceback" not in gone.stderr

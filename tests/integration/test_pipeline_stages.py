@@ -135,3 +135,23 @@ def test_replayed_history_with_untimed_feedback_keeps_real_label_delays(rt):
     training = rt.lake.read_partition("training", DAY).to_pandas()
     assert (training.applied_at.dt.date == DAY).all()
     assert training.defaulted.sum() == sum(frame.defaulted.iloc[i] for i in range(300) if i % 10 and i % 13)
+
+
+def test_a_night_also_learns_from_the_rows_the_night_before_held_out(rt):
+    """Night D judges with its newest rows (validation slice, holdout) and never trains on them; night D+1
+    does: a region that only D's newest rows brought gets its embedding row then, counted as carried rows."""
+    first = loans_frame(DAY, 500, seed=5)
+    first.loc[first.index[-12:], "region"] = "r-only-late-on-day-one"  # in day one's holdout
+    log_day(rt, first)
+    one = run_nightly(DAY, rt)
+    assert one["train"]["carried_rows"] == 0 and "region" not in {k for k, v in one["train"]["new_vocab"].items() if v}
+
+    log_day(rt, loans_frame(DAY + timedelta(days=1), 500, seed=6))
+    two = run_nightly(DAY + timedelta(days=1), rt)
+    n = len(rt.lake.read_partition(VALIDATED, DAY))
+    train_rows = round(n * (1 - rt.settings.training.holdout_fraction))
+    cut = round(train_rows * (1 - rt.settings.training.validation_fraction))
+    assert two["train"]["carried_from"] == DAY.isoformat() and two["train"]["carried_rows"] == n - cut
+    assert two["train"]["new_vocab"]["region"] == 1
+    run = rt.client().get_run(two["train"]["run_id"])
+    assert run.data.params["carried_rows"] == str(n - cut) and run.data.tags[Tag.DATA_DIGEST].count("+") == 1
