@@ -264,8 +264,8 @@ class GateSettings(Section):
     bootstrap_samples: int = Field(default=400, ge=50, description="Paired bootstrap resamples for the CIs.")
     confidence: float = Field(default=0.95, gt=0.5, lt=1, description="Level of the paired bootstrap CIs.")
     on_inconclusive: Literal["pass", "fail", "estimate"] = Field(
-        default="pass", description="A CI that straddles the margin (noise level): pass; fail to demand proof; "
-        "estimate: pass when the point estimate does not favour the champion.")
+        default="estimate", description="A CI that straddles the margin (noise level): estimate (default) passes "
+        "when the point estimate does not favour the champion; pass always; fail demands proof.")
     ece_bins: int = Field(default=10, ge=2, description="Equal-width score bins for ECE and the reliability plot.")
     max_ece_regression: float = Field(default=0.01, ge=0, description="ECE rise over the champion allowed (judged "
                                       "by its paired bootstrap CI) before calibration counts against a candidate.")

@@ -96,6 +96,23 @@ def test_inconclusive_is_decided_by_config():
     assert ci.low < 0 and auc_check.detail.split(":")[0] in ("inconclusive", "worse") and not auc_check.passed
 
 
+@pytest.mark.parametrize("sign", [1, -1])
+def test_under_estimate_a_noise_level_difference_goes_to_the_better_point_estimate(sign):
+    """A candidate a hair better or worse than the champion on 150 rows: both CIs straddle the margin. `pass`
+    promotes either; `estimate` (the default) promotes only the one whose estimate does not favour the champion."""
+    y, p = data(150, seed=5)
+    logit = np.log(p / (1 - p))
+    cand = 1 / (1 + np.exp(-(logit + sign * 0.25 * np.random.default_rng(6).normal(size=len(p)) * (y - 0.5))))
+    results = {}
+    for mode in ("pass", "estimate"):
+        cfg = GateConfig(**{**CFG.__dict__, "on_inconclusive": mode})
+        checks, ci, ll = decide(y, cand, p, summary(y, cand), summary(y, p), eces(y, cand, p), [], cfg)
+        auc_check = next(c for c in checks if c.name == "auc_vs_champion")
+        assert auc_check.detail.startswith("inconclusive") and ci.low < -cfg.max_auc_regression < ci.high
+        results[mode] = summarize(checks)[0]
+    assert results["pass"] and results["estimate"] is (sign > 0)
+
+
 def test_slices_new_vs_returning_and_top_categories():
     raw = load_spec(LOANS_SPEC).model_dump()
     raw["slices"] = {"account": {"feature": "account_no", "kind": "new_vs_returning"},
