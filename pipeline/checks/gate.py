@@ -88,7 +88,9 @@ class GateConfig:
 def _judge(name: str, v: Verdict, detail: str, on_inconclusive: str, setting: str,
            estimate_favours: bool = True) -> Check:
     """`estimate_favours`: the point estimate of the difference is not against the candidate, which decides an
-    inconclusive verdict under `on_inconclusive=estimate`."""
+    inconclusive verdict under `on_inconclusive=estimate`. Slices leave it True: they guard against a confident
+    regression in one segment, and a neutral candidate would have every one of k slice estimates on its side
+    only once in 2^k nights."""
     passed = v in ("better", "non_inferior") or (
         v == "inconclusive" and (on_inconclusive == "pass" or (on_inconclusive == "estimate" and estimate_favours)))
     hint = "" if passed else f" (to allow more, raise {knob(setting)}" + (
@@ -211,8 +213,7 @@ def decide(y: np.ndarray, pc: np.ndarray, pp: np.ndarray, cand: dict, champ: dic
     slice_checks = [_judge(f"slice:{sm.slice}={sm.value}", verdict(sm.auc_diff, cfg.max_slice_auc_regression),
                            f"AUC {sm.candidate_auc:.4f} vs {sm.champion_auc:.4f} on {sm.rows} rows, diff CI "
                            f"[{sm.auc_diff.low:+.4f}, {sm.auc_diff.high:+.4f}], allowed "
-                           f"-{cfg.max_slice_auc_regression}", cfg.on_inconclusive, "max_slice_auc_regression",
-                           sm.auc_diff.estimate >= 0)
+                           f"-{cfg.max_slice_auc_regression}", cfg.on_inconclusive, "max_slice_auc_regression")
                     for sm in slices if sm.gated and sm.auc_diff is not None]
     clearly_better = "better" in (auc_v, ll_v) and "worse" not in (auc_v, ll_v)
     if failing is not None and auc_v != "worse":

@@ -156,7 +156,7 @@ def test_degraded_rollout_under_live_traffic_is_rolled_back_without_a_person_or_
     from pipeline.stages.collect import collect, flush_server
     from pipeline.stages.promote import rollout
 
-    with degraded_release(tmp_path, rows_per_day=800) as (sim, s, r, url, bad, v2, _):
+    with degraded_release(tmp_path, rows_per_day=1500) as (sim, s, r, url, bad, v2, _):
         day = sim.day_date(3)
         sent = send_day(url, sim.day(3), r.spec.feature_names)
         flush_server(url, s.resolved_admin_token())
