@@ -388,8 +388,8 @@ def backtest(
                                                                            "(ends before the stream).")],
     stream: Annotated[Path, typer.Option(exists=True, dir_okay=False, help="Labeled Parquet replayed period by "
                                                                           "period after the history.")],
-    spec: Annotated[Path | None, typer.Option("--spec", exists=True, dir_okay=False, help="Feature spec YAML of "
-                                              "the stream (or `flywheel --spec S backtest ...`).")] = None,
+    spec: Annotated[Path | None, typer.Option("--spec", help="Feature spec YAML of the stream (or `flywheel "
+                                                           "--spec S backtest ...`).")] = None,
     period: Annotated[str, typer.Option(help="1d, 7d, 12h, 2w, month, quarter or year; not a day: one period "
                                              "per logical date.")] = "1d",
     label_delay: Annotated[str, typer.Option(help="Label time = event time + this (30m, 2h, 1d), unless "

@@ -91,6 +91,13 @@ def data_digest(manifest: dict) -> str:
     return ",".join(f["sha256"][:16] for f in manifest["files"])
 
 
+def mask_of(positions: np.ndarray, total: int) -> np.ndarray:
+    """A boolean row mask of a day's `total` rows, true at `positions` (what `DayReader.frames` filters by)."""
+    keep = np.zeros(total, dtype=bool)
+    keep[positions] = True
+    return keep
+
+
 class DayReader:
     """The validated day as Parquet files read column by column and record batch by record batch: training
     never holds the whole day as one pandas frame."""
@@ -113,6 +120,12 @@ class DayReader:
         table = self.table([*columns, *(c for c in TIE_BREAKERS if c in self.names and c not in columns)])
         return table.take(pa.array(time_order(table, time_col))).select(columns)
 
+    def split(self, time_col: str, holdout_fraction: float) -> tuple[np.ndarray, np.ndarray, int]:
+        """The day's training and holdout row positions (`split_positions`, read from its key columns only)
+        and its row count."""
+        keys = self.table([time_col, *(c for c in TIE_BREAKERS if c in self.names)])
+        return *split_positions(keys, time_col, holdout_fraction), keys.num_rows
+
     def batches(self, columns: list[str]) -> Iterator[pa.RecordBatch]:
         yield from self.lake.iter_batches(self.table_name, self.day, self.batch_rows, columns)
 
@@ -127,8 +140,7 @@ class DayReader:
 
     def rows(self, columns: list[str], positions: np.ndarray, total: int) -> pd.DataFrame:
         """The rows at `positions` (e.g. a time-ordered split) as one frame in that order."""
-        keep = np.zeros(total, dtype=bool)
-        keep[positions] = True
+        keep = mask_of(positions, total)
         parts = list(self.frames(columns, keep))
         frame = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=columns)
         return frame.iloc[np.searchsorted(np.flatnonzero(keep), positions)].reset_index(drop=True)
@@ -169,11 +181,6 @@ class Carried:
     total: int = 0
     digest: str = ""
 
-    def mask(self) -> np.ndarray:
-        keep = np.zeros(self.total, dtype=bool)
-        keep[self.positions] = True
-        return keep
-
 
 def validation_cut(settings, train_rows: int) -> int:
     """Where a day's training rows (in time order) end and its validation slice begins."""
@@ -190,10 +197,9 @@ def held_out_before(rt: Runtime, day: date) -> Carried:
     if manifest is None or not manifest["files"]:
         return Carried()
     reader = DayReader(rt.lake, earlier[-1], manifest)
-    keys = reader.table([spec.event_time, *(c for c in TIE_BREAKERS if c in reader.names)])
-    train_pos, holdout_pos = split_positions(keys, spec.event_time, s.training.holdout_fraction)
+    train_pos, holdout_pos, total = reader.split(spec.event_time, s.training.holdout_fraction)
     positions = np.concatenate([train_pos[validation_cut(s, len(train_pos)):], holdout_pos])
-    return Carried(earlier[-1], reader, positions, keys.num_rows, data_digest(manifest))
+    return Carried(earlier[-1], reader, positions, total, data_digest(manifest))
 
 
 @dataclass
@@ -281,10 +287,7 @@ def train(day: str | date, rt: Runtime | None = None) -> TrainResult:
     digest = data_digest(manifest) + (f"+{carried.day}:{carried.digest}" if carried.day else "")
     prior = finished_run(experiment(rt), rt.model_name, day, parent.version, digest)
     reader = DayReader(rt.lake, day, manifest)
-    keys = reader.table([spec.event_time, *(c for c in TIE_BREAKERS if c in reader.names)])
-    train_pos, holdout_pos = split_positions(keys, spec.event_time, s.training.holdout_fraction)
-    total = keys.num_rows
-    del keys
+    train_pos, holdout_pos, total = reader.split(spec.event_time, s.training.holdout_fraction)
     policy = replay.ReplayPolicy.from_settings(s)
     # The reservoir as of the day before: re-running day D replays exactly the same rows.
     past = replay.read_before(rt.lake, day) if policy.enabled else replay.Reservoir.empty()
@@ -352,8 +355,7 @@ def prepare(rt: Runtime, day: date, parent: VersionInfo, reader: DayReader, mani
             carried: Carried | None = None) -> Night:
     s, spec = rt.settings, rt.spec
     bundle = registry.load_version(rt.client(), rt.model_name, parent.version, rt.cache_dir)
-    is_train = np.zeros(total, dtype=bool)
-    is_train[train_pos] = True
+    is_train = mask_of(train_pos, total)
     try:
         plan = bundle.migrate_to(spec, s.seed, numeric_stats(
             reader, [n for n in spec.numeric if n not in bundle.numeric], train_pos))
@@ -364,7 +366,7 @@ def prepare(rt: Runtime, day: date, parent: VersionInfo, reader: DayReader, mani
     carried = carried or Carried()
     sightings = [reader.frames(bundle.categorical, is_train)]
     if carried.reader is not None:
-        sightings.append(carried.reader.frames(bundle.categorical, carried.mask()))
+        sightings.append(carried.reader.frames(bundle.categorical, mask_of(carried.positions, carried.total)))
     added = bundle.grow_vocab(itertools.chain(*sightings), s.training.vocab_min_count, s.seed, day=day)
     expired = bundle.expire_vocab(day, s.training.vocab_expiry_days)
     cut = validation_cut(s, len(train_pos))
@@ -590,8 +592,6 @@ def log_outcome(rt: Runtime, night: Night, outcome: Outcome, tmp: Path) -> None:
     reports = s.reports_dir / "validation" / f"dt={night.day.isoformat()}"
     if reports.is_dir():
         mlflow.log_artifacts(str(reports), "validation")
-    keep = np.zeros(night.total, dtype=bool)
-    keep[night.train_pos] = True
-    example = next(night.reader.frames(spec.feature_names, keep))[spec.feature_names].head(2)
+    example = next(night.reader.frames(spec.feature_names, mask_of(night.train_pos, night.total)))[spec.feature_names].head(2)
     registry.log_bundle(bundle, spec, tmp, example)
     mlflow.set_tag(Tag.WEIGHTS, bundle.weights_digest())
