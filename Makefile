@@ -39,7 +39,7 @@ sysdeps:
 
 test: venv sysdeps
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/python -m pytest -q -ra --durations=25
 
 test-fast: venv sysdeps
 	$(BIN)/python -m pytest -q -ra -m "not slow"

@@ -150,8 +150,11 @@ class TrainingSettings(Section):
     bootstrap_epochs: int = Field(default=3, ge=1, description="Epochs of the first model (flywheel bootstrap).")
     bootstrap_min_steps: int = Field(default=300, ge=0, description="First model: small histories get more "
                                      "epochs.")
-    carry_held_out: bool = Field(default=True, description="Each night also trains on the previous validated "
-                                 "day's validation slice and holdout: rows no model has trained on yet.")
+    carry_held_out: bool = Field(default=True, description="Each night also trains on the rows of earlier "
+                                 "validated days its parent never trained on: the previous day's validation slice "
+                                 "and holdout, and the days of nights the gate held.")
+    catch_up_days: int = Field(default=3, ge=0, description="At most this many earlier days are carried (the "
+                               "newest), which bounds a night's cost after held nights; 0 carries nothing.")
     bootstrap_refit: bool = Field(default=True, description="After the holdout has measured the first model, "
                                   "train the champion again on the whole history (holdout included).")
     batch_size: int = Field(default=512, ge=1)

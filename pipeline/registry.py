@@ -178,6 +178,12 @@ def download_bundle(client: MlflowClient, name: str, version: str, cache: Path) 
     return target
 
 
+def rolled_back_days(client: MlflowClient, name: str) -> set[date]:
+    """The data days of versions that were rolled back: live traffic judged what was learned from them."""
+    found = client.search_model_versions(f"name = '{name}' and tags.`{Tag.ROLLED_BACK}` = 'true'")
+    return {date.fromisoformat(mv.tags[Tag.DAY]) for mv in found if Tag.DAY in (mv.tags or {})}
+
+
 def fallback_versions(client: MlflowClient, name: str, broken: str) -> list[str]:
     """What a server falls back to when the champion cannot be loaded: `previous` and every earlier version
     that was champion once (never one rolled back), newest first."""

@@ -57,11 +57,25 @@ class Metrics:
                                  "model produced non-finite scores", ["model_version"], registry=r)
         self.log_ok = Gauge("flywheel_log_healthy", "1 while the log accepts rows", ["stream"], registry=r, multiprocess_mode="livemin")
 
+        self._answered: dict[tuple[str, str], tuple] = {}
         self.registry = r
         if shared:
             self.registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(self.registry)
             atexit.register(multiprocess.mark_process_dead, os.getpid())
+
+    def answered(self, route: str, version: str, rows: int, seconds: float) -> None:
+        """One scored request's counts, through labelled children kept per (route, version): `labels()` takes
+        a lock and validates its arguments on every call, three times per request on the hot path."""
+        key = (route, version)
+        if (children := self._answered.get(key)) is None:
+            children = self._answered[key] = (self.rows.labels(version), self.requests.labels(route, "200"),
+                                              self.latency.labels(route))
+        rows_scored, ok, latency = children
+        rows_scored.inc(rows)
+        self.batch.observe(rows)
+        ok.inc()
+        latency.observe(seconds)
 
     def observe_logs(self, logs, queued_rows: int) -> None:
         self.queue.set(queued_rows)

@@ -11,7 +11,6 @@ Encoding works on plain column lists (no pandas) because at batch size 1 pandas'
 from __future__ import annotations
 
 import asyncio
-import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -24,6 +23,7 @@ from pipeline.learn.frozen import FrozenNet
 from pipeline.learn.model import ModelBundle
 from serving.log_sink import SegmentLog
 from serving.model_slot import Loaded
+from serving.request_ids import new_request_id
 
 
 def encode_arrays(bundle: ModelBundle, cols: dict[str, list], n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -64,7 +64,7 @@ class Job:
     cols: dict[str, list]
     times: list[datetime | None]
     n: int
-    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    request_id: str = field(default_factory=new_request_id)
     future: asyncio.Future | None = None
 
 

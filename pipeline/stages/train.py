@@ -77,8 +77,9 @@ class TrainResult(BaseModel):
     policy: str = Field(default=WARM, description="The training policy of the logged model.")
     candidates: list[str] = Field(default_factory=lambda: [WARM], description="Policies trained tonight.")
     drift_trigger: list[str] = Field(default_factory=list, description="Why challengers were trained.")
-    carried_rows: int = Field(default=0, description="Held-out rows of an earlier day trained on tonight.")
-    carried_from: str | None = Field(default=None, description="The day they came from.")
+    carried_rows: int = Field(default=0, description="Rows of earlier days the parent never trained on, trained "
+                              "on tonight.")
+    carried_from: str | None = Field(default=None, description="The days they came from, comma-separated.")
 
 
 def experiment(rt: Runtime) -> str:
@@ -171,15 +172,23 @@ def log_inputs(rt: Runtime, day: date, manifest: dict, past: replay.Reservoir, r
 
 @dataclass(frozen=True)
 class Carried:
-    """The previous validated day's time-latest rows, its validation slice and its holdout: no night has trained
-    on them, only judged with them. Without them a night learns from about 72 % of each day (the defaults), and
-    the newest labels of a day reach a model only through the replay sample, at a quarter of a day's weight."""
+    """Rows of one earlier day that the night's parent never trained on (see `unlearned_before`). Without them
+    a night learns from about 72 % of each day (the defaults): the newest labels of a day (its validation slice
+    and holdout) reach a model only through the replay sample, at a quarter of a day's weight."""
 
     day: date | None = None
     reader: DayReader | None = None
     positions: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     total: int = 0
     digest: str = ""
+
+
+def carried_rows(parts: list[Carried]) -> int:
+    return sum(len(c.positions) for c in parts)
+
+
+def carried_days(parts: list[Carried]) -> str | None:
+    return ",".join(c.day.isoformat() for c in parts) or None
 
 
 def validation_cut(settings, train_rows: int) -> int:
@@ -189,17 +198,33 @@ def validation_cut(settings, train_rows: int) -> int:
     return int(round(train_rows * (1 - settings.training.validation_fraction)))
 
 
-def held_out_before(rt: Runtime, day: date) -> Carried:
-    """What the night of `day` carries over from the last validated day before it (nothing when off or none)."""
+def unlearned_before(rt: Runtime, day: date, parent: VersionInfo) -> list[Carried]:
+    """The rows of earlier validated days that the parent never trained on, oldest day first: its own day's
+    validation slice and holdout, and every later day whole. After a promotion that is the previous day's
+    held-out rows; after held nights it is also the days whose candidates the gate held, so what a held night
+    learned is not lost when the next night starts again from the champion. A day whose model was rolled back
+    is left out: live traffic judged what was learned from it. At most `catch_up_days` days, the newest; older
+    ones reach a model through the replay sample only."""
     s, spec = rt.settings, rt.spec
-    earlier = [d for d in rt.lake.partition_days(VALIDATED) if d < day] if s.training.carry_held_out else []
-    manifest = rt.lake.read_manifest(VALIDATED, earlier[-1]) if earlier else None
-    if manifest is None or not manifest["files"]:
-        return Carried()
-    reader = DayReader(rt.lake, earlier[-1], manifest)
-    train_pos, holdout_pos, total = reader.split(spec.event_time, s.training.holdout_fraction)
-    positions = np.concatenate([train_pos[validation_cut(s, len(train_pos)):], holdout_pos])
-    return Carried(earlier[-1], reader, positions, total, data_digest(manifest))
+    if not s.training.carry_held_out:
+        return []
+    known = parent.data_day
+    rejected = registry.rolled_back_days(rt.client(), rt.model_name) - {known}
+    earlier = [d for d in rt.lake.partition_days(VALIDATED)
+               if d < day and (known is None or d >= known) and d not in rejected]
+    parts = []
+    for d in earlier[-s.training.catch_up_days:] if s.training.catch_up_days else []:
+        manifest = rt.lake.read_manifest(VALIDATED, d)
+        if manifest is None or not manifest["files"]:
+            continue
+        reader = DayReader(rt.lake, d, manifest)
+        train_pos, holdout_pos, total = reader.split(spec.event_time, s.training.holdout_fraction)
+        if d == known:
+            positions = np.concatenate([train_pos[validation_cut(s, len(train_pos)):], holdout_pos])
+        else:
+            positions = np.sort(np.concatenate([train_pos, holdout_pos]))
+        parts.append(Carried(d, reader, positions, total, data_digest(manifest)))
+    return parts
 
 
 @dataclass
@@ -228,7 +253,7 @@ class Night:
     migration: str | None
     device: torch.device
     ckpt_dir: Path
-    carried: Carried = field(default_factory=Carried)
+    carried: list[Carried] = field(default_factory=list)
 
     @property
     def valid(self) -> Encoded | None:
@@ -283,8 +308,8 @@ def train(day: str | date, rt: Runtime | None = None) -> TrainResult:
     manifest = rt.lake.read_manifest(VALIDATED, day)
     if manifest is None:
         raise StageError(f"day {day} has no validated partition: run collect and validate (and pass the gate)")
-    carried = held_out_before(rt, day)
-    digest = data_digest(manifest) + (f"+{carried.day}:{carried.digest}" if carried.day else "")
+    carried = unlearned_before(rt, day, parent)
+    digest = data_digest(manifest) + "".join(f"+{c.day}:{c.digest}" for c in carried)
     prior = finished_run(experiment(rt), rt.model_name, day, parent.version, digest)
     reader = DayReader(rt.lake, day, manifest)
     train_pos, holdout_pos, total = reader.split(spec.event_time, s.training.holdout_fraction)
@@ -312,8 +337,8 @@ def train(day: str | date, rt: Runtime | None = None) -> TrainResult:
                        replay_rows=len(night.replay_df) if best.policy != FRESH else 0,
                        epochs_run=best.result.epochs, migration=night.migration, expired_vocab=night.expired,
                        policy=best.policy, candidates=[c.policy for c in outcome.candidates],
-                       drift_trigger=outcome.signal.reasons, carried_rows=len(carried.positions),
-                       carried_from=carried.day.isoformat() if carried.day else None)
+                       drift_trigger=outcome.signal.reasons, carried_rows=carried_rows(carried),
+                       carried_from=carried_days(carried))
 
 
 def update_replay(rt: Runtime, reader: DayReader, past: replay.Reservoir, day: date) -> None:
@@ -352,7 +377,7 @@ def reuse(rt: Runtime, day: date, run, parent: VersionInfo, reader: DayReader, p
 
 def prepare(rt: Runtime, day: date, parent: VersionInfo, reader: DayReader, manifest: dict, digest: str,
             past: replay.Reservoir, train_pos: np.ndarray, holdout_pos: np.ndarray, total: int,
-            carried: Carried | None = None) -> Night:
+            carried: list[Carried] | None = None) -> Night:
     s, spec = rt.settings, rt.spec
     bundle = registry.load_version(rt.client(), rt.model_name, parent.version, rt.cache_dir)
     is_train = mask_of(train_pos, total)
@@ -363,10 +388,9 @@ def prepare(rt: Runtime, day: date, parent: VersionInfo, reader: DayReader, mani
         raise StageError(f"cannot warm-start v{parent.version} for this feature spec: {e}") from e
     if plan is not None:
         past = replay.migrate(past, plan.renamed, plan.added)
-    carried = carried or Carried()
+    carried = carried or []
     sightings = [reader.frames(bundle.categorical, is_train)]
-    if carried.reader is not None:
-        sightings.append(carried.reader.frames(bundle.categorical, mask_of(carried.positions, carried.total)))
+    sightings += [c.reader.frames(bundle.categorical, mask_of(c.positions, c.total)) for c in carried]
     added = bundle.grow_vocab(itertools.chain(*sightings), s.training.vocab_min_count, s.seed, day=day)
     expired = bundle.expire_vocab(day, s.training.vocab_expiry_days)
     cut = validation_cut(s, len(train_pos))
@@ -375,9 +399,10 @@ def prepare(rt: Runtime, day: date, parent: VersionInfo, reader: DayReader, mani
     columns = [*bundle.categorical, *bundle.numeric, spec.label.name]
     fit_rows, val_rows = encode_groups(bundle, reader.batches(columns), spec.label.name, [fit_pos, val_pos],
                                        pin=device.type == "cuda")
-    if carried.reader is not None and len(carried.positions):
-        [earlier] = encode_groups(bundle, carried.reader.batches(columns), spec.label.name, [carried.positions])
-        fit_rows = Encoded.concat([fit_rows, earlier], pin=device.type == "cuda")
+    earlier = [encode_groups(bundle, c.reader.batches(columns), spec.label.name, [c.positions])[0]
+               for c in carried if len(c.positions)]
+    if earlier:
+        fit_rows = Encoded.concat([fit_rows, *earlier], pin=device.type == "cuda")
     policy = replay.ReplayPolicy.from_settings(s)
     replay_df, replay_w = replay.sample(past, replay.replay_rows_for(len(train_pos), policy), spec.label.name,
                                         day, policy)
@@ -553,8 +578,9 @@ def log_setup(rt: Runtime, night: Night) -> None:
                        "early_stopping_patience": s.training.early_stopping_patience,
                        "validation_fraction": s.training.validation_fraction, "migration": night.migration or "none",
                        "vocab_expiry_days": s.training.vocab_expiry_days, "expired_vocab": json.dumps(night.expired),
-                       "calibration": s.training.calibration, "carried_rows": len(night.carried.positions),
-                       "carried_from": str(night.carried.day)})
+                       "calibration": s.training.calibration, "carried_rows": carried_rows(night.carried),
+                       "carried_from": str(carried_days(night.carried)),
+                       "catch_up_days": s.training.catch_up_days})
     log_inputs(rt, night.day, night.manifest, night.past, night.replay_df)
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-import uuid
 from collections.abc import Callable
 from typing import Annotated
 
@@ -18,6 +17,7 @@ from fastapi.responses import Response
 from pipeline.errors import LogUnavailable, ModelOutputInvalid, RequestError
 from serving.deps import ApiToken, Body, State
 from serving.protocols import mlflow_to_rows, v2_response, v2_to_rows
+from serving.request_ids import new_request_id
 from serving.responses import json_response, unavailable
 from serving.schema import fill_from_store, parse_request_id, parse_rows, plan_lookup
 from serving.scoring import Job
@@ -73,7 +73,7 @@ async def score(state: ServerState, route: str, body: object, client_id: tuple[s
     if problem is not None:
         metrics.requests.labels(route, "503").inc()
         return unavailable(problem, s.serving.retry_after_s)
-    job = Job(loaded, cols, times, len(times), request_id or uuid.uuid4().hex)
+    job = Job(loaded, cols, times, len(times), request_id or new_request_id())
     try:
         scores = await state.scorer.submit(job)
     except LogUnavailable as e:
@@ -83,10 +83,7 @@ async def score(state: ServerState, route: str, body: object, client_id: tuple[s
         metrics.nonfinite.labels(loaded.version).inc()
         metrics.requests.labels(route, "500").inc()
         return json_response({"detail": str(e)}, 500)
-    metrics.rows.labels(loaded.version).inc(job.n)
-    metrics.batch.observe(job.n)
-    metrics.requests.labels(route, "200").inc()
-    metrics.latency.labels(route).observe(time.perf_counter() - start)
+    metrics.answered(route, loaded.version, job.n, time.perf_counter() - start)
     return json_response(respond(job, scores.tolist()), headers={"X-Request-Id": job.request_id})
 
 
