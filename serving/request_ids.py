@@ -1,7 +1,7 @@
 """Server-made request ids: a random 64-bit prefix per process and a counter, as 32 hex digits (the shape of a
-uuid4's hex). `uuid4()` reads 16 bytes from the OS and builds a UUID object for every request: 6 % of a
-worker's CPU at batch 1 under load (py-spy, bench/results/serving.md). The prefix is drawn again in a forked
-child, so two workers never share one."""
+uuid4's hex). `uuid4()` reads 16 bytes from the OS and builds a UUID object for every request: 2.3 against
+0.28 us here, small beside a request (bench/results/serving.md) but on every one. The prefix is drawn again in
+a forked child, so two workers never share one."""
 
 from __future__ import annotations
 

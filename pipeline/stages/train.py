@@ -176,11 +176,11 @@ class Carried:
     a night learns from about 72 % of each day (the defaults): the newest labels of a day (its validation slice
     and holdout) reach a model only through the replay sample, at a quarter of a day's weight."""
 
-    day: date | None = None
-    reader: DayReader | None = None
-    positions: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
-    total: int = 0
-    digest: str = ""
+    day: date
+    reader: DayReader
+    positions: np.ndarray
+    total: int
+    digest: str
 
 
 def carried_rows(parts: list[Carried]) -> int:
@@ -218,11 +218,12 @@ def unlearned_before(rt: Runtime, day: date, parent: VersionInfo) -> list[Carrie
         if manifest is None or not manifest["files"]:
             continue
         reader = DayReader(rt.lake, d, manifest)
-        train_pos, holdout_pos, total = reader.split(spec.event_time, s.training.holdout_fraction)
         if d == known:
+            train_pos, holdout_pos, total = reader.split(spec.event_time, s.training.holdout_fraction)
             positions = np.concatenate([train_pos[validation_cut(s, len(train_pos)):], holdout_pos])
-        else:
-            positions = np.sort(np.concatenate([train_pos, holdout_pos]))
+        else:  # a day the parent never saw: every row, no split to read
+            total = manifest["rows"]
+            positions = np.arange(total)
         parts.append(Carried(d, reader, positions, total, data_digest(manifest)))
     return parts
 
