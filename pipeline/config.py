@@ -178,7 +178,11 @@ class TrainingSettings(Section):
                                              "validation slice, best kept; empty = learning_rate only.")
     calibration: Literal["platt", "temperature", "none"] = Field(
         default="platt", description="Post-hoc calibration fitted on the validation slice after every training.")
-    calibration_min_rows: int = Field(default=50, ge=2, description="Smaller slices keep the identity map.")
+    calibration_min_rows: int = Field(default=50, ge=2, description="Smaller slices keep the parent's map (a "
+                                      "fresh model: the identity).")
+    calibration_prior_rows: float = Field(default=200.0, ge=0, description="How many rows a warm start's parent "
+                                          "map weighs against the night's validation slice when the child's map "
+                                          "is fitted; 0 = the slice alone.")
 
 
 class ChallengersSettings(Section):

@@ -427,10 +427,11 @@ def fit_increment(bundle: ModelBundle, new_rows: pd.DataFrame | Encoded, label: 
                    device=device, sample_weight=weights, valid=valid, patience=s.training.early_stopping_patience,
                    anchor_l2=s.training.anchor_l2, optimizer_state=bundle.optimizer_state, checkpointer=checkpointer)
 
+    parent = bundle.net.calibration  # `fit` resets it: the weights are about to move
     candidates = list(dict.fromkeys(s.training.lr_candidates)) if valid is not None else []
     if len(candidates) < 2:
         result = attempt(bundle, candidates[0] if candidates else s.training.learning_rate)
-        return dataclasses.replace(result, calibration=calibrate(bundle, valid, label, s))
+        return dataclasses.replace(result, calibration=calibrate(bundle, valid, label, s, parent))
     # Each rate starts from the same parent; the one with the best validation loss is kept. Checkpoints are
     # bound to their rate, so a resumed night redoes finished candidates and resumes the interrupted one.
     tried = []
@@ -440,21 +441,30 @@ def fit_increment(bundle: ModelBundle, new_rows: pd.DataFrame | Encoded, label: 
     _, lr, best, result = min(tried, key=lambda t: (t[0], t[1]))
     bundle.net, bundle.optimizer_state = best.net, best.optimizer_state
     log.info("learning rate chosen on the validation slice", extra={"lr": lr, "tried": candidates})
-    return dataclasses.replace(result, calibration=calibrate(bundle, valid, label, s))
+    return dataclasses.replace(result, calibration=calibrate(bundle, valid, label, s, parent))
 
 
-def calibrate(bundle: ModelBundle, rows: pd.DataFrame | Encoded | None, label: str, settings) -> Calibration:
+def calibrate(bundle: ModelBundle, rows: pd.DataFrame | Encoded | None, label: str, settings,
+              parent: Calibration | None = None) -> Calibration:
     """Fit and install the bundle's calibration on a time-later slice its weights did not train on (the
-    validation slice: never the evaluation holdout, so the gate's log-loss and ECE stay honest). Without a
-    slice the model keeps the identity: a parent's map describes the parent's logits, not these."""
-    cal = Calibration()
+    validation slice: never the evaluation holdout, so the gate's log-loss and ECE stay honest).
+
+    A warm start's `parent` map (when it was fitted on rows) is the prior the slice moves
+    (`training.calibration_prior_rows`): the child's logits began as the parent's, and a slice of a few dozen
+    labels is too little to throw that map away. Without a slice the child keeps it."""
+    prior = parent if parent is not None and parent.rows > 0 else None
+    cal = prior or Calibration()
     if rows is not None and len(rows):
         v = rows if isinstance(rows, Encoded) else Encoded.of(bundle, rows, label)
         cal = calibration.fit(bundle.raw_logits(v.cat, v.num), v.y.numpy(), settings.training.calibration,
-                              settings.training.calibration_min_rows)
+                              settings.training.calibration_min_rows, prior=prior,
+                              prior_rows=settings.training.calibration_prior_rows)
+    elif settings.training.calibration == "none":
+        cal = Calibration()
     bundle.net.calibration = cal
     log.info("calibration fitted", extra={"scale": round(cal.scale, 4), "shift": round(cal.shift, 4),
-                                          "rows": cal.rows, "method": cal.method})
+                                          "rows": cal.rows, "method": cal.method,
+                                          "prior_rows": settings.training.calibration_prior_rows if prior else 0})
     return cal
 
 

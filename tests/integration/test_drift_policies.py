@@ -80,6 +80,8 @@ def test_drift_night_trains_challengers_and_the_gate_picks_one(settings_factory,
     assert m[f"policy_{out.policy}_passed"] == 1.0
     policies = mlflow.artifacts.load_dict(f"runs:/{out.run_id}/policies.json")
     assert policies["winner"] == out.policy and len(policies["candidates"]) == 3
+    won = next(c for c in policies["candidates"] if c["policy"] == out.policy)
+    assert won["auc_vs_warm"]["low"] > 0  # it had to beat the warm start confidently, not by a point estimate
 
     ev = evaluate(drift_day, out.run_id, rt)  # the logged model is the winner: the gate agrees with the choice
     assert ev.passed and ev.candidate["auc"] == pytest.approx(m[f"policy_{out.policy}_holdout_primary"])

@@ -105,12 +105,43 @@ def test_a_bundle_from_before_calibration_loads_as_the_identity(tmp_path):
 def test_a_warm_start_refits_its_own_calibration_on_the_validation_slice():
     parent = _trained_miscalibrated()
     calibrate(parent, loans_frame(date(2026, 3, 2), 1500, seed=3), LABEL, Settings())
+    parent_map = parent.calibration
     s = Settings(epochs=2, batch_size=64, validation_fraction=0.2, early_stopping_patience=2)
     child_rows = loans_frame(date(2026, 3, 4), 1200, seed=6)
     result = fit_increment(parent, child_rows, LABEL, "applied_at", s, device=CPU)
     assert result.calibration == parent.calibration and result.calibration.rows == 240
-    assert not result.calibration.identity
-    # no validation slice (patience 0): nothing to fit on, the child does not inherit a map of other logits
+    assert not result.calibration.identity and result.calibration != parent_map  # the slice moved the map
+    # no validation slice (patience 0): nothing to fit on, the child keeps its parent's map rather than the
+    # identity, which would describe its raw logits even less
+    child_map = parent.calibration
     plain = fit_increment(parent, child_rows, LABEL, "applied_at", s.model_copy(update={"early_stopping_patience": 0}),
                           device=CPU)
-    assert plain.calibration.identity and parent.calibration.identity
+    assert plain.calibration == child_map == parent.calibration and not plain.calibration.identity
+
+
+def test_a_small_slice_moves_the_parent_map_by_its_evidence_only():
+    """Logits whose true map is the identity, a parent map that knew it, and nights of 90 rows at a 10 % label
+    rate: alone, Platt's two parameters chase each slice's noise; with the parent as a 200-row prior they stay
+    near the truth. A large slice still overrules the prior."""
+    rng = np.random.default_rng(3)
+    parent = Calibration(1.0, 0.0, "platt", 800)
+    alone, with_prior = [], []
+    for _ in range(200):
+        z = rng.normal(-2.6, 1.5, 90)
+        y = (rng.uniform(size=90) < 1 / (1 + np.exp(-z))).astype(float)
+        if 0 < y.sum() < 90:
+            for out, cal in ((alone, calibration.fit(z, y)),
+                             (with_prior, calibration.fit(z, y, prior=parent, prior_rows=200))):
+                out.append(abs(cal.scale - 1.0) + abs(cal.shift))
+    assert len(alone) > 150
+    assert np.median(with_prior) < np.median(alone) / 2
+    # no weight: the slice alone; too few rows: the parent's map as it is
+    z = rng.normal(0, 2, 500)
+    y = (rng.uniform(size=500) < 1 / (1 + np.exp(-(0.5 * z - 1.0)))).astype(float)
+    assert calibration.fit(z, y, prior=parent, prior_rows=0) == calibration.fit(z, y)
+    assert calibration.fit(z[:10], y[:10], min_rows=50, prior=parent, prior_rows=200) == parent
+    # 20,000 rows of a map far from the parent's: the prior barely holds it back
+    z = rng.normal(0, 2, 20_000)
+    y = (rng.uniform(size=len(z)) < 1 / (1 + np.exp(-(0.5 * z - 1.0)))).astype(float)
+    big = calibration.fit(z, y, prior=parent, prior_rows=200)
+    assert abs(big.scale - 0.5) < 0.06 and abs(big.shift + 1.0) < 0.1 and big.rows == len(z)

@@ -1,0 +1,48 @@
+"""Choosing among a drift night's candidates: the warm start stays unless a challenger is confidently better on
+the holdout, so a challenger that only fitted the day's noise best is not what serves tomorrow."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+
+from pipeline.config import Settings
+from pipeline.stages.train import Candidate, choose
+
+
+def _candidate(policy: str, y: np.ndarray, noise: float, rng: np.random.Generator, passed: bool = True) -> Candidate:
+    scores = 1 / (1 + np.exp(-(2.0 * (y - 0.5) + rng.normal(0, noise, len(y)))))
+    auc_proxy = float(np.mean(scores[y == 1]) - np.mean(scores[y == 0]))
+    # choose() reads the judgement's verdict, scores and ranking value only
+    judgement = SimpleNamespace(passed=passed, pc=scores, primary=auc_proxy)
+    return Candidate(policy, bundle=None, result=None, seconds=0.0, window="", judgement=judgement)
+
+
+def test_a_challenger_must_beat_the_warm_start_confidently():
+    s = Settings()
+    rng = np.random.default_rng(0)
+    y = (rng.uniform(size=90) < 0.15).astype(float)  # a small day's holdout: ~13 positives
+    warm = _candidate("warm", y, 2.0, rng)
+    lucky = _candidate("shrink", y, 1.9, np.random.default_rng(1))  # as good, a point estimate apart
+    assert choose([warm, lucky], y, s) is warm
+    assert lucky.vs_warm is not None and lucky.vs_warm.low <= 0 < lucky.vs_warm.high
+
+    big_y = (np.random.default_rng(2).uniform(size=4000) < 0.3).astype(float)
+    weak = _candidate("warm", big_y, 3.0, np.random.default_rng(3))
+    strong = _candidate("fresh", big_y, 0.5, np.random.default_rng(4))
+    assert choose([weak, strong], big_y, s) is strong and strong.vs_warm.low > 0
+
+
+def test_a_failing_warm_start_is_still_what_a_challenger_must_beat():
+    s = Settings()
+    rng = np.random.default_rng(5)
+    y = (rng.uniform(size=90) < 0.15).astype(float)
+    warm = _candidate("warm", y, 2.0, rng, passed=False)
+    lucky = _candidate("shrink", y, 1.9, np.random.default_rng(6))
+    assert choose([warm, lucky], y, s) is warm  # held tonight; the next night catches up on the day
+    big_y = (np.random.default_rng(2).uniform(size=4000) < 0.3).astype(float)
+    weak = _candidate("warm", big_y, 3.0, np.random.default_rng(3), passed=False)
+    strong = _candidate("fresh", big_y, 0.5, np.random.default_rng(4))
+    failing = _candidate("shrink", big_y, 0.1, np.random.default_rng(7), passed=False)
+    assert choose([weak, failing, strong], big_y, s) is strong and failing.vs_warm is None
