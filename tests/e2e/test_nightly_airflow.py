@@ -66,9 +66,11 @@ def loop(request, tmp_path_factory):
             backends = {"airflow_db_uri": af_db, "mlflow_backend_uri": ml_db, "online_store_uri": REDIS_URI,
                         "mlflow_auth": True, "mlflow_password": uuid.uuid4().hex,
                         "spec_path": _spec_copy(home, f"ctr_{suffix}")}  # own Redis namespace
+        # The day is tiny and nearly signal-free (holdout AUC about 0.58): what is under test is the DAG's path
+        # through promote and rollout, so neither a noise-level AUC nor a noise-level log-loss verdict may hold it.
         s = make_settings(home, port, serving_port=free_port(), airflow_port=airflow_port,
                           airflow_url=f"http://127.0.0.1:{airflow_port}", schedule="none", max_auc_regression=1.0,
-                          **backends)
+                          gate_on_inconclusive="pass", **backends)
         stack_.enter_context(_client_env(s))
         yield from _stack(s, home)
 
