@@ -116,6 +116,6 @@ def fit(logits: np.ndarray, labels: np.ndarray, method: Method = "platt", min_ro
         if done:
             break
     if not (math.isfinite(a) and math.isfinite(b)):
-        log.warning("calibration did not converge on %d rows; keeping the identity", len(z))
+        log.warning("calibration did not converge on %d rows; keeping the identity", rows)
         return Calibration()
     return Calibration(float(a), float(b), method, rows)

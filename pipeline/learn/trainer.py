@@ -452,15 +452,14 @@ def calibrate(bundle: ModelBundle, rows: pd.DataFrame | Encoded | None, label: s
     A warm start's `parent` map (when it was fitted on rows) is the prior the slice moves
     (`training.calibration_prior_rows`): the child's logits began as the parent's, and a slice of a few dozen
     labels is too little to throw that map away. Without a slice the child keeps it."""
-    prior = parent if parent is not None and parent.rows > 0 else None
+    method = settings.training.calibration
+    prior = parent if parent is not None and parent.rows > 0 and method != "none" else None
     cal = prior or Calibration()
     if rows is not None and len(rows):
         v = rows if isinstance(rows, Encoded) else Encoded.of(bundle, rows, label)
-        cal = calibration.fit(bundle.raw_logits(v.cat, v.num), v.y.numpy(), settings.training.calibration,
+        cal = calibration.fit(bundle.raw_logits(v.cat, v.num), v.y.numpy(), method,
                               settings.training.calibration_min_rows, prior=prior,
                               prior_rows=settings.training.calibration_prior_rows)
-    elif settings.training.calibration == "none":
-        cal = Calibration()
     bundle.net.calibration = cal
     log.info("calibration fitted", extra={"scale": round(cal.scale, 4), "shift": round(cal.shift, 4),
                                           "rows": cal.rows, "method": cal.method,
