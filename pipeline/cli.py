@@ -11,13 +11,13 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 from rich.console import Console
 from rich.markup import escape
 from typer.core import TyperGroup
 
 from pipeline.config import Settings, get_settings
-from pipeline.errors import FlywheelError
+from pipeline.errors import FlywheelError, SettingsError
 from pipeline.logs import setup_logging
 from pipeline.stages.sequence import STAGE_NAMES
 
@@ -62,12 +62,25 @@ def main(
         raise typer.BadParameter("expected human or json", param_hint="--log-format")
     options = {"home": home.resolve() if home else None, "spec_path": spec.resolve() if spec else None,
                "log_format": log_format}
-    get_settings.cache_clear()  # in-process callers (tests) may have changed the environment since
-    s = get_settings.use(Settings(**{k: v for k, v in options.items() if v is not None}))
-    setup_logging(verbose, s.log_format, s.home_abs / "logs")
     global _TRACEBACK, _SPEC_GIVEN
     _TRACEBACK, _SPEC_GIVEN = verbose, spec
+    get_settings.cache_clear()  # in-process callers (tests) may have changed the environment since
+    try:
+        s = get_settings.use(Settings(**{k: v for k, v in options.items() if v is not None}))
+    except ValidationError as e:
+        raise SettingsError(_settings_problems(e)) from None
+    setup_logging(verbose, s.log_format, s.home_abs / "logs")
     _client_env()
+
+
+def _settings_problems(e: ValidationError) -> str:
+    """One line naming each bad setting, its value and the environment variable that sets it."""
+    problems = []
+    for err in e.errors():
+        key = ".".join(str(part) for part in err["loc"])
+        env = "FLYWHEEL_" + "__".join(str(part) for part in err["loc"]).upper()
+        problems.append(f"{key}={err.get('input')!r} ({env}): {err['msg']}")
+    return "invalid settings: " + "; ".join(problems)
 
 
 def _client_env() -> None:

@@ -38,6 +38,10 @@ class SpecError(Decision, ValueError):
     """A feature spec that cannot be used; the message names the file and the key."""
 
 
+class SettingsError(Decision, ValueError):
+    """A setting (an environment variable or an option) whose value cannot be used; the message names it."""
+
+
 class EntityTableError(Decision, ValueError):
     """Input that cannot become an entity table; the message names the entity and the column."""
 

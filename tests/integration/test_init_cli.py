@@ -77,3 +77,15 @@ def test_backtest_takes_the_spec_before_or_after_the_command_and_names_it_when_m
                            str(tmp_path / "nowhere.parquet"), "--stream", str(tmp_path / "s.parquet")],
                           capture_output=True, text=True, env=env)
     assert gone.returncode == 2 and "nowhere.parquet" in gone.stderr and "Traceback" not in gone.stderr
+
+
+def test_a_bad_setting_is_one_line_naming_it_and_its_variable(tmp_path):
+    """A setting's value from the environment that the config refuses ends any command with one line and exit 2,
+    like a bad spec; not a traceback of the settings model."""
+    flywheel = [str(Path(sys.executable).parent / "flywheel"), "--home", str(tmp_path / "home"), "history"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "400", "FLYWHEEL_CALIBRATION_PRIOR_ROWS": "-1"}
+    run = subprocess.run(flywheel, capture_output=True, text=True, env=env)
+    out = run.stdout + run.stderr
+    assert run.returncode == 2 and "Traceback" not in out, out
+    assert "training.calibration_prior_rows='-1' (FLYWHEEL_TRAINING__CALIBRATION_PRIOR_ROWS)" in out, out
+    assert "greater than or equal to 0" in out and len(out.strip().splitlines()) == 1, out
