@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 from typer.core import TyperGroup
 
-from pipeline.config import Settings, get_settings
+from pipeline.config import Settings, env_name, get_settings
 from pipeline.errors import FlywheelError, SettingsError
 from pipeline.logs import setup_logging
 from pipeline.stages.sequence import STAGE_NAMES
@@ -77,9 +77,9 @@ def _settings_problems(e: ValidationError) -> str:
     """One line naming each bad setting, its value and the environment variable that sets it."""
     problems = []
     for err in e.errors():
-        key = ".".join(str(part) for part in err["loc"])
-        env = "FLYWHEEL_" + "__".join(str(part) for part in err["loc"]).upper()
-        problems.append(f"{key}={err.get('input')!r} ({env}): {err['msg']}")
+        loc = [str(part) for part in err["loc"]]
+        section, field = (loc[0], loc[1]) if len(loc) > 1 else (None, loc[0] if loc else "settings")
+        problems.append(f"{'.'.join(loc)}={err.get('input')!r} ({env_name(section, field)}): {err['msg']}")
     return "invalid settings: " + "; ".join(problems)
 
 
