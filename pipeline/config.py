@@ -113,7 +113,9 @@ class ValidationSettings(Section):
 
     legacy_names: ClassVar[dict[str, str]] = {"suite_path": "validation_suite_path",
                                               "chunk_rows": "validate_chunk_rows"}
-    min_rows: int = Field(default=200, ge=1, description="Fewer labeled rows fail the day.")
+    min_rows: int = Field(default=200, ge=1, description="A night trains on at least this many labeled rows: a "
+                          "smaller day is validated (its row-count and label-rate rules reported, not gated) and "
+                          "pooled with the next days until they add up to this many.")
     max_bad_fraction: float = Field(default=0.05, ge=0, le=1, description="Quarantined share allowed.")
     label_rate_min: float = Field(default=0.0005, ge=0, le=1)
     label_rate_max: float = Field(default=0.9995, ge=0, le=1)
@@ -139,6 +141,8 @@ class DriftSettings(Section):
     bins: int = Field(default=10, ge=2, description="Quantile bins per numeric feature for PSI.")
     psi_warn: float = Field(default=0.1, ge=0, description="PSI above this is reported as moderate.")
     psi_severe: float = Field(default=0.25, ge=0, description="PSI above this is severe.")
+    min_rows: int = Field(default=200, ge=1, description="A day (or a reference) of fewer rows is measured, not "
+                          "judged: its PSI is reported with severity none.")
     action: Literal["warn", "block"] = Field(default="warn", description="Severe drift: warn, or fail the day.")
 
 

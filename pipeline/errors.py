@@ -54,6 +54,16 @@ class NoDataError(StageError):
     """The day has nothing to work on (no logs, no validated partition)."""
 
 
+class NothingToTrain(StageError):
+    """The night has nothing to train yet. Not a failure: the rest of the night is skipped (in Airflow, the
+    downstream tasks), and the run succeeds."""
+
+
+class Accumulating(NothingToTrain):
+    """The night has too few labeled rows to train on yet. Its days are validated and kept; a later night pools
+    them with its own."""
+
+
 class GateFailed(StageError):
     """The day's data failed the validation gate."""
 

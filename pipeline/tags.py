@@ -26,6 +26,7 @@ class Tag(StrEnum):
     DAY = "flywheel.data_day"
     WINDOW = "flywheel.data_window"
     DATA_DIGEST = "flywheel.data_digest"
+    POOLED = "flywheel.pooled_days"           # the days a small night trained and was judged on, oldest first
     PARENT = "flywheel.parent_version"
     RUN = "flywheel.run_id"
     WEIGHTS = "flywheel.weights_digest"

@@ -87,9 +87,11 @@ def metrics(y: np.ndarray, p: np.ndarray, bins: int) -> dict[str, float | None]:
 
 def gate_outcome(out: dict) -> dict:
     """What the night decided, from `run_nightly`'s result (read defensively: other fields may be added)."""
-    ev, prom = out.get("evaluate") or {}, out.get("promote") or {}
+    ev, prom, tr = out.get("evaluate") or {}, out.get("promote") or {}, out.get("train") or {}
+    if "run_id" not in tr:  # nothing to train yet (a small day waits until the days since the champion's add up)
+        return {"outcome": "not trained", "reason": tr.get("skipped", ""), "trained": False, "candidate": None}
     return {"outcome": "promoted" if prom.get("promoted") else "held", "reason": ev.get("reason") or
-            prom.get("reason", ""), "trained": "train" in out, "candidate": (out.get("register") or {}).get("version")}
+            prom.get("reason", ""), "trained": True, "candidate": (out.get("register") or {}).get("version")}
 
 
 def run_nightly_for(day, rt: Runtime) -> tuple[dict, float]:
@@ -168,7 +170,10 @@ class AirflowNights:
         run_id, state, states = self._run(NIGHTLY_DAG, day, timeout=4 * 3600)
         out = {name: af.xcom(NIGHTLY_DAG, run_id, name) for name in ("train", "evaluate", "register", "promote")
                if states.get(name) == "success"}
-        if state == "success":
+        if state == "success" and states.get("train") == "skipped":
+            note = af.request("GET", f"/api/v2/dags/{NIGHTLY_DAG}/dagRuns/{run_id}").json().get("note") or ""
+            result = gate_outcome({"train": {"skipped": note}})
+        elif state == "success":
             result = gate_outcome(out)
         else:
             note = af.request("GET", f"/api/v2/dags/{NIGHTLY_DAG}/dagRuns/{run_id}").json().get("note") or ""

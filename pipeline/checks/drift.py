@@ -192,26 +192,35 @@ class DriftAccumulator:
         if ref is None:
             return DriftReport(day=day.isoformat(), reference_days=[], rows=self.rows, items=[],
                                skipped="no validated day before this one to compare with")
+        # PSI over a few dozen rows is mostly sampling noise (about (bins - 1) / rows when nothing moved: 0.18 for
+        # 10 bins and 50 rows, near the severe threshold), so a small day is measured but not judged.
+        judged = min(self.rows, ref.rows) >= s.drift.min_rows
+        note = None if judged else (f"{min(self.rows, ref.rows)} rows, fewer than drift.min_rows={s.drift.min_rows}: "
+                                    "PSI reported, not judged (sampling noise alone reaches the thresholds)")
+
+        def grade(value: float) -> Severity:
+            return severity(value, s) if judged else "none"
+
         items = []
         for c, b in ref.numeric.items():
             value = psi(b.reference, self.numeric_counts[c])
             items.append(DriftItem(name=c, kind="prediction" if c == SCORE else "numeric", psi=round(value, 6),
-                                   severity=severity(value, s)))
+                                   severity=grade(value)))
         for c in self._top:
             keys = [*self._top[c], OTHER]
             other_ref = sum(n for v, n in ref.categories[c].items() if v not in set(self._top[c]))
             expected = np.array([ref.categories[c].get(v, 0) for v in self._top[c]] + [other_ref], dtype=float)
             actual = np.array([self.category_counts[c].get(v, 0) for v in keys], dtype=float)
             value = psi(expected, actual)
-            items.append(DriftItem(name=c, kind="categorical", psi=round(value, 6), severity=severity(value, s)))
+            items.append(DriftItem(name=c, kind="categorical", psi=round(value, 6), severity=grade(value)))
         ref_rate = ref.label_sum / ref.rows
         cur_rate = self.label_sum / self.rows if self.rows else 0.0
         value = psi(np.array([ref_rate, 1 - ref_rate]), np.array([cur_rate, 1 - cur_rate]))
         items.append(DriftItem(name=self.spec.label.name, kind="label", psi=round(value, 6),
-                               severity=severity(value, s), reference=round(ref_rate, 6),
+                               severity=grade(value), reference=round(ref_rate, 6),
                                current=round(cur_rate, 6)))
         return DriftReport(day=day.isoformat(), reference_days=[d.isoformat() for d in ref.days], rows=self.rows,
-                           items=items)
+                           items=items, skipped=note)
 
 
 def store(rt: Runtime, report: DriftReport, inputs: dict[str, object]) -> None:

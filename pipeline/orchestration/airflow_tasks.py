@@ -12,12 +12,16 @@ from typing import Any
 
 
 def _stage(fn: Callable[..., Any], *args: Any) -> dict:
-    from airflow.sdk.exceptions import AirflowFailException
+    from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
-    from pipeline.errors import Decision  # a decision is the same on every retry: fail the task at once
+    # a decision is the same on every retry: fail at once; nothing to train is not a failure: skip the rest
+    from pipeline.errors import Decision, NothingToTrain
 
     try:
         return fn(*args).model_dump(mode="json")
+    except NothingToTrain as e:
+        _record_error(str(e))
+        raise AirflowSkipException(str(e)) from e
     except Decision as e:
         _record_error(str(e))
         raise AirflowFailException(str(e)) from e

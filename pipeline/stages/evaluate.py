@@ -12,6 +12,7 @@ from datetime import date
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 from pydantic import BaseModel
 
 from feature_store.spec import FeatureSpec
@@ -53,6 +54,8 @@ class EvalResult(BaseModel):
     slices: list[SliceMetrics] = []
     report_uri: str | None = None
     report_path: str | None = None
+    holdout_rows: int = 0
+    holdout_days: list[str] = []
 
 
 def gate(cand: dict, champ: dict, cand_valid: bool, min_auc: float, max_regression: float) -> tuple[bool, str]:
@@ -147,7 +150,9 @@ def evaluate(day: str | date, run_id: str, rt: Runtime | None = None) -> EvalRes
     parent = run.data.tags.get(Tag.PARENT)
     if parent is None:
         raise StageError(f"run {run_id} has no {Tag.PARENT} tag: not a Flywheel training run")
-    frame = rt.lake.read_partition(VALIDATED, day).to_pandas()
+    # A small night (`train.pool`) is judged on the newest rows of all the days it trained on, as it was split.
+    pooled = [date.fromisoformat(d) for d in run.data.tags.get(Tag.POOLED, "").split(",") if d] or [day]
+    frame = pa.concat_tables([rt.lake.read_partition(VALIDATED, d) for d in pooled]).to_pandas()
     _, holdout = split_by_time(frame, spec.event_time, s.training.holdout_fraction)
     if len(holdout) == 0:
         raise StageError(f"day {day} has an empty holdout slice; raise holdout_fraction or min_rows")
@@ -176,6 +181,7 @@ def evaluate(day: str | date, run_id: str, rt: Runtime | None = None) -> EvalRes
                          Tag.EVAL_REPORT: report_uri})
     result = EvalResult(day=day.isoformat(), run_id=run_id, champion_version=parent, candidate=j.cand,
                         champion=j.champ, passed=j.passed, reason=j.reason, checks=j.checks, auc_diff=j.auc_ci,
-                        logloss_diff=j.ll_ci, slices=j.slices, report_uri=report_uri, report_path=str(report))
+                        logloss_diff=j.ll_ci, slices=j.slices, report_uri=report_uri, report_path=str(report),
+                        holdout_rows=len(holdout), holdout_days=[d.isoformat() for d in pooled])
     log.info("evaluated run %s: %s (%s); report %s", run_id, "passed" if j.passed else "FAILED", j.reason, report)
     return result

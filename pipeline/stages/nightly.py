@@ -10,6 +10,7 @@ from datetime import date
 from pydantic import BaseModel
 
 from pipeline.checks.loop_health import LoopHealth, assess, report
+from pipeline.errors import NothingToTrain
 from pipeline.preflight import model_server_down, require_mlflow
 from pipeline.runtime import Runtime, parse_day, runtime
 from pipeline.stages.promote import PromoteResult
@@ -36,16 +37,27 @@ def loop_health(day: str | date, rt: Runtime | None = None) -> LoopHealth:
 
 def _stages(day: str | date, rt: Runtime, rollout: bool) -> dict:
     """`NIGHTLY` in order. Without Airflow there may be no model server, so rollout says so instead of failing
-    (`roll_out_if_served`), and it runs only when asked for."""
+    (`roll_out_if_served`), and it runs only when asked for. A stage with nothing to train yet
+    (`NothingToTrain`: a small day waiting for more) skips itself and every later stage, as Airflow skips the
+    downstream tasks."""
     out: dict = {}
+    waiting: str | None = None
     for stage in NIGHTLY:
-        if stage.name == "rollout":
+        if waiting is not None:
+            if stage.name != "rollout" or rollout:
+                out[stage.name] = {"skipped": waiting}
+        elif stage.name == "rollout":
             if rollout:
                 out["rollout"] = roll_out_if_served(out["promote"], rt)
         elif why := stage.skip_reason(out):
             out[stage.name] = {"skipped": why}
         else:
-            out[stage.name] = stage.run(day, out, rt)
+            try:
+                out[stage.name] = stage.run(day, out, rt)
+            except NothingToTrain as e:
+                log.info("%s", e)
+                out[stage.name] = {"skipped": str(e)}
+                waiting = f"nothing to train tonight ({stage.name}): {e}"
     return {k: v.model_dump() if isinstance(v, BaseModel) else v for k, v in out.items()}
 
 

@@ -14,6 +14,7 @@ Any other night trains exactly one warm start, as before.
 from __future__ import annotations
 
 import copy
+import hashlib
 import itertools
 import json
 import logging
@@ -38,7 +39,7 @@ from pipeline import registry
 from pipeline.checks.drift import DRIFT
 from pipeline.checks.metrics import auc
 from pipeline.checks.paired import Interval, paired_auc_diff
-from pipeline.errors import StageError, TrainingFailed
+from pipeline.errors import Accumulating, NothingToTrain, StageError, TrainingFailed
 from pipeline.learn import policies, replay
 from pipeline.learn.checkpoint import Checkpointer, mlflow_logger
 from pipeline.learn.holdout import TIE_BREAKERS, split_positions, time_order
@@ -56,7 +57,7 @@ from pipeline.registry import VersionInfo
 from pipeline.runtime import Runtime, parse_day, runtime
 from pipeline.stages.evaluate import Judgement, judge
 from pipeline.stages.validate import VALIDATED
-from pipeline.tags import Tag
+from pipeline.tags import Alias, Tag
 
 log = logging.getLogger("flywheel.train")
 BATCH_ROWS = 65_536
@@ -82,6 +83,8 @@ class TrainResult(BaseModel):
     carried_rows: int = Field(default=0, description="Rows of earlier days the parent never trained on, trained "
                               "on tonight.")
     carried_from: str | None = Field(default=None, description="The days they came from, comma-separated.")
+    pooled_days: list[str] = Field(default_factory=list, description="A small night's days, oldest first: trained "
+                                   "and judged together (empty when the day alone had `min_rows`).")
 
 
 def experiment(rt: Runtime) -> str:
@@ -109,10 +112,20 @@ class DayReader:
                  batch_rows: int = BATCH_ROWS) -> None:
         base = lake.partition_path(table, day)
         self.lake, self.day, self.table_name = lake, day, table
+        self.days = [day]
         self.fs = lake.fs
         self.files = [f"{base}/{f['path']}" for f in manifest["files"]]
         self.batch_rows = batch_rows
         self.names = pq.read_schema(self.files[0], filesystem=self.fs).names if self.files else []
+
+    @classmethod
+    def pooled(cls, lake: Lake, days: list[tuple[date, dict]], table: str = VALIDATED) -> DayReader:
+        """Several days (oldest first, with their manifests) read as one: row positions run through the days in
+        that order, so a split takes the newest rows of all of them."""
+        reader = cls(lake, days[-1][0], days[-1][1], table)
+        reader.days = [d for d, _ in days]
+        reader.files = [f"{lake.partition_path(table, d)}/{f['path']}" for d, m in days for f in m["files"]]
+        return reader
 
     def table(self, columns: list[str]) -> pa.Table:
         return pa.concat_tables([pq.read_table(f, columns=columns, filesystem=self.fs) for f in self.files])
@@ -130,7 +143,8 @@ class DayReader:
         return *split_positions(keys, time_col, holdout_fraction), keys.num_rows
 
     def batches(self, columns: list[str]) -> Iterator[pa.RecordBatch]:
-        yield from self.lake.iter_batches(self.table_name, self.day, self.batch_rows, columns)
+        for day in self.days:
+            yield from self.lake.iter_batches(self.table_name, day, self.batch_rows, columns)
 
     def frames(self, columns: list[str], keep: np.ndarray) -> Iterator:
         """Pandas frames of the rows where `keep` is true, one record batch at a time."""
@@ -200,6 +214,39 @@ def validation_cut(settings, train_rows: int) -> int:
     return int(round(train_rows * (1 - settings.training.validation_fraction)))
 
 
+def unlearned_days(rt: Runtime, day: date, parent: VersionInfo) -> list[date]:
+    """Validated days before `day` that the parent may not have learned whole: its own data day (whose held-out
+    rows it never trained on) and every later one, less the days of rolled-back models, oldest first."""
+    known = parent.data_day
+    rejected = registry.rolled_back_days(rt.client(), rt.model_name) - {known}
+    return [d for d in rt.lake.partition_days(VALIDATED)
+            if d < day and (known is None or d >= known) and d not in rejected]
+
+
+def pool(rt: Runtime, day: date, parent: VersionInfo, manifest: dict) -> list[tuple[date, dict]]:
+    """The days tonight trains and is judged on, oldest first: the day alone when it has `min_rows` labeled
+    rows; else it and the newest earlier days the parent never trained on, until together they have. A stream
+    of a few dozen rows a day would otherwise train on each day alone and judge each candidate on a dozen
+    held-out rows, or (as the validation gate once did) never train at all. Raises `Accumulating` while even all
+    of those days together are fewer: they stay validated and the next night pools them again."""
+    need = rt.settings.validation.min_rows
+    days, rows = [(day, manifest)], manifest["rows"]
+    if rows >= need:
+        return days
+    for d in reversed([d for d in unlearned_days(rt, day, parent) if d != parent.data_day]):
+        m = rt.lake.read_manifest(VALIDATED, d)
+        if m is None or not m["files"]:
+            continue
+        days.insert(0, (d, m))
+        rows += m["rows"]
+        if rows >= need:
+            return days
+    since = f"since v{parent.version}'s data ({parent.data_day})" if parent.data_day else "so far"
+    raise Accumulating(f"{day}: {rows} labeled rows {since} in {len(days)} day(s), fewer than "
+                       f"validation.min_rows={need} (FLYWHEEL_VALIDATION__MIN_ROWS); not training tonight. The "
+                       "days are validated and kept: a later night trains on them together with its own")
+
+
 def unlearned_before(rt: Runtime, day: date, parent: VersionInfo) -> list[Carried]:
     """The rows of earlier validated days that the parent never trained on, oldest day first: its own day's
     validation slice and holdout, and every later day whole. After a promotion that is the previous day's
@@ -211,9 +258,7 @@ def unlearned_before(rt: Runtime, day: date, parent: VersionInfo) -> list[Carrie
     if not s.training.carry_held_out:
         return []
     known = parent.data_day
-    rejected = registry.rolled_back_days(rt.client(), rt.model_name) - {known}
-    earlier = [d for d in rt.lake.partition_days(VALIDATED)
-               if d < day and (known is None or d >= known) and d not in rejected]
+    earlier = unlearned_days(rt, day, parent)
     parts = []
     for d in earlier[-s.training.catch_up_days:] if s.training.catch_up_days else []:
         manifest = rt.lake.read_manifest(VALIDATED, d)
@@ -310,24 +355,39 @@ def train(day: str | date, rt: Runtime | None = None) -> TrainResult:
     client = rt.client()
     parent = registry.parent_for_day(client, rt.model_name, day)
     if parent is None:
+        champion = registry.get_alias(client, rt.model_name, Alias.CHAMPION)
+        if champion is not None and champion.data_day is not None:  # its lineage starts on or after this day
+            raise NothingToTrain(f"{day}: champion v{champion.version}'s lineage starts with data of "
+                                 f"{champion.data_day} (bootstrap's history ends then), so no model before this "
+                                 "day exists to warm-start from; nightly training starts with the next day")
         raise StageError(f"no champion of {rt.model_name} to warm-start from: run `flywheel bootstrap` first")
     manifest = rt.lake.read_manifest(VALIDATED, day)
     if manifest is None:
         raise StageError(f"day {day} has no validated partition: run collect and validate (and pass the gate)")
-    carried = unlearned_before(rt, day, parent)
-    digest = data_digest(manifest) + "".join(f"+{c.day}:{c.digest}" for c in carried)
+    days = pool(rt, day, parent, manifest)
+    carried = unlearned_before(rt, days[0][0], parent)
+    digest = data_digest(manifest) + "".join(f"+{d}:{data_digest(m)}" for d, m in days[:-1]) \
+        + "".join(f"+{c.day}:{c.digest}" for c in carried)
+    if len(digest) > 256:  # many pooled days: the reuse key stays a tag-sized digest of the same inputs
+        digest = hashlib.sha256(digest.encode()).hexdigest()
     prior = finished_run(experiment(rt), rt.model_name, day, parent.version, digest)
-    reader = DayReader(rt.lake, day, manifest)
+    reader = DayReader.pooled(rt.lake, days)
+    pooled = [d.isoformat() for d, _ in days] if len(days) > 1 else []
     train_pos, holdout_pos, total = reader.split(spec.event_time, s.training.holdout_fraction)
     policy = replay.ReplayPolicy.from_settings(s)
     # The reservoir as of the day before: re-running day D replays exactly the same rows.
     past = replay.read_before(rt.lake, day) if policy.enabled else replay.Reservoir.empty()
     if prior is not None:
-        return reuse(rt, day, prior, parent, reader, past, len(train_pos), len(holdout_pos))
+        return reuse(rt, day, prior, parent, reader, past, len(train_pos), len(holdout_pos)).model_copy(
+            update={"pooled_days": pooled})
     if len(train_pos) == 0:
         raise StageError(f"day {day} has no rows left to train on after the holdout split")
     night = prepare(rt, day, parent, reader, manifest, digest, past, train_pos, holdout_pos, total, carried)
+    if pooled:
+        log.info("small day %s: training on %d rows of %s", day, total, ", ".join(pooled))
     with mlflow.start_run(run_name=f"nightly-{day}") as run, tempfile.TemporaryDirectory() as tmp:
+        if pooled:
+            mlflow.set_tag(Tag.POOLED, ",".join(pooled))
         log_setup(rt, night)
         outcome = train_candidates(rt, night)
         log_outcome(rt, night, outcome, Path(tmp))
@@ -344,7 +404,7 @@ def train(day: str | date, rt: Runtime | None = None) -> TrainResult:
                        epochs_run=best.result.epochs, migration=night.migration, expired_vocab=night.expired,
                        policy=best.policy, candidates=[c.policy for c in outcome.candidates],
                        drift_trigger=outcome.signal.reasons, carried_rows=carried_rows(carried),
-                       carried_from=carried_days(carried))
+                       carried_from=carried_days(carried), pooled_days=pooled)
 
 
 def update_replay(rt: Runtime, reader: DayReader, past: replay.Reservoir, day: date) -> None:

@@ -37,20 +37,25 @@ print(json.dumps({"state": str(run.state), "states": {k: str(ti.state) for k, ti
 '''
 
 
-def test_each_stage_task_reads_the_day_from_the_run(settings_factory, tmp_path):
-    s = settings_factory(spec_path=LOANS_SPEC, epochs=3, batch_size=64, max_auc_regression=0.5)
+def run_night(s, tmp_path, day_rows: int) -> tuple[object, subprocess.CompletedProcess, dict]:
+    """Bootstrap on three days, log DAY's `day_rows` rows, and run the nightly DAG for DAY with `dag.test()`."""
     rt = runtime(s)
     pd.concat([loans_frame(DAY - timedelta(days=d), 300, seed=1) for d in (3, 2, 1)]).to_parquet(
         tmp_path / "h.parquet")
     assert bootstrap(tmp_path / "h.parquet", rt).version == "1"
-    log_day(rt, loans_frame(DAY, 400, seed=2))
+    log_day(rt, loans_frame(DAY, day_rows, seed=2))
     env = {"PATH": "/usr/bin:/bin", **settings_env(s), **airflow_env(s), "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
     subprocess.run([str(REPO / ".venv" / "bin" / "airflow"), "db", "migrate"], env=env, check=True,
                    capture_output=True, cwd=REPO)
     out = subprocess.run([sys.executable, "-c", RUN, str(REPO / "dags"), f"{DAY.isoformat()}T00:00:00+00:00"],
                          env=env, capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0, out.stderr[-3000:]
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    return rt, out, json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_each_stage_task_reads_the_day_from_the_run(settings_factory, tmp_path):
+    s = settings_factory(spec_path=LOANS_SPEC, epochs=3, batch_size=64, max_auc_regression=0.5)
+    rt, out, result = run_night(s, tmp_path, 400)
     states = result["states"]
     failures = [line for line in out.stderr.splitlines() if "Error" in line or "error" in line][-20:]
     assert [states[n] for n in STAGE_NAMES if n != "rollout"] == ["success"] * 6, (states, failures)
@@ -61,3 +66,20 @@ def test_each_stage_task_reads_the_day_from_the_run(settings_factory, tmp_path):
     version = result["register"]["version"]
     tags = rt.client().get_model_version(rt.model_name, version).tags
     assert version == "2" and tags[Tag.DAY] == DAY.isoformat()
+
+
+def test_a_small_day_skips_training_and_the_run_succeeds(settings_factory, tmp_path):
+    """A day of fewer labeled rows than `min_rows` is validated, then the night has nothing to train: `train`
+    and everything after it are skipped (not failed, nor retried), and the run succeeds with its note saying
+    why. Before, the row-count rule failed the night, and every such night after it."""
+    rt, out, result = run_night(settings_factory(spec_path=LOANS_SPEC, epochs=2, batch_size=64, min_rows=100),
+                                tmp_path, 40)
+    states = result["states"]
+    assert states["collect"] == states["validate"] == "success", states
+    assert all(states[n] == "skipped" for n in ("train", "evaluate", "register", "await_approval", "promote",
+                                                 "rollout")), states
+    assert result["state"].endswith("success") and states["loop_health"] == "success", states
+    assert result["health"]["nights_without_training"] == 1
+    assert "fewer than validation.min_rows=100" in out.stderr + out.stdout
+    assert 0 < rt.lake.read_manifest("validated", DAY)["rows"] < 100  # kept, validated, waiting to be pooled
+    assert [v.version for v in rt.client().search_model_versions(f"name = '{rt.model_name}'")] == ["1"]

@@ -78,3 +78,45 @@ def test_entity_churn_does_not_freeze_the_loop(settings_factory, tmp_path):
     assert champion is not None and int(champion.version) > 1
     later = loop_health(START + timedelta(days=HISTORY_DAYS + STREAM_DAYS + 5), rt)  # five nights with no run
     assert later.status == "fail" and later.nights_without_training == 6
+
+
+def test_small_days_are_pooled_until_a_night_has_min_rows(settings_factory, tmp_path):
+    """A stream of a few dozen rows a day. Each small day passes validation (its row-count and label-rate rules
+    are reported, not gated), the night waits (train and what follows are skipped, not failed) until the days
+    since the champion's data add up to `min_rows`, then trains on them together and is judged on the newest
+    rows of all of them. Before, the row-count rule failed every such day and the loop never trained again."""
+    per_day, min_rows = 45, 120
+    rt = runtime(settings_factory(spec_path=CHURN_SPEC, epochs=2, batch_size=64, min_rows=min_rows,
+                                  collect_flushes_server=False, validation_suite_path=None))
+    history = pd.concat([churn_day(k) for k in range(HISTORY_DAYS)])
+    path = tmp_path / "history.parquet"
+    history.to_parquet(path)
+    assert bootstrap(path, rt).version == "1"
+
+    days = [START + timedelta(days=HISTORY_DAYS + i) for i in range(3)]
+    outs = []
+    for i, day in enumerate(days):
+        log_day(rt, churn_day(HISTORY_DAYS + i).iloc[::13].head(per_day))
+        outs.append(run_nightly(day, rt))
+    for out in outs[:2]:
+        v = out["validate"]
+        assert v["passed"] and v["good"] == per_day
+        assert any(w.startswith(f"small day: {per_day} labeled rows") for w in v["warnings"]), v["warnings"]
+        assert "min_rows=120" in out["train"]["skipped"] and "not training tonight" in out["train"]["skipped"]
+        assert all(out[s]["skipped"].startswith("nothing to train tonight (train)") for s in ("evaluate", "register", "promote"))
+    assert f"{2 * per_day} labeled rows" in outs[1]["train"]["skipped"]
+    assert outs[1]["loop_health"]["nights_without_training"] == 2
+
+    third = outs[2]
+    pooled = [d.isoformat() for d in days]
+    assert third["train"]["pooled_days"] == pooled
+    assert third["train"]["train_rows"] + third["train"]["holdout_rows"] == 3 * per_day
+    ev = third["evaluate"]
+    assert ev["holdout_days"] == pooled and ev["holdout_rows"] == third["train"]["holdout_rows"]
+    assert ev["holdout_rows"] > per_day * rt.settings.training.holdout_fraction * 2  # not the last day's alone
+    assert third["register"]["version"] == "2"
+    assert third["loop_health"]["nights_without_training"] == 0
+
+    again = run_nightly(days[2], rt)  # idempotent: the same pooled night is found, not trained twice
+    assert again["train"]["reused"] and again["train"]["run_id"] == third["train"]["run_id"]
+    assert again["train"]["pooled_days"] == pooled

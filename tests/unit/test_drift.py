@@ -69,3 +69,27 @@ def test_first_day_has_no_reference(tmp_path):
     result = validate(day, rt)
     assert result.drift["skipped"] and rt.lake.read_manifest(DRIFT, day)["inputs"]["skipped"]
     assert rt.lake.read_partition(DRIFT, day).num_rows == 0
+
+
+def test_a_small_day_is_measured_not_judged(tmp_path):
+    """PSI over a few dozen rows is mostly sampling noise: on a small day nothing is graded severe (so no drift
+    night, and `block` does not fail it), the PSI is still stored, and the report says why."""
+    ref_day, ref = sim_day(3, rows=3000)
+    day = ref_day + timedelta(days=1)
+    same = sim_day(3, rows=3000, seed=11)[1].head(60)  # the same distribution, a different sample of 60 rows
+    for c in ("event_time", "served_at", "label_time"):
+        same[c] = same[c] + timedelta(days=1)
+    rt = make_rt(tmp_path / "home", drift_action="block")
+    write_validated(rt, ref_day, ref)
+    write_training(rt, day, same)
+    result = validate(day, rt)
+    stored = rt.lake.read_partition(DRIFT, day).to_pandas()
+    assert stored.psi.max() > rt.settings.drift.psi_severe  # noise alone crosses the threshold on 60 rows
+    assert (stored.severity == "none").all() and result.passed and not result.drift["severe"]
+    assert "60 rows, fewer than drift.min_rows=200" in result.drift["skipped"]
+
+    judged = make_rt(tmp_path / "judged", drift_action="block", drift_min_rows=50)
+    write_validated(judged, ref_day, ref)
+    write_training(judged, day, same)
+    with pytest.raises(GateFailed, match="severe drift"):
+        validate(day, judged)
