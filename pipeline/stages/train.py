@@ -368,7 +368,7 @@ def train(day: str | date, rt: Runtime | None = None) -> TrainResult:
     carried = unlearned_before(rt, days[0][0], parent)
     digest = data_digest(manifest) + "".join(f"+{d}:{data_digest(m)}" for d, m in days[:-1]) \
         + "".join(f"+{c.day}:{c.digest}" for c in carried)
-    if len(digest) > 256:  # many pooled days: the reuse key stays a tag-sized digest of the same inputs
+    if len(days) > 1:  # any number of pooled days: the reuse key stays a tag-sized digest of the same inputs
         digest = hashlib.sha256(digest.encode()).hexdigest()
     prior = finished_run(experiment(rt), rt.model_name, day, parent.version, digest)
     reader = DayReader.pooled(rt.lake, days)
