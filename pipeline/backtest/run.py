@@ -165,18 +165,20 @@ class AirflowNights:
                     "rolled_back": None}
         return online_outcome(self.af.xcom(ONLINE_EVAL_DAG, run_id, "online_eval"))
 
+    def _note(self, run_id: str) -> str:
+        return self.af.request("GET", f"/api/v2/dags/{NIGHTLY_DAG}/dagRuns/{run_id}").json().get("note") or ""
+
     def __call__(self, day) -> tuple[dict, float]:
         af, start = self.af, time.monotonic()
         run_id, state, states = self._run(NIGHTLY_DAG, day, timeout=4 * 3600)
         out = {name: af.xcom(NIGHTLY_DAG, run_id, name) for name in ("train", "evaluate", "register", "promote")
                if states.get(name) == "success"}
-        if state == "success" and states.get("train") == "skipped":
-            note = af.request("GET", f"/api/v2/dags/{NIGHTLY_DAG}/dagRuns/{run_id}").json().get("note") or ""
-            result = gate_outcome({"train": {"skipped": note}})
-        elif state == "success":
+        if state == "success" and states.get("train") != "skipped":
             result = gate_outcome(out)
+        elif state == "success":  # nothing to train tonight: the run's note says why
+            result = gate_outcome({"train": {"skipped": self._note(run_id)}})
         else:
-            note = af.request("GET", f"/api/v2/dags/{NIGHTLY_DAG}/dagRuns/{run_id}").json().get("note") or ""
+            note = self._note(run_id)
             failed = sorted(name for name, st in states.items() if st == "failed")
             outcome = "validation failed" if states.get("validate") == "failed" else f"stopped ({', '.join(failed)})"
             result = {"outcome": outcome, "reason": note or f"DAG run {run_id} {state}",

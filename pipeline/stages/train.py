@@ -223,17 +223,19 @@ def unlearned_days(rt: Runtime, day: date, parent: VersionInfo) -> list[date]:
             if d < day and (known is None or d >= known) and d not in rejected]
 
 
-def pool(rt: Runtime, day: date, parent: VersionInfo, manifest: dict) -> list[tuple[date, dict]]:
+def pool(rt: Runtime, day: date, parent: VersionInfo, manifest: dict, earlier: list[date]
+         ) -> list[tuple[date, dict]]:
     """The days tonight trains and is judged on, oldest first: the day alone when it has `min_rows` labeled
     rows; else it and the newest earlier days the parent never trained on, until together they have. A stream
     of a few dozen rows a day would otherwise train on each day alone and judge each candidate on a dozen
     held-out rows, or (as the validation gate once did) never train at all. Raises `Accumulating` while even all
-    of those days together are fewer: they stay validated and the next night pools them again."""
+    of those days together are fewer: they stay validated and the next night pools them again. `earlier` is
+    `unlearned_days` before `day`."""
     need = rt.settings.validation.min_rows
     days, rows = [(day, manifest)], manifest["rows"]
     if rows >= need:
         return days
-    for d in reversed([d for d in unlearned_days(rt, day, parent) if d != parent.data_day]):
+    for d in reversed([d for d in earlier if d != parent.data_day]):
         m = rt.lake.read_manifest(VALIDATED, d)
         if m is None or not m["files"]:
             continue
@@ -247,18 +249,18 @@ def pool(rt: Runtime, day: date, parent: VersionInfo, manifest: dict) -> list[tu
                        "days are validated and kept: a later night trains on them together with its own")
 
 
-def unlearned_before(rt: Runtime, day: date, parent: VersionInfo) -> list[Carried]:
+def unlearned_before(rt: Runtime, parent: VersionInfo, earlier: list[date]) -> list[Carried]:
     """The rows of earlier validated days that the parent never trained on, oldest day first: its own day's
     validation slice and holdout, and every later day whole. After a promotion that is the previous day's
     held-out rows; after held nights it is also the days whose candidates the gate held, so what a held night
     learned is not lost when the next night starts again from the champion. A day whose model was rolled back
     is left out: live traffic judged what was learned from it. At most `catch_up_days` days, the newest; older
-    ones reach a model through the replay sample only."""
+    ones reach a model through the replay sample only. `earlier` is `unlearned_days` before the night's first
+    day."""
     s, spec = rt.settings, rt.spec
     if not s.training.carry_held_out:
         return []
     known = parent.data_day
-    earlier = unlearned_days(rt, day, parent)
     parts = []
     for d in earlier[-s.training.catch_up_days:] if s.training.catch_up_days else []:
         manifest = rt.lake.read_manifest(VALIDATED, d)
@@ -364,8 +366,9 @@ def train(day: str | date, rt: Runtime | None = None) -> TrainResult:
     manifest = rt.lake.read_manifest(VALIDATED, day)
     if manifest is None:
         raise StageError(f"day {day} has no validated partition: run collect and validate (and pass the gate)")
-    days = pool(rt, day, parent, manifest)
-    carried = unlearned_before(rt, days[0][0], parent)
+    earlier = unlearned_days(rt, day, parent)  # one registry query serves both the pool and the carry
+    days = pool(rt, day, parent, manifest, earlier)
+    carried = unlearned_before(rt, parent, [d for d in earlier if d < days[0][0]])
     digest = data_digest(manifest) + "".join(f"+{d}:{data_digest(m)}" for d, m in days[:-1]) \
         + "".join(f"+{c.day}:{c.digest}" for c in carried)
     if len(days) > 1:  # any number of pooled days: the reuse key stays a tag-sized digest of the same inputs
@@ -378,8 +381,7 @@ def train(day: str | date, rt: Runtime | None = None) -> TrainResult:
     # The reservoir as of the day before: re-running day D replays exactly the same rows.
     past = replay.read_before(rt.lake, day) if policy.enabled else replay.Reservoir.empty()
     if prior is not None:
-        return reuse(rt, day, prior, parent, reader, past, len(train_pos), len(holdout_pos)).model_copy(
-            update={"pooled_days": pooled})
+        return reuse(rt, day, prior, parent, reader, past, len(train_pos), len(holdout_pos), pooled)
     if len(train_pos) == 0:
         raise StageError(f"day {day} has no rows left to train on after the holdout split")
     night = prepare(rt, day, parent, reader, manifest, digest, past, train_pos, holdout_pos, total, carried)
@@ -417,7 +419,7 @@ def update_replay(rt: Runtime, reader: DayReader, past: replay.Reservoir, day: d
 
 
 def reuse(rt: Runtime, day: date, run, parent: VersionInfo, reader: DayReader, past: replay.Reservoir,
-          train_rows: int, holdout_rows: int) -> TrainResult:
+          train_rows: int, holdout_rows: int, pooled: list[str]) -> TrainResult:
     """A finished run for this day, parent and data: return it (and rewrite the day's reservoir) unchanged."""
     spec = rt.spec
     log.info("reusing finished run %s for %s", run.info.run_id, day)
@@ -438,7 +440,8 @@ def reuse(rt: Runtime, day: date, run, parent: VersionInfo, reader: DayReader, p
                        policy=tags.get(Tag.POLICY, WARM), candidates=params.get("candidates", WARM).split(","),
                        drift_trigger=[] if trigger == "none" else trigger.split("; "),
                        carried_rows=int(params.get("carried_rows", 0)),
-                       carried_from=None if params.get("carried_from", "None") == "None" else params["carried_from"])
+                       carried_from=None if params.get("carried_from", "None") == "None" else params["carried_from"],
+                       pooled_days=pooled)
 
 
 def prepare(rt: Runtime, day: date, parent: VersionInfo, reader: DayReader, manifest: dict, digest: str,
