@@ -20,7 +20,6 @@ import argparse
 import copy
 import itertools
 import json
-import math
 import statistics
 import sys
 import tempfile
@@ -44,7 +43,7 @@ from pipeline.config import DEFAULT_SPEC, Settings, locate  # noqa: E402
 from pipeline.demo.simulate import Simulator  # noqa: E402
 from pipeline.learn import replay  # noqa: E402
 from pipeline.learn.model import ModelBundle  # noqa: E402
-from pipeline.learn.trainer import fit, fit_increment  # noqa: E402
+from pipeline.learn.trainer import first_epochs, fit, fit_increment  # noqa: E402
 
 STRATEGIES = {"a": "frozen day-0", "b": "full retrain", "c": "warm, new day only", "d": "warm + replay"}
 START = date(2026, 1, 1)
@@ -108,7 +107,7 @@ class Track:
 def full_fit(spec: FeatureSpec, frame: pd.DataFrame, s: Settings) -> tuple[ModelBundle, int]:
     """Train from scratch the way bootstrap does (same epoch rule), so (a) and (b) are the project's own models."""
     bundle = ModelBundle.create(spec, frame, s.training.embedding_dim, s.training.hidden_units, s.training.vocab_min_count, s.seed)
-    epochs = max(s.training.bootstrap_epochs, math.ceil(s.training.bootstrap_min_steps / math.ceil(len(frame) / s.training.batch_size)))
+    epochs = first_epochs(s, len(frame))
     fit(bundle, frame, spec.label.name, epochs=epochs, batch_size=s.training.batch_size, lr=s.training.learning_rate, seed=s.seed)
     return bundle, epochs
 

@@ -161,6 +161,10 @@ class TrainingSettings(Section):
                                "newest), which bounds a night's cost after held nights; 0 carries nothing.")
     bootstrap_refit: bool = Field(default=True, description="After the holdout has measured the first model, "
                                   "train the champion again on the whole history (holdout included).")
+    refit_max_rows: int = Field(default=50_000, ge=0, description="While every labeled row so far (the replay "
+                                "reservoir has never dropped one) plus tonight's is at most this many, each night "
+                                "also refits the first model's recipe on all of them (`refit`) and serves it unless "
+                                "the warm start is confidently better; 0 = off.")
     batch_size: int = Field(default=512, ge=1)
     learning_rate: float = Field(default=3e-3, gt=0)
     embedding_dim: int = Field(default=8, ge=1)
@@ -277,6 +281,10 @@ class GateSettings(Section):
     on_inconclusive: Literal["pass", "fail", "estimate"] = Field(
         default="estimate", description="A CI that straddles the margin (noise level): estimate (default) passes "
         "when the point estimate does not favour the champion; pass always; fail demands proof.")
+    refit_on_inconclusive: Literal["pass", "fail", "estimate"] = Field(
+        default="pass", description="The same for a `refit` candidate (the first model's recipe on every row so "
+        "far, strictly more than its champion learned from): pass (default) blocks it only on a confident "
+        "regression; a few dozen held-out rows cannot tell it from its champion.")
     ece_bins: int = Field(default=10, ge=2, description="Equal-width score bins for ECE and the reliability plot.")
     max_ece_regression: float = Field(default=0.01, ge=0, description="ECE rise over the champion allowed (judged "
                                       "by its paired bootstrap CI) before calibration counts against a candidate.")

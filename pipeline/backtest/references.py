@@ -5,8 +5,6 @@ competitive on this data at all?)."""
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pandas as pd
 from sklearn.ensemble import HistGradientBoostingClassifier
@@ -15,7 +13,7 @@ from threadpoolctl import threadpool_limits
 from feature_store.spec import FeatureSpec
 from pipeline.config import Settings
 from pipeline.learn.model import ModelBundle
-from pipeline.learn.trainer import fit, pick_device
+from pipeline.learn.trainer import first_epochs, fit, pick_device
 
 MAX_CODES = 254  # HistGradientBoosting's categorical limit (max_bins 255, one left for missing)
 
@@ -24,7 +22,7 @@ def scratch_model(spec: FeatureSpec, frame: pd.DataFrame, s: Settings) -> ModelB
     """Trained as bootstrap trains the first champion (same bundle, epoch rule, optimizer settings)."""
     bundle = ModelBundle.create(spec, frame, s.training.embedding_dim, s.training.hidden_units, s.training.vocab_min_count, s.seed,
                                 numeric_clip=s.training.numeric_clip)
-    epochs = max(s.training.bootstrap_epochs, math.ceil(s.training.bootstrap_min_steps / math.ceil(len(frame) / s.training.batch_size)))
+    epochs = first_epochs(s, len(frame))
     fit(bundle, frame, spec.label.name, epochs=epochs, batch_size=s.training.batch_size, lr=s.training.learning_rate, seed=s.seed,
         device=pick_device())
     return bundle

@@ -77,6 +77,7 @@ class GateConfig:
     max_ece_regression: float = 0.01
     ece_min_rows: int = 300
     champion_collapse_auc_drop: float = 0.1
+    refit_on_inconclusive: Literal["pass", "fail", "estimate"] = "pass"
 
     @classmethod
     def from_settings(cls, s: Settings) -> GateConfig:

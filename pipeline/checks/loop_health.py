@@ -7,6 +7,13 @@ first-class signal: a line in every nightly result, a warning after `loop_health
 `on_failure_callback`-style callable taking a context dict), and Prometheus gauges written as a textfile for
 node_exporter's textfile collector.
 
+A stream of a few dozen rows a day trains only every few nights, when the days since its last training add up to
+`validation.min_rows` (`stages/train.py::pool`). Those nights are waiting, not stuck: every one of them was
+collected and validated, there are just not enough rows yet. They are counted and reported, and warn past
+`warn_nights`, but never fail: on the email stream a count that did not tell them apart paged on 8 of 49 nights
+of a loop that was working as configured (bench/results/backtest.md, round 8). A night whose day is missing or
+failed validation is not waiting, so a stream that stops still pages.
+
 Pure functions over dates; the registry read lives in `pipeline.stages.nightly`.
 """
 
@@ -38,6 +45,7 @@ class LoopHealth(BaseModel):
     champion_version: str | None
     champion_data_day: str | None
     message: str
+    waiting_rows: int | None = None  # labeled rows since the last training while fewer than min_rows, else None
 
 
 def data_age_s(tags: dict[str, str], now: datetime | None = None) -> float | None:
@@ -50,21 +58,32 @@ def data_age_s(tags: dict[str, str], now: datetime | None = None) -> float | Non
     return max(0.0, ((now or datetime.now(UTC)) - end).total_seconds())
 
 
+def last_trained(day: date, trained_days: Iterable[date]) -> date | None:
+    return max((d for d in trained_days if d <= day), default=None)
+
+
 def assess(day: date, trained_days: Iterable[date], champion_version: str | None, champion_day: date | None,
-           warn_nights: int, fail_nights: int) -> LoopHealth:
+           warn_nights: int, fail_nights: int, waiting_rows: int | None = None, min_rows: int = 0) -> LoopHealth:
     """The loop's state after night `day`: nights since the newest day a model was trained on (any registered
     version, promoted or not, up to `day`) and since the day the champion was trained on. Nights the DAG did
-    not run at all count too: that is a loop that stopped as well."""
-    last = max((d for d in trained_days if d <= day), default=None)
+    not run at all count too: that is a loop that stopped as well. `waiting_rows` (not None) says every night
+    since the last training validated its day and together they hold fewer than `min_rows`: those nights warn
+    at most (see the module docstring)."""
+    last = last_trained(day, trained_days)
     no_training = (day - last).days if last else None
     no_promotion = (day - champion_day).days if champion_day and champion_day <= day else None
-    worst = max(n for n in (no_training, no_promotion, 0) if n is not None)
+    waiting = (no_training or 0) if waiting_rows is not None else 0
+    worst = max(n - waiting for n in (no_training, no_promotion, waiting) if n is not None)
     if last is None or champion_day is None:
         worst = max(worst, fail_nights)
-    status: Status = "fail" if worst >= fail_nights else "warn" if worst >= warn_nights else "ok"
+    status: Status = "fail" if worst >= fail_nights else "warn" if max(worst, waiting) >= warn_nights else "ok"
     message = (f"loop health {status} on {day}: {_nights(no_training)} without training (last trained on "
                f"{last or 'never'}), {_nights(no_promotion)} without a promotion (champion "
                f"v{champion_version or '-'} trained on {champion_day or 'never'})")
+    if waiting:
+        message += (f"; waiting for rows, not stuck: the {_nights(waiting)} since validated {waiting_rows} "
+                    f"labeled rows, fewer than the {min_rows} a night trains on ({knob('min_rows')}; lower it to "
+                    "train on fewer)")
     if status != "ok":
         message += (f"; warns at {warn_nights}, fails at {fail_nights} nights ({knob('loop_health_warn_nights')}, "
                     f"{knob('loop_health_fail_nights')}). Read the failed nights' validation and evaluation "
@@ -73,7 +92,8 @@ def assess(day: date, trained_days: Iterable[date], champion_version: str | None
                       nights_without_training=no_training if no_training is not None else -1,
                       nights_without_promotion=no_promotion if no_promotion is not None else -1,
                       last_trained_day=last.isoformat() if last else None, champion_version=champion_version,
-                      champion_data_day=champion_day.isoformat() if champion_day else None, message=message)
+                      champion_data_day=champion_day.isoformat() if champion_day else None, message=message,
+                      waiting_rows=waiting_rows if waiting else None)
 
 
 def _nights(n: int | None) -> str:

@@ -106,13 +106,14 @@ class ModelBundle:
     @classmethod
     def create(cls, spec: FeatureSpec, frame: pd.DataFrame, embedding_dim: int, hidden: tuple[int, ...],
                min_count: int, seed: int = 0, numeric_clip: float = 5.0,
-               vocabs: dict[str, Vocabulary] | None = None) -> ModelBundle:
-        """A new network for `frame`; `vocabs` (copied, then grown by the frame's values) start the id space
-        from another model's instead of from nothing."""
+               vocabs: dict[str, Vocabulary] | None = None, grow: bool = True) -> ModelBundle:
+        """A new network for `frame`; `vocabs` (copied, then grown by the frame's values unless `grow` is
+        False) start the id space from another model's instead of from nothing."""
         torch.manual_seed(seed)
         vocabs = {c: copy.deepcopy(vocabs[c]) if vocabs and c in vocabs else Vocabulary() for c in spec.categorical}
         for c, v in vocabs.items():
-            v.update(frame[c], min_count)
+            if grow or not v.size:
+                v.update(frame[c], min_count)
         norm = {n: norm_stats(frame[n].to_numpy(dtype=np.float64, na_value=np.nan)) for n in spec.numeric}
         net = CTRNet([vocabs[c].size for c in spec.categorical], len(spec.numeric), embedding_dim, hidden)
         return cls(spec.digest, spec.categorical, spec.numeric, vocabs, norm, embedding_dim, tuple(hidden), net,

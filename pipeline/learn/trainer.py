@@ -467,6 +467,15 @@ def calibrate(bundle: ModelBundle, rows: pd.DataFrame | Encoded | None, label: s
     return cal
 
 
+def first_epochs(settings, rows: int, floor: int | None = None) -> int:
+    """Epochs of a model trained from scratch on `rows` rows: at least `floor` (default `bootstrap_epochs`) and
+    at least `bootstrap_min_steps` optimizer steps, so a small history is not left at a few steps while a large
+    one costs a fixed number of passes."""
+    t = settings.training
+    floor = t.bootstrap_epochs if floor is None else floor
+    return max(floor, math.ceil(t.bootstrap_min_steps / max(1, math.ceil(rows / t.batch_size))))
+
+
 def fit_first(bundle: ModelBundle, rows: pd.DataFrame, label: str, time_col: str, settings, *, epochs: int,
               device: torch.device | None = None) -> FitResult:
     """The first model (bootstrap): like a night, the time-latest `validation_fraction` of the training rows

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,7 +28,7 @@ from pipeline.errors import StageError
 from pipeline.learn import replay
 from pipeline.learn.holdout import split_by_time
 from pipeline.learn.model import ModelBundle
-from pipeline.learn.trainer import FitResult, fit_first, pick_device
+from pipeline.learn.trainer import FitResult, first_epochs, fit_first, pick_device
 from pipeline.preflight import require_mlflow
 from pipeline.runtime import Runtime, runtime
 from pipeline.stages.train import experiment
@@ -165,7 +164,7 @@ def bootstrap(history: str | Path, rt: Runtime | None = None) -> BootstrapResult
     first, last = frame[et].min().date(), frame[et].max().date()
     train_df, holdout = split_by_time(frame, et, s.training.holdout_fraction)
     check_signal(frame, spec.label.name, {"history": frame, "training split": train_df, "holdout": holdout})
-    epochs = max(s.training.bootstrap_epochs, math.ceil(s.training.bootstrap_min_steps / math.ceil(len(train_df) / s.training.batch_size)))
+    epochs = first_epochs(s, len(train_df))
     bundle, result = first_model(spec, train_df, s, epochs)
     p = bundle.predict(holdout)
     metrics = summary(holdout[spec.label.name].to_numpy(dtype=np.float64), p)

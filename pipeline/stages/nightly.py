@@ -5,11 +5,11 @@ line."""
 from __future__ import annotations
 
 import logging
-from datetime import date
+from datetime import date, timedelta
 
 from pydantic import BaseModel
 
-from pipeline.checks.loop_health import LoopHealth, assess, report
+from pipeline.checks.loop_health import LoopHealth, assess, last_trained, report
 from pipeline.errors import NothingToTrain
 from pipeline.preflight import model_server_down, require_mlflow
 from pipeline.runtime import Runtime, parse_day, runtime
@@ -32,7 +32,25 @@ def loop_health(day: str | date, rt: Runtime | None = None) -> LoopHealth:
     trained = [date.fromisoformat(v.tags[Tag.DAY]) for v in versions if Tag.DAY in (v.tags or {})]
     champion = registry.get_alias(client, rt.model_name, Alias.CHAMPION)
     return assess(day, trained, champion.version if champion else None, champion.data_day if champion else None,
-                  s.loop_health.warn_nights, s.loop_health.fail_nights)
+                  s.loop_health.warn_nights, s.loop_health.fail_nights,
+                  waiting_rows(rt, last_trained(day, trained), day), s.validation.min_rows)
+
+
+def waiting_rows(rt: Runtime, last: date | None, day: date) -> int | None:
+    """The labeled rows validated on the nights after the last training up to `day`, when every one of those
+    nights validated its day and together they are fewer than `min_rows` (the loop is waiting for rows, as
+    `train.pool` does); None when any night's day is missing or failed, or there are enough (it is stuck)."""
+    from pipeline.stages.validate import VALIDATED
+
+    if last is None or last >= day:
+        return None
+    rows = 0
+    for k in range(1, (day - last).days + 1):
+        manifest = rt.lake.read_manifest(VALIDATED, last + timedelta(days=k))
+        if manifest is None:
+            return None
+        rows += manifest["rows"]
+    return rows if rows < rt.settings.validation.min_rows else None
 
 
 def _stages(day: str | date, rt: Runtime, rollout: bool) -> dict:

@@ -106,6 +106,8 @@ def test_small_days_are_pooled_until_a_night_has_min_rows(settings_factory, tmp_
         assert all(out[s]["skipped"].startswith("nothing to train tonight (train)") for s in ("evaluate", "register", "promote"))
     assert f"{2 * per_day} labeled rows" in outs[1]["train"]["skipped"]
     assert outs[1]["loop_health"]["nights_without_training"] == 2
+    assert [o["loop_health"]["waiting_rows"] for o in outs[:2]] == [per_day, 2 * per_day]  # waiting, not stuck
+    assert outs[1]["loop_health"]["status"] == "warn" and "not stuck" in outs[1]["loop_health"]["message"]
 
     third = outs[2]
     pooled = [d.isoformat() for d in days]

@@ -26,12 +26,12 @@ def test_a_challenger_must_beat_the_warm_start_confidently():
     warm = _candidate("warm", y, 2.0, rng)
     lucky = _candidate("shrink", y, 1.9, np.random.default_rng(1))  # as good, a point estimate apart
     assert choose([warm, lucky], y, s) is warm
-    assert lucky.vs_warm is not None and lucky.vs_warm.low <= 0 < lucky.vs_warm.high
+    assert lucky.vs_base is not None and lucky.vs_base.low <= 0 < lucky.vs_base.high
 
     big_y = (np.random.default_rng(2).uniform(size=4000) < 0.3).astype(float)
     weak = _candidate("warm", big_y, 3.0, np.random.default_rng(3))
     strong = _candidate("fresh", big_y, 0.5, np.random.default_rng(4))
-    assert choose([weak, strong], big_y, s) is strong and strong.vs_warm.low > 0
+    assert choose([weak, strong], big_y, s) is strong and strong.vs_base.low > 0
 
 
 def test_a_failing_warm_start_is_still_what_a_challenger_must_beat():
@@ -45,4 +45,37 @@ def test_a_failing_warm_start_is_still_what_a_challenger_must_beat():
     weak = _candidate("warm", big_y, 3.0, np.random.default_rng(3), passed=False)
     strong = _candidate("fresh", big_y, 0.5, np.random.default_rng(4))
     failing = _candidate("shrink", big_y, 0.1, np.random.default_rng(7), passed=False)
-    assert choose([weak, failing, strong], big_y, s) is strong and failing.vs_warm is None
+    assert choose([weak, failing, strong], big_y, s) is strong and failing.vs_base is None
+
+
+def test_the_refit_serves_unless_the_warm_start_is_confidently_better():
+    """The refit is the recipe the warm start approximates (the first model's training on every row so far), so
+    a noise-level difference goes to it; a warm start has to prove itself to stay."""
+    s = Settings()
+    y = (np.random.default_rng(8).uniform(size=90) < 0.15).astype(float)
+    warm = _candidate("warm", y, 1.9, np.random.default_rng(9))
+    refit = _candidate("refit", y, 2.0, np.random.default_rng(10))  # as good, a point estimate apart
+    assert choose([warm, refit], y, s) is refit
+    assert warm.vs_base is not None and warm.vs_base.low <= 0 < warm.vs_base.high
+
+    big_y = (np.random.default_rng(2).uniform(size=4000) < 0.3).astype(float)
+    strong_warm = _candidate("warm", big_y, 0.5, np.random.default_rng(4))
+    weak_refit = _candidate("refit", big_y, 3.0, np.random.default_rng(3))
+    assert choose([strong_warm, weak_refit], big_y, s) is strong_warm and strong_warm.vs_base.low > 0
+
+    failing = _candidate("refit", y, 0.1, np.random.default_rng(11), passed=False)
+    assert choose([warm, failing], y, s) is warm  # the gate's verdict comes first
+    held = _candidate("warm", y, 0.1, np.random.default_rng(12), passed=False)
+    assert choose([held, refit], y, s) is refit
+
+
+def test_a_drift_challenger_must_beat_the_refit_when_the_refit_serves():
+    s = Settings()
+    big_y = (np.random.default_rng(2).uniform(size=4000) < 0.3).astype(float)
+    warm = _candidate("warm", big_y, 3.0, np.random.default_rng(3))
+    refit = _candidate("refit", big_y, 1.0, np.random.default_rng(13))
+    shrink = _candidate("shrink", big_y, 2.0, np.random.default_rng(14))  # better than the warm start only
+    assert choose([warm, refit, shrink], big_y, s) is refit
+    assert shrink.vs_base.high < 0
+    fresh = _candidate("fresh", big_y, 0.3, np.random.default_rng(15))
+    assert choose([warm, refit, shrink, fresh], big_y, s) is fresh and fresh.vs_base.low > 0

@@ -40,6 +40,21 @@ def test_counts_and_status_by_nights():
     assert never.status == "fail" and never.nights_without_training == -1 and "never" in never.message
 
 
+def test_nights_waiting_for_rows_warn_but_never_page():
+    """A small stream trains when its days add up to min_rows: the nights between are waiting, not stuck."""
+    waiting = assess(D, days_before(7), "3", D - timedelta(days=7), 2, 5, waiting_rows=140, min_rows=200)
+    assert (waiting.status, waiting.nights_without_training, waiting.waiting_rows) == ("warn", 7, 140)
+    assert "waiting for rows, not stuck" in waiting.message and "140 labeled rows" in waiting.message
+    assert "FLYWHEEL_VALIDATION__MIN_ROWS" in waiting.message
+    assert assess(D, days_before(1), "3", D - timedelta(days=1), 2, 5, waiting_rows=30, min_rows=200).status == "ok"
+    # the nights before the last training still count: a candidate held for four nights, then three waiting
+    held = assess(D, days_before(3, 7), "2", D - timedelta(days=7), 2, 5, waiting_rows=90, min_rows=200)
+    assert (held.status, held.nights_without_promotion) == ("warn", 7)
+    stuck = assess(D, days_before(3, 9), "2", D - timedelta(days=9), 2, 5, waiting_rows=90, min_rows=200)
+    assert stuck.status == "fail"  # six nights held before the waiting began
+    assert assess(D, days_before(7), "3", D - timedelta(days=7), 2, 5).status == "fail"  # not waiting: stuck
+
+
 def test_report_writes_gauges_and_calls_the_hook_only_on_failure(tmp_path, caplog):
     ALERTS.clear()
     s = make_settings(tmp_path, 1, loop_health_callback=f"{__name__}.record_alert")
