@@ -123,7 +123,7 @@ def judge(s: Settings, spec: FeatureSpec, holdout: pd.DataFrame, candidate: Mode
     several candidates uses to choose among them. A `refit` candidate's noise-level differences are decided by
     `gate.refit_on_inconclusive`: it learned from every row its champion did and more, by the champion's own
     recipe, and on a small night's holdout the `estimate` rule fails it about half the time on noise alone (the
-    email stream: 6 of 10 refits failed on point estimates a few held-out rows apart)."""
+    email stream: 7 of 10 refits failed on point estimates a few held-out rows apart)."""
     y = holdout[spec.label.name].to_numpy(dtype=np.float64)
     pc, pp = candidate.predict(holdout), champion.predict(holdout)
     if not scores_valid(pp):
