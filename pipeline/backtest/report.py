@@ -47,6 +47,8 @@ def summarize(rows: list[dict], name: str, period_note: str, last_k: int, retrai
             "longest_run_without_training": _longest_gap([r["trained"] for r in rows]),
             "rollbacks": sum(bool(r.get("rolled_back")) for r in rows),
             "gate_outcomes": dict(pd.Series([r["gate"] for r in rows]).value_counts()) if rows else {},
+            "loop_health": {status: sum(r.get("loop_health") == status for r in rows) for status in ("ok", "warn", "fail")},
+            "nights_waiting_for_rows": sum(r.get("waiting_rows") is not None for r in rows),
             "nightly_s_first": secs[0] if secs else None, "nightly_s_last": secs[-1] if secs else None,
             "nightly_cost_ratio_last3_first3": round(statistics.median(tail) / statistics.median(head), 3)
             if secs and statistics.median(head) > 0 else None}

@@ -290,6 +290,9 @@ class Backtest:
                   **self.references(inputs, i, k, rows)}
         y = rows[spec.label.name].to_numpy(dtype=np.float64)
         champion = registry.get_alias(self.rt.client(), self.rt.model_name, "champion")
+        from pipeline.stages.nightly import loop_health
+
+        health = loop_health(day, self.rt)  # what the night's last task said, re-read from the registry and lake
         versions = Counter(served["model_version"].astype(str))
         start_real = rows[bt_data.REAL_TIME].min()
         result = {"period": k, "logical_date": day.isoformat(), "period_start": str(start_real), "rows": len(rows),
@@ -298,7 +301,8 @@ class Backtest:
                   "candidate": night["candidate"], "champion_after": champion.version if champion else None,
                   "nightly_s": seconds, "scratch_from_period": self.scratch[0] if self.scratch else None,
                   "dag_run": night.get("dag_run"), "online_eval": online["decision"],
-                  "online_eval_reason": online["reason"], "rolled_back": online["rolled_back"]}
+                  "online_eval_reason": online["reason"], "rolled_back": online["rolled_back"],
+                  "loop_health": health.status, "waiting_rows": health.waiting_rows}
         for name, p in scores.items():
             result |= {f"{name}_{m}": v for m, v in metrics(y, p, s.gate.ece_bins).items()}
         self.store.save_result(k, result)

@@ -66,6 +66,9 @@ def test_backtest_reports_every_period_and_resumes(tmp_path):
     # the online evaluation ran before each night: no `previous` until a night promoted, then too few labels
     assert list(rows["online_eval"]) == expected_online_eval(rows)
     assert second["rollbacks"] == 0
+    # every night trained: loop health said so (no waiting), and the report counts its verdicts
+    assert set(rows["loop_health"]) <= {"ok", "warn"} and rows["waiting_rows"].isna().all()
+    assert sum(second["loop_health"].values()) == 3 and second["nights_waiting_for_rows"] == 0
     assert (tmp_path / "report" / "backtest.html").read_text().count("data:image/png;base64,") == 1
     for m in MODELS:
         assert second[m]["mean_auc"] is not None
