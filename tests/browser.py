@@ -7,7 +7,9 @@ from __future__ import annotations
 import base64
 import itertools
 import json
+import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -77,16 +79,36 @@ def render(page: Path | str, screenshot: Path, width: int = 1280, height: int = 
     height. `settle_s` gives a single-page app (the MLflow UI) time to fetch and draw after the load event."""
     assert CHROMIUM, "chromium is not installed: run `make sysdeps` (Debian package `chromium`)"
     port = free_port()
-    with tempfile.TemporaryDirectory() as profile:
+    # Chromium's helper processes (renderer, crashpad) outlive the browser process by a moment and keep writing
+    # to the profile: the whole process group is stopped and waited for before the profile is removed (a profile
+    # file written during the removal once failed a CI run with "Directory not empty").
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as profile:
         proc = subprocess.Popen([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
                                  f"--remote-debugging-port={port}", f"--user-data-dir={profile}",
                                  f"--window-size={width},{height}", "about:blank"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         try:
             return _inspect(port, page, screenshot, width, settle_s)
         finally:
-            proc.terminate()
-            proc.wait(20)
+            _stop_group(proc)
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM to the browser's process group, SIGKILL to what is left after 10 s, then until none is left."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                proc.wait(5)
+                return
+            proc.poll()
+            time.sleep(0.05)
 
 
 def _inspect(port: int, page: Path | str, screenshot: Path, width: int, settle_s: float) -> Rendered:
